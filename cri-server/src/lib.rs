@@ -1,0 +1,1 @@
+//! berthd: the core of berth and its CRI front door.

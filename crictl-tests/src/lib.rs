@@ -1,0 +1,1 @@
+//! Helpers for driving a real berthd from tests and benchmarks.

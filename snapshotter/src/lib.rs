@@ -1,0 +1,113 @@
+//! berth's image storage: the content store (blobs by digest), layer unpack, and snapshots.
+//!
+//! - [`content::ContentStore`]: blobs under `<root>/content/sha256/<hex>`, written through a
+//!   temp file in `<root>/content/ingest/`, verified, fsynced and renamed into place.
+//! - [`unpack::unpack_layer`]: applies one (possibly compressed) layer tar to a directory in
+//!   overlayfs form, refusing anything that would write outside it.
+//! - [`Snapshotter`]: the contract of a snapshot store; [`overlay::OverlaySnapshotter`]
+//!   implements it with overlayfs, [`native::NativeSnapshotter`] with plain copies where
+//!   overlayfs is unavailable.
+#![warn(missing_docs)]
+
+pub mod content;
+pub mod error;
+pub mod native;
+pub mod overlay;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod testsuite;
+pub mod unpack;
+
+use std::path::PathBuf;
+
+pub use api::Mount;
+use serde::{Deserialize, Serialize};
+
+pub use crate::error::{Error, Result};
+
+/// What a snapshot is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// Writable, not yet committed; its mounts are read-write.
+    Active,
+    /// Read-only view of a parent; never committed.
+    View,
+    /// Immutable; can be a parent.
+    Committed,
+}
+
+/// The recorded facts of one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    /// The snapshot's key (active, view) or name (committed).
+    pub key: String,
+    /// The committed snapshot it sits on, if any.
+    pub parent: Option<String>,
+    /// Its kind.
+    pub kind: Kind,
+}
+
+/// Disk usage of one snapshot's own layer (not its parents').
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of file content (apparent size of regular files, plus directories and symlinks as
+    /// the filesystem reports them).
+    pub size: u64,
+    /// Number of inodes.
+    pub inodes: u64,
+}
+
+/// A store of layered filesystem snapshots, as containerd's snapshotter API defines them.
+///
+/// Keys and names share one namespace: no two snapshots have the same key, whatever their kind.
+/// Every method is safe to call from several threads at once; each call is atomic with
+/// respect to a crash (a snapshot either exists completely or not at all after restart).
+/// Methods block on disk I/O: async callers run them on a blocking thread.
+pub trait Snapshotter: Send + Sync {
+    /// Facts of `key`. Errors with [`Error::NotFound`] if no snapshot has that key.
+    fn stat(&self, key: &str) -> Result<Info>;
+
+    /// Creates an active snapshot `key` on top of the committed snapshot `parent` (or empty when
+    /// `None`) and returns the mounts that give its read-write view. Errors with
+    /// [`Error::AlreadyExists`] if `key` is taken, [`Error::NotFound`] if `parent` does not exist
+    /// and [`Error::InvalidState`] if `parent` is not committed.
+    fn prepare(&self, key: &str, parent: Option<&str>) -> Result<Vec<Mount>>;
+
+    /// Like [`prepare`](Self::prepare) but read-only: the snapshot is a view and can never be
+    /// committed.
+    fn view(&self, key: &str, parent: Option<&str>) -> Result<Vec<Mount>>;
+
+    /// The mounts of an existing active snapshot or view, the same as `prepare`/`view` returned.
+    /// For a committed snapshot, read-only mounts of its contents. [`Error::NotFound`] if absent.
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>>;
+
+    /// The directory that holds the active snapshot's own changes (the overlay upperdir), where a
+    /// layer diff in overlay form (see [`unpack::unpack_layer`]) may be written directly.
+    /// [`Error::InvalidState`] for a view or committed snapshot.
+    fn diff_dir(&self, key: &str) -> Result<PathBuf>;
+
+    /// Turns the active snapshot `key` into the committed snapshot `name`, with the parent given
+    /// at prepare. `key` ceases to exist. [`Error::AlreadyExists`] if `name` is taken,
+    /// [`Error::InvalidState`] if `key` is not active.
+    fn commit(&self, name: &str, key: &str) -> Result<()>;
+
+    /// Like [`commit`](Self::commit), but sets the committed snapshot's parent to `parent`
+    /// instead of the one given at prepare. Only meaningful when the contents were written as a
+    /// diff through [`diff_dir`](Self::diff_dir) (never through a mount): this is what lets a
+    /// puller unpack every layer of an image at once, before its parents are committed.
+    /// `parent` must be committed.
+    fn commit_with_parent(&self, name: &str, key: &str, parent: Option<&str>) -> Result<()>;
+
+    /// Removes `key` and its contents. [`Error::NotFound`] if absent; [`Error::InvalidState`]
+    /// (and nothing removed) if another snapshot has it as parent.
+    fn remove(&self, key: &str) -> Result<()>;
+
+    /// Disk usage of the snapshot's own layer. [`Error::NotFound`] if absent.
+    fn usage(&self, key: &str) -> Result<Usage>;
+
+    /// Every snapshot, in no particular order.
+    fn list(&self) -> Result<Vec<Info>>;
+
+    /// Total usage of the whole store, on the filesystem that holds it: (bytes, inodes) of all
+    /// snapshots, plus where it lives (for ImageFsInfo).
+    fn total_usage(&self) -> Result<(Usage, PathBuf)>;
+}
