@@ -1,1 +1,8 @@
-//! Helpers for driving a real berthd from tests and benchmarks.
+//! Helpers for driving a real berthd from tests and benchmarks: a registry server, a test-image
+//! builder, a daemon launcher and CRI clients. Links no runtime crate: everything goes through
+//! the real sockets and binaries.
+
+pub mod daemon;
+pub mod image;
+pub mod rawh2;
+pub mod registry;
