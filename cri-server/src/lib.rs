@@ -1,1 +1,13 @@
 //! berthd: the core of berth and its CRI front door.
+//!
+//! `main.rs` parses flags and calls [`server::run`]; everything else lives here: the image
+//! manager (pull, store, GC), the CRI services that translate requests into core calls, and the
+//! HTTP/2 fix-up that lets old kubelet/crictl clients in.
+
+pub mod authority;
+pub mod config;
+pub mod error;
+pub mod image;
+pub mod image_service;
+pub mod runtime_service;
+pub mod server;

@@ -1,1 +1,234 @@
-//! TODO
+//! A real `berthd` per test: its own root, state and socket under a temp dir, driven through the
+//! CRI socket with tonic clients, as kubelet and crictl drive it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use api::cri::image_service_client::ImageServiceClient;
+use api::cri::runtime_service_client::RuntimeServiceClient;
+use hyper_util::rt::TokioIo;
+use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint};
+
+/// Panics unless running as root: root-only tests fail loudly, they never skip.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (namespaces, mounts, overlayfs); run the suite as root"
+    );
+}
+
+/// Where the built binaries are: `$BERTH_BIN_DIR`, else the cargo target dir of this test.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BERTH_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe path");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// A running berthd and everything it owns.
+pub struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    config: String,
+    /// The CRI socket.
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts berthd with no config file.
+    pub async fn start() -> anyhow::Result<Daemon> {
+        Self::start_with_config("").await
+    }
+
+    /// Starts berthd with `config` as its TOML config file.
+    pub async fn start_with_config(config: &str) -> anyhow::Result<Daemon> {
+        let dir = tempfile::Builder::new().prefix("berth-test-").tempdir().context("temp dir")?;
+        let socket = dir.path().join("berth.sock");
+        let mut d = Daemon { child: None, dir, config: config.to_owned(), socket };
+        d.spawn().await?;
+        Ok(d)
+    }
+
+    /// The persistent root (`--root`).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// The volatile state dir (`--state`).
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("berthd.log")
+    }
+
+    /// Everything berthd logged so far (all its runs).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let config_path = self.dir.path().join("config.toml");
+        std::fs::write(&config_path, &self.config).context("write config")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("open log")?;
+        let berthd = bin_dir().join("berthd");
+        let child = Command::new(&berthd)
+            .arg("--listen")
+            .arg(&self.socket)
+            .arg("--root")
+            .arg(self.root())
+            .arg("--state")
+            .arg(self.state())
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--log-level")
+            .arg("debug")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {} (build it with cargo build --workspace)", berthd.display()))?;
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("berthd exited with {status} before serving; log:\n{}", self.log());
+            }
+            if let Ok(mut c) = self.runtime().await
+                && c.version(api::cri::VersionRequest::default()).await.is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("berthd did not serve within 30 s; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A channel to the CRI socket.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        connect(&self.socket).await
+    }
+
+    /// A RuntimeService client.
+    pub async fn runtime(&self) -> anyhow::Result<RuntimeServiceClient<Channel>> {
+        Ok(RuntimeServiceClient::new(self.channel().await?))
+    }
+
+    /// An ImageService client.
+    pub async fn images(&self) -> anyhow::Result<ImageServiceClient<Channel>> {
+        Ok(ImageServiceClient::new(self.channel().await?))
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// `kill -9` the daemon, as a crash would.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.context("kill berthd")?;
+        }
+        Ok(())
+    }
+
+    /// Stops the daemon with SIGTERM and waits; Err if it does not exit within 10 s.
+    pub async fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut c) = self.child.take() else { bail!("berthd is not running") };
+        if let Some(pid) = c.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        match tokio::time::timeout(Duration::from_secs(10), c.wait()).await {
+            Ok(s) => Ok(s?),
+            Err(_) => {
+                let _ = c.kill().await;
+                bail!("berthd ignored SIGTERM for 10 s")
+            }
+        }
+    }
+
+    /// Starts the daemon again on the same root, state and socket.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.stop().await?;
+        }
+        self.spawn().await
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = c.start_kill();
+            // Reap synchronously so no zombie or running daemon outlives the test.
+            if let Some(pid) = c.id() {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+            }
+        }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// Lazily unmounts every mount point below `dir` (deepest first), so a temp dir can be removed
+/// even after a test failed half-way.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut targets: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    targets.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for t in targets {
+        let _ = nix::mount::umount2(&t, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A tonic channel over a unix socket.
+pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
+    let path = socket.to_path_buf();
+    // The URI is only a placeholder: the connector ignores it. Its authority is `localhost`.
+    let channel = Endpoint::try_from("http://localhost")?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .with_context(|| format!("connect {}", socket.display()))?;
+    Ok(channel)
+}

@@ -1,0 +1,192 @@
+//! The CRI endpoint: a unix socket served by tonic, every accepted stream wrapped in
+//! [`AuthorityFix`] (old clients send the socket path as `:authority`), one tracing span per
+//! request.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use anyhow::Context as _;
+use api::cri::image_service_server::ImageServiceServer;
+use api::cri::runtime_service_server::RuntimeServiceServer;
+use futures::StreamExt;
+use tonic::codegen::http;
+use tracing::Instrument;
+
+use crate::authority::AuthorityFix;
+use crate::config::{Config, SnapshotterKind};
+use crate::image::ImageManager;
+use crate::image_service::ImageServiceImpl;
+use crate::runtime_service::RuntimeServiceImpl;
+
+/// Where berthd keeps things; all are flags so tests run many daemons side by side.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The CRI socket.
+    pub listen: PathBuf,
+    /// Persistent root (`/var/lib/berth`).
+    pub root: PathBuf,
+    /// Volatile state (`/run/berth`).
+    pub state: PathBuf,
+}
+
+/// Opens storage, recovers from any crash, binds the socket and serves until `shutdown`.
+pub async fn run(
+    paths: Paths,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let images = Arc::new(open_images(&paths, config).await?);
+    let listener = bind(&paths.listen)?;
+    tracing::info!(listen = %paths.listen.display(), root = %paths.root.display(), "berthd serving CRI");
+
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(|conn| conn.map(AuthorityFix::new));
+    let result = tonic::transport::Server::builder()
+        .layer(RequestSpanLayer)
+        .add_service(RuntimeServiceServer::new(RuntimeServiceImpl))
+        .add_service(ImageServiceServer::new(ImageServiceImpl::new(images)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("serve CRI");
+    let _ = std::fs::remove_file(&paths.listen);
+    result
+}
+
+async fn open_images(paths: &Paths, config: Config) -> anyhow::Result<ImageManager> {
+    let paths = paths.clone();
+    tokio::task::spawn_blocking(move || {
+        for dir in [&paths.root, &paths.state] {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        std::fs::set_permissions(&paths.root, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod {}", paths.root.display()))?;
+        let db = redb::Database::create(paths.root.join("meta.db"))
+            .with_context(|| format!("open metadata store {}", paths.root.join("meta.db").display()))?;
+        let db = Arc::new(db);
+        let content = snapshotter::content::ContentStore::open(&paths.root).context("open content store")?;
+        let use_overlay = match config.snapshotter {
+            SnapshotterKind::Overlay => true,
+            SnapshotterKind::Native => false,
+            SnapshotterKind::Auto => snapshotter::overlay::OverlaySnapshotter::supported(&paths.root),
+        };
+        let snaps: Arc<dyn snapshotter::Snapshotter> = if use_overlay {
+            Arc::new(snapshotter::overlay::OverlaySnapshotter::new(&paths.root, db.clone())?)
+        } else {
+            tracing::warn!("overlayfs is not available here: using the copying native snapshotter");
+            Arc::new(snapshotter::native::NativeSnapshotter::new(&paths.root, db.clone())?)
+        };
+        let images = ImageManager::new(db, content, snaps, Arc::new(config))?;
+        anyhow::Ok(images)
+    })
+    .await?
+}
+
+/// Binds the socket 0660, replacing a stale socket file but never a live daemon's.
+fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("{} is in use by a running daemon", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
+    }
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Gives each request a span with its method and a request id, and logs its outcome once.
+#[derive(Clone, Copy)]
+struct RequestSpanLayer;
+
+impl<S> tower::Layer<S> for RequestSpanLayer {
+    type Service = RequestSpan<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestSpan { inner }
+    }
+}
+
+#[derive(Clone)]
+struct RequestSpan<S> {
+    inner: S,
+}
+
+static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
+
+impl<S, B, R> tower::Service<http::Request<B>> for RequestSpan<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: std::fmt::Display,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
+        let request_id = REQUEST_ID.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("cri", %method, request_id);
+        let started = std::time::Instant::now();
+        let fut = {
+            let _enter = span.enter();
+            self.inner.call(req)
+        };
+        Box::pin(
+            async move {
+                let res = fut.await;
+                let micros = started.elapsed().as_micros() as u64;
+                match &res {
+                    // Errors from handlers come as trailers-only responses: the status is in the
+                    // headers. Success puts it in the trailers, which are not seen here.
+                    Ok(resp) => match resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
+                        Some(code) if code != "0" => {
+                            let msg = resp
+                                .headers()
+                                .get("grpc-message")
+                                .and_then(|v| v.to_str().ok())
+                                .map(percent_decode)
+                                .unwrap_or_default();
+                            tracing::warn!(code, message = %msg, micros, "request failed");
+                        }
+                        _ => tracing::debug!(micros, "request done"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, micros, "request failed in transport"),
+                }
+                res
+            }
+            .instrument(span),
+        )
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
