@@ -40,8 +40,15 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let images = Arc::new(open_images(&paths, config).await?);
+    // The socket first: a second daemon pointed at a live one stops before touching storage.
     let listener = bind(&paths.listen)?;
+    let images = match open_images(&paths, config).await {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            let _ = std::fs::remove_file(&paths.listen);
+            return Err(e);
+        }
+    };
     tracing::info!(listen = %paths.listen.display(), root = %paths.root.display(), "berthd serving CRI");
 
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
@@ -178,13 +185,12 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+        if b[i] == b'%' && i + 2 < b.len()
+            && let Ok(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or(()) {
                 out.push(v);
                 i += 3;
                 continue;
             }
-        }
         out.push(b[i]);
         i += 1;
     }

@@ -396,11 +396,10 @@ impl ImageManager {
         .await;
         if let Err(e) = committed {
             for job in &jobs {
-                if let Err(err) = self.snapshots.remove(&job.key) {
-                    if !matches!(err, snapshotter::Error::NotFound { .. }) {
+                if let Err(err) = self.snapshots.remove(&job.key)
+                    && !matches!(err, snapshotter::Error::NotFound { .. }) {
                         tracing::warn!(snapshot_key = %job.key, error = %err, "cleanup after failed pull");
                     }
-                }
             }
             return Err(e);
         }
@@ -518,11 +517,10 @@ impl ImageManager {
             return Err(Error::InvalidArgument("image reference is empty".into()));
         }
         let as_id = if image.len() == 64 { format!("sha256:{image}") } else { image.to_owned() };
-        if let Ok(id) = as_id.parse::<Digest>() {
-            if let Some(i) = self.store.get(&id)? {
+        if let Ok(id) = as_id.parse::<Digest>()
+            && let Some(i) = self.store.get(&id)? {
                 return Ok(Some(i));
             }
-        }
         let r = Reference::parse(image).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         match self.store.resolve(&r.to_string())? {
             Some(id) => self.store.get(&id),

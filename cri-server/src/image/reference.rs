@@ -60,11 +60,10 @@ impl Reference {
             Some(i) if !rest[i + 1..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
             _ => (rest, None),
         };
-        if let Some(tag) = tag {
-            if !valid_tag(tag) {
+        if let Some(tag) = tag
+            && !valid_tag(tag) {
                 return Err(bad("bad tag: 1-128 of [A-Za-z0-9_.-], not starting with . or -"));
             }
-        }
         let (registry, path) = match name.split_once('/') {
             Some((first, rest))
                 if first.contains('.') || first.contains(':') || first == "localhost" =>

@@ -240,11 +240,10 @@ pub async fn fetch_manifest_at(
         return Err(Error::BadContent(format!("{what}: larger than {MAX_MANIFEST_BYTES} bytes")));
     }
     let digest = sha256(&bytes);
-    if let Target::Digest(want) = target {
-        if &digest != want {
+    if let Target::Digest(want) = target
+        && &digest != want {
             return Err(Error::BadContent(format!("{what}: content has digest {digest}")));
         }
-    }
     let media_type = classify(&bytes).map_err(|m| Error::BadContent(format!("{what}: {m}")))?;
     Ok(Fetched { bytes, digest, media_type })
 }

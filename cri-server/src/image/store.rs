@@ -148,11 +148,10 @@ impl ImageStore {
             images.insert(record.id.as_str(), json.as_slice())?;
             let mut displaced = BTreeSet::new();
             for r in references {
-                if let Some(old) = refs.insert(r.as_str(), record.id.as_str())? {
-                    if old.value() != record.id.as_str() {
+                if let Some(old) = refs.insert(r.as_str(), record.id.as_str())?
+                    && old.value() != record.id.as_str() {
                         displaced.insert(old.value().to_owned());
                     }
-                }
             }
             for old in displaced {
                 let still_named = refs.iter()?.any(|e| e.is_ok_and(|(_, id)| id.value() == old));
