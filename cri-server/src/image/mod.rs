@@ -431,9 +431,7 @@ impl ImageManager {
         let (_, mut stream) = registry::blob_stream(ep, r, &d.digest).await?;
         let mut buf = Vec::with_capacity(d.size as usize);
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                Error::Unavailable(format!("blob {} from {ep:?}: {e}", d.digest))
-            })?;
+            let chunk = chunk.map_err(|e| stream_error(ep, r, &d.digest, &e))?;
             buf.extend_from_slice(&chunk);
             if buf.len() > registry::MAX_MANIFEST_BYTES {
                 return Err(Error::BadContent(format!("{r}: config {} is too large", d.digest)));
@@ -476,15 +474,12 @@ impl ImageManager {
             let download = async {
                 let (_, mut stream) = registry::blob_stream(ep, r, &layer.digest).await?;
                 while let Some(chunk) = stream.next().await {
-                    let failed = chunk.as_ref().err().map(|e| e.to_string());
+                    let failed = chunk.as_ref().err().map(|e| stream_error(ep, r, &layer.digest, e));
                     if tx.send(chunk).await.is_err() {
                         break; // the unpacker stopped; its error says why
                     }
                     if let Some(e) = failed {
-                        return Err(Error::Unavailable(format!(
-                            "layer {} from {ep:?}: {e}",
-                            layer.digest
-                        )));
+                        return Err(e);
                     }
                 }
                 Ok(())
@@ -640,6 +635,19 @@ impl Gc {
             }
         }
         Ok((removed, blobs))
+    }
+}
+
+/// A failed blob stream: a digest the registry client itself found wrong is bad content; anything
+/// else is the registry or the network failing.
+fn stream_error(ep: &Endpoint, r: &Reference, digest: &Digest, e: &std::io::Error) -> Error {
+    let bad = e
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<oci_client::errors::DigestError>().is_some());
+    if bad {
+        Error::BadContent(format!("{r}: blob {digest} from {ep:?}: {e}"))
+    } else {
+        Error::Unavailable(format!("blob {digest} from {ep:?}: {e}"))
     }
 }
 
