@@ -5,13 +5,19 @@
 //! A blob becomes visible only once complete, verified and fsynced: partial downloads never
 //! appear under `sha256/`.
 
-use std::fs::File;
-use std::io::Write;
+use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, RandomState};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use api::Digest;
+use sha2::{Digest as _, Sha256};
 
-use crate::{Result, Usage};
+use crate::{Error, Result, Usage};
+
+/// Write buffer of a [`BlobWriter`]: registry bodies arrive in small chunks, the disk prefers
+/// big writes.
+const WRITE_BUFFER: usize = 256 * 1024;
 
 /// Blobs by digest on a local filesystem.
 #[derive(Debug, Clone)]
@@ -22,14 +28,75 @@ pub struct ContentStore {
 /// A blob being written. Hashes what is written; [`BlobWriter::commit`] verifies and publishes.
 /// Dropped without commit, it removes its temp file.
 pub struct BlobWriter {
-    _private: (),
+    /// `None` once committed (or failed to commit): nothing left to clean up.
+    file: Option<BufWriter<File>>,
+    temp: PathBuf,
+    target: PathBuf,
+    expected: Digest,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl std::fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWriter")
+            .field("temp", &self.temp)
+            .field("expected", &self.expected)
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+fn not_found(digest: &Digest) -> Error {
+    Error::NotFound {
+        what: "blob",
+        key: digest.to_string(),
+    }
+}
+
+/// fsyncs a directory, so that a rename into it survives a crash.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync dir", dir, e))
+}
+
+/// A name nobody else picks: 64 random bits from the std hasher's per-process random keys.
+pub(crate) fn random_name(prefix: &str) -> String {
+    let n = RandomState::new().hash_one(std::time::SystemTime::now());
+    format!("{prefix}{n:016x}")
 }
 
 impl ContentStore {
     /// Opens (creating) the store under `root` (its `content/` subdirectory). Leftover ingest
     /// files from a crash are removed.
     pub fn open(root: &Path) -> Result<Self> {
-        todo!("{root:?}")
+        let store = ContentStore {
+            root: root.join("content"),
+        };
+        for dir in [store.root.join("sha256"), store.ingest_dir()] {
+            fs::create_dir_all(&dir).map_err(|e| Error::io("create dir", &dir, e))?;
+        }
+        let ingest = store.ingest_dir();
+        let entries = fs::read_dir(&ingest).map_err(|e| Error::io("read dir", &ingest, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("read dir", &ingest, e))?;
+            let path = entry.path();
+            let removed = match entry.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+                _ => fs::remove_file(&path),
+            };
+            match removed {
+                Ok(()) => tracing::debug!(path = %path.display(), "removed leftover ingest file"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove leftover ingest file", path, e)),
+            }
+        }
+        Ok(store)
+    }
+
+    fn ingest_dir(&self) -> PathBuf {
+        self.root.join("ingest")
     }
 
     /// Where the blob lives (whether it exists or not).
@@ -44,65 +111,317 @@ impl ContentStore {
 
     /// Starts writing a blob that must hash to `expected`.
     pub fn writer(&self, expected: &Digest) -> Result<BlobWriter> {
-        todo!("{expected}")
+        let ingest = self.ingest_dir();
+        // A collision of 64 random bits is next to impossible; create_new makes it harmless.
+        let mut attempts = 0;
+        let (file, temp) = loop {
+            let temp = ingest.join(random_name(&format!("{}-", &expected.hex()[..12])));
+            match OpenOptions::new().write(true).create_new(true).open(&temp) {
+                Ok(f) => break (f, temp),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => attempts += 1,
+                Err(e) => return Err(Error::io("create ingest file", temp, e)),
+            }
+        };
+        Ok(BlobWriter {
+            file: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
+            temp,
+            target: self.path(expected),
+            expected: expected.clone(),
+            hasher: Sha256::new(),
+            written: 0,
+        })
     }
 
     /// Writes a small blob at once (manifests, configs), verifying its digest.
     pub fn put(&self, expected: &Digest, data: &[u8]) -> Result<()> {
-        todo!("{expected} {}", data.len())
+        let mut w = self.writer(expected)?;
+        w.write_all(data)
+            .map_err(|e| Error::io("write ingest file", &w.temp, e))?;
+        w.commit().map(drop)
     }
 
     /// Reads a whole blob (for small ones: manifests, configs). [`crate::Error::NotFound`] if absent.
     pub fn read(&self, digest: &Digest) -> Result<Vec<u8>> {
-        todo!("{digest}")
+        let path = self.path(digest);
+        fs::read(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => not_found(digest),
+            _ => Error::io("read blob", path, e),
+        })
     }
 
     /// Opens a blob for streaming reads. [`crate::Error::NotFound`] if absent.
     pub fn open_blob(&self, digest: &Digest) -> Result<File> {
-        todo!("{digest}")
+        let path = self.path(digest);
+        File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => not_found(digest),
+            _ => Error::io("open blob", path, e),
+        })
     }
 
     /// Size in bytes of a blob. [`crate::Error::NotFound`] if absent.
     pub fn size(&self, digest: &Digest) -> Result<u64> {
-        todo!("{digest}")
+        let path = self.path(digest);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found(digest)),
+            Err(e) => Err(Error::io("stat blob", path, e)),
+        }
     }
 
     /// Removes a blob; removing an absent blob is not an error.
     pub fn delete(&self, digest: &Digest) -> Result<()> {
-        todo!("{digest}")
+        let path = self.path(digest);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove blob", path, e)),
+        }
     }
 
-    /// Every committed blob.
+    /// Every committed blob. Files under `sha256/` whose name is not 64 lowercase hex digits
+    /// (put there by hand) are skipped.
     pub fn list(&self) -> Result<Vec<Digest>> {
-        todo!()
+        let mut out = Vec::new();
+        self.for_each_blob(|digest, _| out.push(digest))?;
+        Ok(out)
     }
 
-    /// Bytes and inodes used by committed blobs.
+    /// Bytes and inodes used by committed blobs. Bytes are the blobs' apparent sizes (their
+    /// lengths), the same measure as [`Usage::size`] elsewhere, not the blocks they occupy.
     pub fn usage(&self) -> Result<Usage> {
-        todo!()
+        let mut usage = Usage::default();
+        self.for_each_blob(|_, meta| {
+            usage.size += meta.len();
+            usage.inodes += 1;
+        })?;
+        Ok(usage)
+    }
+
+    fn for_each_blob(&self, mut f: impl FnMut(Digest, fs::Metadata)) -> Result<()> {
+        let dir = self.root.join("sha256");
+        let entries = fs::read_dir(&dir).map_err(|e| Error::io("read dir", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("read dir", &dir, e))?;
+            let Some(digest) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| format!("sha256:{name}").parse::<Digest>().ok())
+            else {
+                continue;
+            };
+            match entry.metadata() {
+                Ok(meta) if meta.is_file() => f(digest, meta),
+                Ok(_) => {}
+                // Deleted while we listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("stat blob", entry.path(), e)),
+            }
+        }
+        Ok(())
     }
 }
 
 impl BlobWriter {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        todo!()
+        self.written
     }
 
     /// Verifies the digest, fsyncs, and renames into place (fsyncing the directory).
     /// [`crate::Error::DigestMismatch`] (and the temp file removed) if the content does not
     /// hash to the expected digest. Committing a blob that already exists succeeds.
-    pub fn commit(self) -> Result<u64> {
-        todo!()
+    pub fn commit(mut self) -> Result<u64> {
+        let actual = Digest::from_sha256_bytes(&self.hasher.clone().finalize().into());
+        if actual != self.expected {
+            // Drop removes the temp file.
+            return Err(Error::DigestMismatch {
+                expected: self.expected.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        let Some(buffered) = self.file.take() else {
+            return Err(Error::InvalidState {
+                key: self.expected.to_string(),
+                reason: "blob writer already failed".into(),
+            });
+        };
+        let synced = buffered
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all());
+        if let Err(e) = synced {
+            self.remove_temp();
+            return Err(Error::io("fsync ingest file", &self.temp, e));
+        }
+        if let Err(e) = fs::rename(&self.temp, &self.target) {
+            self.remove_temp();
+            return Err(Error::io("rename blob into place", &self.target, e));
+        }
+        if let Some(dir) = self.target.parent() {
+            fsync_dir(dir)?;
+        }
+        Ok(self.written)
+    }
+
+    fn remove_temp(&self) {
+        if let Err(e) = fs::remove_file(&self.temp)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.temp.display(), error = %e, "remove ingest file");
+        }
     }
 }
 
 impl Write for BlobWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        todo!("{}", buf.len())
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob writer already committed"))?;
+        let n = file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        todo!()
+    fn flush(&mut self) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            self.remove_temp();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn digest_of(data: &[u8]) -> Digest {
+        Digest::from_sha256_bytes(&Sha256::digest(data).into())
+    }
+
+    fn ingest_count(root: &Path) -> usize {
+        fs::read_dir(root.join("content/ingest")).unwrap().count()
+    }
+
+    #[test]
+    fn write_and_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(tmp.path()).unwrap();
+        let data = b"hello blob".repeat(100_000);
+        let d = digest_of(&data);
+        assert!(!store.exists(&d));
+        let mut w = store.writer(&d).unwrap();
+        for chunk in data.chunks(7777) {
+            w.write_all(chunk).unwrap();
+        }
+        assert_eq!(w.written(), data.len() as u64);
+        assert_eq!(ingest_count(tmp.path()), 1);
+        assert_eq!(w.commit().unwrap(), data.len() as u64);
+        assert!(store.exists(&d));
+        assert_eq!(store.read(&d).unwrap(), data);
+        assert_eq!(store.size(&d).unwrap(), data.len() as u64);
+        assert_eq!(
+            store.path(&d),
+            tmp.path().join("content/sha256").join(d.hex())
+        );
+        assert_eq!(ingest_count(tmp.path()), 0);
+        // Committing the same blob again is fine.
+        store.put(&d, &data).unwrap();
+        let mut read = Vec::new();
+        io::Read::read_to_end(&mut store.open_blob(&d).unwrap(), &mut read).unwrap();
+        assert_eq!(read, data);
+    }
+
+    #[test]
+    fn mismatch_rejected_and_temp_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(tmp.path()).unwrap();
+        let d = digest_of(b"expected");
+        let mut w = store.writer(&d).unwrap();
+        w.write_all(b"something else").unwrap();
+        let err = w.commit().unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err:?}");
+        assert_eq!(ingest_count(tmp.path()), 0);
+        assert!(!store.exists(&d));
+        assert!(matches!(
+            store.put(&d, b"nope"),
+            Err(Error::DigestMismatch { .. })
+        ));
+        assert_eq!(ingest_count(tmp.path()), 0);
+    }
+
+    #[test]
+    fn drop_removes_temp() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(tmp.path()).unwrap();
+        let d = digest_of(b"x");
+        let mut w = store.writer(&d).unwrap();
+        w.write_all(b"partial").unwrap();
+        assert_eq!(ingest_count(tmp.path()), 1);
+        drop(w);
+        assert_eq!(ingest_count(tmp.path()), 0);
+        assert!(!store.exists(&d));
+    }
+
+    #[test]
+    fn open_cleans_ingest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(tmp.path()).unwrap();
+        let d = digest_of(b"x");
+        let mut w = store.writer(&d).unwrap();
+        w.write_all(b"x").unwrap();
+        // A crash: the writer never runs its drop.
+        std::mem::forget(w);
+        fs::create_dir(tmp.path().join("content/ingest/olddir")).unwrap();
+        assert_eq!(ingest_count(tmp.path()), 2);
+        ContentStore::open(tmp.path()).unwrap();
+        assert_eq!(ingest_count(tmp.path()), 0);
+    }
+
+    #[test]
+    fn put_read_delete_list_usage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(tmp.path()).unwrap();
+        assert_eq!(store.list().unwrap(), vec![]);
+        assert_eq!(store.usage().unwrap(), Usage::default());
+        let a = digest_of(b"aaa");
+        let b = digest_of(b"bbbbb");
+        store.put(&a, b"aaa").unwrap();
+        store.put(&b, b"bbbbb").unwrap();
+        // Junk that is not a blob.
+        fs::write(tmp.path().join("content/sha256/junk"), b"junk").unwrap();
+        fs::write(
+            tmp.path().join("content/sha256").join("A".repeat(64)),
+            b"junk",
+        )
+        .unwrap();
+        let mut listed = store.list().unwrap();
+        listed.sort();
+        let mut want = vec![a.clone(), b.clone()];
+        want.sort();
+        assert_eq!(listed, want);
+        assert_eq!(store.usage().unwrap(), Usage { size: 8, inodes: 2 });
+        assert_eq!(store.read(&a).unwrap(), b"aaa");
+        store.delete(&a).unwrap();
+        store.delete(&a).unwrap();
+        assert!(matches!(
+            store.read(&a),
+            Err(Error::NotFound { what: "blob", .. })
+        ));
+        assert!(matches!(store.size(&a), Err(Error::NotFound { .. })));
+        assert!(matches!(store.open_blob(&a), Err(Error::NotFound { .. })));
+        assert_eq!(store.list().unwrap(), vec![b]);
+        assert_eq!(store.usage().unwrap(), Usage { size: 5, inodes: 1 });
     }
 }

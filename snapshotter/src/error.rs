@@ -63,15 +63,36 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The metadata database failed.
+    /// The metadata database holds something we cannot read.
     #[error("snapshot metadata: {0}")]
     Metadata(String),
+    /// A metadata database operation failed.
+    #[error("snapshot metadata: {op}")]
+    Database {
+        /// The operation (`begin write`, `commit`, `open table`...).
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<redb::Error>,
+    },
 }
 
 impl Error {
+    /// Builds an [`Error::Database`] for `op` from any redb error.
+    pub(crate) fn db<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> Self {
+        move |e| Error::Database {
+            op,
+            source: Box::new(e.into()),
+        }
+    }
+
     /// Shorthand for [`Error::Io`].
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { op, path: path.into(), source }
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -3,16 +3,21 @@
 //! - [`content::ContentStore`]: blobs under `<root>/content/sha256/<hex>`, written through a
 //!   temp file in `<root>/content/ingest/`, verified, fsynced and renamed into place.
 //! - [`unpack::unpack_layer`]: applies one (possibly compressed) layer tar to a directory in
-//!   overlayfs form, refusing anything that would write outside it.
+//!   overlayfs form, refusing anything that would write outside it, and returns its diffID;
+//!   [`unpack::sync_filesystem`] then flushes it once before the snapshot is committed.
 //! - [`Snapshotter`]: the contract of a snapshot store; [`overlay::OverlaySnapshotter`]
 //!   implements it with overlayfs, [`native::NativeSnapshotter`] with plain copies where
-//!   overlayfs is unavailable.
+//!   overlayfs is unavailable. Both keep their metadata in tables named `snapshots.*` of the
+//!   daemon's shared redb database.
+//! - `testsuite` (tests, or the `testsuite` feature): the conformance suite every
+//!   [`Snapshotter`] passes.
 #![warn(missing_docs)]
 
 pub mod content;
 pub mod error;
 pub mod native;
 pub mod overlay;
+mod store;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 pub mod unpack;

@@ -1,1 +1,634 @@
-//! The conformance suite every [`crate::Snapshotter`] passes.
+//! The conformance suite every [`crate::Snapshotter`] passes, after containerd's
+//! `core/snapshots/testsuite`.
+//!
+//! [`run`] needs root: it mounts what the snapshotter returns, as a runtime would, inside a
+//! private mount namespace of a dedicated thread (so no mount outlives the suite or leaks to the
+//! host, even on panic). Each case gets a fresh temp dir and a fresh snapshotter from `make`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::ErrorKind;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+
+use crate::{Error, Info, Kind, Mount, Result, Snapshotter};
+
+/// Panics unless running as root: root-only tests are never skipped silently.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (it mounts filesystems): run the test suite as root"
+    );
+}
+
+/// Runs `f` on a new thread that has its own mount namespace, with `/` made recursively private.
+/// Every mount made by `f` disappears with the thread. Panics in `f` propagate.
+pub fn in_private_mount_ns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    require_root();
+    std::thread::scope(|s| {
+        let handle = s.spawn(|| {
+            // A thread may unshare its mount namespace: CLONE_NEWNS implies CLONE_FS, which
+            // gives this thread its own cwd/root copy and leaves the others alone.
+            nix::sched::unshare(CloneFlags::CLONE_NEWNS).expect("unshare mount namespace");
+            nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .expect("make / rprivate");
+            f()
+        });
+        match handle.join() {
+            Ok(v) => v,
+            Err(payload) => std::panic::resume_unwind(payload),
+        }
+    })
+}
+
+/// Mounts made by [`mount_all`]; unmounted (lazily) on drop.
+#[derive(Debug)]
+pub struct MountGuard {
+    target: PathBuf,
+    count: usize,
+}
+
+impl MountGuard {
+    /// Unmounts now, reporting errors.
+    pub fn unmount(mut self) -> Result<()> {
+        self.unmount_all()
+    }
+
+    fn unmount_all(&mut self) -> Result<()> {
+        while self.count > 0 {
+            nix::mount::umount2(&self.target, MntFlags::MNT_DETACH).map_err(|e| Error::Mount {
+                target: self.target.clone(),
+                source: e.into(),
+            })?;
+            self.count -= 1;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_all() {
+            tracing::warn!(error = %e, "unmount");
+        }
+    }
+}
+
+/// Mounts `mounts` on `target` the way a runtime does: `bind`/`rbind`, `ro`, `rw` become mount
+/// flags, other options are the filesystem's data.
+pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<MountGuard> {
+    let mut guard = MountGuard {
+        target: target.to_owned(),
+        count: 0,
+    };
+    for m in mounts {
+        let ro = m.is_readonly();
+        let mount_err = |e: nix::Error| Error::Mount {
+            target: target.to_owned(),
+            source: e.into(),
+        };
+        if m.fstype == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind") {
+            let mut flags = MsFlags::MS_BIND;
+            if m.options.iter().any(|o| o == "rbind") {
+                flags |= MsFlags::MS_REC;
+            }
+            nix::mount::mount(
+                Some(m.source.as_str()),
+                target,
+                None::<&str>,
+                flags,
+                None::<&str>,
+            )
+            .map_err(mount_err)?;
+            guard.count += 1;
+            if ro {
+                // A bind mount ignores MS_RDONLY until remounted.
+                nix::mount::mount(
+                    None::<&str>,
+                    target,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    None::<&str>,
+                )
+                .map_err(mount_err)?;
+            }
+        } else {
+            let data: Vec<&str> = m
+                .options
+                .iter()
+                .map(String::as_str)
+                .filter(|o| *o != "ro" && *o != "rw")
+                .collect();
+            let flags = if ro {
+                MsFlags::MS_RDONLY
+            } else {
+                MsFlags::empty()
+            };
+            nix::mount::mount(
+                Some(m.source.as_str()),
+                target,
+                Some(m.fstype.as_str()),
+                flags,
+                Some(data.join(",").as_str()),
+            )
+            .map_err(mount_err)?;
+            guard.count += 1;
+        }
+    }
+    Ok(guard)
+}
+
+/// One conformance case: the snapshotter and a scratch dir for mount points.
+type Case<S> = fn(&S, &Path);
+
+/// Runs every conformance case against snapshotters made by `make(root)`, each with a fresh
+/// empty `root`. Needs root. Panics listing every failed case.
+pub fn run<S: Snapshotter>(make: impl Fn(&Path) -> S + Send) {
+    let cases: Vec<(&str, Case<S>)> = vec![
+        ("prepare_commit_view_chain", prepare_commit_view_chain),
+        ("stat_and_kinds", stat_and_kinds),
+        ("already_exists", already_exists),
+        ("not_found", not_found),
+        ("invalid_state", invalid_state),
+        ("remove_parent_with_children", remove_parent_with_children),
+        ("remove_kinds_and_reuse_key", remove_kinds_and_reuse_key),
+        ("mount_kinds", mount_kinds),
+        ("view_without_parent", view_without_parent),
+        ("deep_chain", deep_chain),
+        ("usage", usage),
+        ("list", list),
+        ("concurrent_prepares", concurrent_prepares),
+    ];
+    let failures = in_private_mount_ns(move || {
+        let mut failures = Vec::new();
+        for (name, case) in cases {
+            let tmp = tempfile::tempdir().expect("create temp dir");
+            let root = tmp.path().join("root");
+            fs::create_dir(&root).expect("create root");
+            let scratch = tmp.path().join("scratch");
+            fs::create_dir(&scratch).expect("create scratch");
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                let s = make(&root);
+                case(&s, &scratch);
+            }));
+            if let Err(payload) = result {
+                let msg = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "panic".into());
+                failures.push(format!("{name}: {msg}"));
+            }
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "snapshotter conformance failures:\n{}",
+        failures.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+/// Mounts `mounts` on a fresh dir under `scratch` and runs `f` with its path.
+fn with_mounted<T>(mounts: &[Mount], scratch: &Path, f: impl FnOnce(&Path) -> T) -> T {
+    let target = tempfile::tempdir_in(scratch).expect("create mount point");
+    let guard = mount_all(mounts, target.path()).expect("mount snapshot");
+    let out = f(target.path());
+    guard.unmount().expect("unmount snapshot");
+    out
+}
+
+fn write(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel);
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).expect("create parent dirs");
+    }
+    fs::write(&p, data).unwrap_or_else(|e| panic!("write {p:?}: {e}"));
+}
+
+fn read(root: &Path, rel: &str) -> Option<Vec<u8>> {
+    match fs::read(root.join(rel)) {
+        Ok(d) => Some(d),
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => panic!("read {rel}: {e}"),
+    }
+}
+
+/// Every regular file below `root` with its contents.
+fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).expect("read dir") {
+            let entry = entry.expect("read dir entry");
+            let t = entry.file_type().expect("file type");
+            if t.is_dir() {
+                stack.push(entry.path());
+            } else if t.is_file() {
+                let rel = entry
+                    .path()
+                    .strip_prefix(root)
+                    .expect("below root")
+                    .display()
+                    .to_string();
+                out.insert(rel, fs::read(entry.path()).expect("read file"));
+            }
+        }
+    }
+    out
+}
+
+fn files(pairs: &[(&str, &[u8])]) -> BTreeMap<String, Vec<u8>> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+        .collect()
+}
+
+#[track_caller]
+fn assert_not_found<T: std::fmt::Debug>(r: Result<T>, what: &str) {
+    match r {
+        Err(Error::NotFound { .. }) => {}
+        other => panic!("{what}: expected NotFound, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_exists<T: std::fmt::Debug>(r: Result<T>, what: &str) {
+    match r {
+        Err(Error::AlreadyExists(_)) => {}
+        other => panic!("{what}: expected AlreadyExists, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_invalid<T: std::fmt::Debug>(r: Result<T>, what: &str) {
+    match r {
+        Err(Error::InvalidState { .. }) => {}
+        other => panic!("{what}: expected InvalidState, got {other:?}"),
+    }
+}
+
+/// Prepares `key` on `parent`, writes `files` through its mount, commits it as `name`.
+fn layer<S: Snapshotter>(
+    s: &S,
+    scratch: &Path,
+    name: &str,
+    parent: Option<&str>,
+    files: &[(&str, &[u8])],
+) {
+    let key = format!("{name}-active");
+    let mounts = s.prepare(&key, parent).expect("prepare");
+    with_mounted(&mounts, scratch, |root| {
+        for (rel, data) in files {
+            write(root, rel, data);
+        }
+    });
+    s.commit(name, &key).expect("commit");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases.
+
+fn prepare_commit_view_chain<S: Snapshotter>(s: &S, scratch: &Path) {
+    let mounts = s.prepare("p1", None).expect("prepare p1");
+    with_mounted(&mounts, scratch, |root| {
+        write(root, "dir/a", b"a1");
+        write(root, "b", b"b1");
+    });
+    s.commit("c1", "p1").expect("commit c1");
+    assert_eq!(
+        s.stat("c1").expect("stat c1"),
+        Info {
+            key: "c1".into(),
+            parent: None,
+            kind: Kind::Committed
+        }
+    );
+    assert_not_found(s.stat("p1"), "active key gone after commit");
+
+    let mounts = s.prepare("p2", Some("c1")).expect("prepare p2");
+    with_mounted(&mounts, scratch, |root| {
+        assert_eq!(tree(root), files(&[("dir/a", b"a1"), ("b", b"b1")]));
+        write(root, "dir/a", b"a2");
+        fs::remove_file(root.join("b")).expect("remove b");
+        write(root, "c", b"c2");
+    });
+    s.commit("c2", "p2").expect("commit c2");
+
+    let mounts = s.view("v", Some("c2")).expect("view");
+    with_mounted(&mounts, scratch, |root| {
+        assert_eq!(tree(root), files(&[("dir/a", b"a2"), ("c", b"c2")]));
+        let err = fs::write(root.join("new"), b"x").expect_err("a view is read-only");
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    });
+    // The parent is untouched.
+    with_mounted(&s.mounts("c1").expect("mounts c1"), scratch, |root| {
+        assert_eq!(tree(root), files(&[("dir/a", b"a1"), ("b", b"b1")]));
+    });
+    // A committed snapshot is read-only.
+    with_mounted(&s.mounts("c2").expect("mounts c2"), scratch, |root| {
+        assert_eq!(tree(root), files(&[("dir/a", b"a2"), ("c", b"c2")]));
+        assert!(
+            fs::write(root.join("new"), b"x").is_err(),
+            "committed is read-only"
+        );
+    });
+}
+
+fn stat_and_kinds<S: Snapshotter>(s: &S, scratch: &Path) {
+    layer(s, scratch, "base", None, &[("f", b"x")]);
+    s.prepare("active", Some("base")).expect("prepare");
+    s.view("view", Some("base")).expect("view");
+    assert_eq!(
+        s.stat("active").expect("stat"),
+        Info {
+            key: "active".into(),
+            parent: Some("base".into()),
+            kind: Kind::Active
+        }
+    );
+    assert_eq!(
+        s.stat("view").expect("stat"),
+        Info {
+            key: "view".into(),
+            parent: Some("base".into()),
+            kind: Kind::View
+        }
+    );
+    assert_eq!(s.stat("base").expect("stat").kind, Kind::Committed);
+    s.commit("top", "active").expect("commit");
+    assert_eq!(
+        s.stat("top").expect("stat"),
+        Info {
+            key: "top".into(),
+            parent: Some("base".into()),
+            kind: Kind::Committed
+        }
+    );
+}
+
+fn already_exists<S: Snapshotter>(s: &S, _scratch: &Path) {
+    s.prepare("a", None).expect("prepare");
+    assert_exists(s.prepare("a", None), "prepare twice");
+    assert_exists(s.view("a", None), "view over an active key");
+    s.commit("c", "a").expect("commit");
+    // Keys and names share one namespace.
+    assert_exists(s.prepare("c", None), "prepare with a committed name");
+    assert_exists(s.view("c", Some("c")), "view with a committed name");
+    s.prepare("b", Some("c")).expect("prepare b");
+    assert_exists(s.commit("c", "b"), "commit onto an existing name");
+    s.prepare("d", None).expect("prepare d");
+    assert_exists(s.commit("b", "d"), "commit onto an active key");
+    // The failed commits left both intact.
+    assert_eq!(s.stat("b").expect("stat b").kind, Kind::Active);
+    assert_eq!(s.stat("d").expect("stat d").kind, Kind::Active);
+}
+
+fn not_found<S: Snapshotter>(s: &S, _scratch: &Path) {
+    assert_not_found(s.stat("nope"), "stat");
+    assert_not_found(s.prepare("a", Some("nope")), "prepare on missing parent");
+    assert_not_found(s.view("v", Some("nope")), "view on missing parent");
+    assert_not_found(s.stat("a"), "failed prepare left nothing");
+    assert_not_found(s.mounts("nope"), "mounts");
+    assert_not_found(s.commit("c", "nope"), "commit");
+    assert_not_found(s.remove("nope"), "remove");
+    assert_not_found(s.usage("nope"), "usage");
+    assert_not_found(s.diff_dir("nope"), "diff_dir");
+    assert!(s.list().expect("list").is_empty());
+}
+
+fn invalid_state<S: Snapshotter>(s: &S, _scratch: &Path) {
+    s.prepare("active", None).expect("prepare");
+    s.view("view", None).expect("view");
+    assert_invalid(
+        s.prepare("child", Some("active")),
+        "prepare on an active parent",
+    );
+    assert_invalid(s.view("child", Some("view")), "view on a view");
+    assert_invalid(s.commit("c", "view"), "commit a view");
+    assert_invalid(s.diff_dir("view"), "diff_dir of a view");
+    s.commit("committed", "active").expect("commit");
+    assert_invalid(s.commit("c2", "committed"), "commit a committed snapshot");
+    assert_invalid(s.diff_dir("committed"), "diff_dir of a committed snapshot");
+    assert_not_found(s.stat("child"), "failed prepare left nothing");
+    assert_not_found(s.stat("c"), "failed commit left nothing");
+}
+
+fn remove_parent_with_children<S: Snapshotter>(s: &S, scratch: &Path) {
+    layer(s, scratch, "base", None, &[("keep", b"me")]);
+    s.prepare("child", Some("base")).expect("prepare");
+    s.view("view", Some("base")).expect("view");
+    assert_invalid(s.remove("base"), "remove a parent");
+    with_mounted(&s.mounts("base").expect("mounts"), scratch, |root| {
+        assert_eq!(
+            read(root, "keep").as_deref(),
+            Some(&b"me"[..]),
+            "nothing removed"
+        );
+    });
+    s.remove("child").expect("remove child");
+    assert_invalid(s.remove("base"), "remove a parent of a view");
+    s.remove("view").expect("remove view");
+    s.remove("base").expect("remove base");
+    assert!(s.list().expect("list").is_empty());
+}
+
+fn remove_kinds_and_reuse_key<S: Snapshotter>(s: &S, scratch: &Path) {
+    layer(s, scratch, "base", None, &[("f", b"1")]);
+    let mounts = s.prepare("a", Some("base")).expect("prepare");
+    with_mounted(&mounts, scratch, |root| write(root, "g", b"2"));
+    s.remove("a").expect("remove active");
+    assert_not_found(s.stat("a"), "removed");
+    assert_not_found(s.remove("a"), "remove twice");
+    // The key can be used again, and starts fresh.
+    let mounts = s.prepare("a", Some("base")).expect("prepare again");
+    with_mounted(&mounts, scratch, |root| {
+        assert_eq!(tree(root), files(&[("f", b"1")]));
+    });
+    s.remove("a").expect("remove");
+    s.remove("base").expect("remove committed");
+    let (total, _) = s.total_usage().expect("total usage");
+    assert!(total.inodes <= 1, "removed snapshots left {total:?}");
+}
+
+fn mount_kinds<S: Snapshotter>(s: &S, scratch: &Path) {
+    let m = s.prepare("a", None).expect("prepare");
+    assert!(!m.is_empty());
+    assert!(
+        m.iter().all(|m| !m.is_readonly()),
+        "active mounts are rw: {m:?}"
+    );
+    assert_eq!(
+        s.mounts("a").expect("mounts"),
+        m,
+        "mounts() repeats prepare()"
+    );
+    s.commit("c", "a").expect("commit");
+    let mc = s.mounts("c").expect("mounts committed");
+    assert!(
+        mc.iter().any(Mount::is_readonly),
+        "committed mounts are ro: {mc:?}"
+    );
+    let v = s.view("v", Some("c")).expect("view");
+    assert!(
+        v.iter().any(Mount::is_readonly),
+        "view mounts are ro: {v:?}"
+    );
+    assert_eq!(s.mounts("v").expect("mounts"), v);
+    let p = s.prepare("p", Some("c")).expect("prepare on parent");
+    assert!(
+        p.iter().all(|m| !m.is_readonly()),
+        "active mounts are rw: {p:?}"
+    );
+    assert_eq!(s.mounts("p").expect("mounts"), p);
+    with_mounted(&p, scratch, |root| write(root, "x", b"x"));
+}
+
+fn view_without_parent<S: Snapshotter>(s: &S, scratch: &Path) {
+    let m = s.view("v", None).expect("view");
+    with_mounted(&m, scratch, |root| {
+        assert!(tree(root).is_empty());
+        assert!(
+            fs::write(root.join("x"), b"x").is_err(),
+            "views are read-only"
+        );
+    });
+    assert_eq!(
+        s.stat("v").expect("stat"),
+        Info {
+            key: "v".into(),
+            parent: None,
+            kind: Kind::View
+        }
+    );
+}
+
+fn deep_chain<S: Snapshotter>(s: &S, scratch: &Path) {
+    let mut parent: Option<String> = None;
+    for i in 0..6 {
+        let name = format!("l{i}");
+        let own = format!("file{i}");
+        let layer_files: [(&str, &[u8]); 2] =
+            [(own.as_str(), name.as_bytes()), ("shared", name.as_bytes())];
+        layer(s, scratch, &name, parent.as_deref(), &layer_files);
+        parent = Some(name);
+    }
+    let m = s.view("top", parent.as_deref()).expect("view");
+    with_mounted(&m, scratch, |root| {
+        let t = tree(root);
+        assert_eq!(t.len(), 7, "{t:?}");
+        assert_eq!(t["shared"], b"l5");
+        for i in 0..6 {
+            assert_eq!(t[&format!("file{i}")], format!("l{i}").into_bytes());
+        }
+    });
+    assert_eq!(s.stat("l5").expect("stat").parent.as_deref(), Some("l4"));
+}
+
+fn usage<S: Snapshotter>(s: &S, scratch: &Path) {
+    let m = s.prepare("a", None).expect("prepare");
+    let empty = s.usage("a").expect("usage");
+    assert_eq!(
+        empty.inodes, 1,
+        "an empty snapshot is its root dir: {empty:?}"
+    );
+    with_mounted(&m, scratch, |root| {
+        write(root, "dir/one", &[1u8; 1000]);
+        write(root, "two", &[2u8; 20_000]);
+        fs::hard_link(root.join("two"), root.join("two-again")).expect("hardlink");
+        std::os::unix::fs::symlink("two", root.join("link")).expect("symlink");
+    });
+    let u = s.usage("a").expect("usage");
+    // root, dir, one, two (hardlinked: once), link
+    assert_eq!(u.inodes, 5, "{u:?}");
+    assert!(u.size >= 21_000 + 3, "{u:?}");
+    assert!(u.size < 21_000 + 3 + 64 * 1024, "{u:?}");
+    s.commit("c", "a").expect("commit");
+    assert_eq!(s.usage("c").expect("usage"), u, "commit keeps usage");
+
+    layer(s, scratch, "d", Some("c"), &[("three", &[3u8; 5000])]);
+    let d = s.usage("d").expect("usage");
+    assert!(d.size >= 5000 && d.inodes >= 2, "{d:?}");
+    let (total, path) = s.total_usage().expect("total usage");
+    assert!(path.is_dir(), "{path:?}");
+    assert!(total.size >= u.size + 5000, "{total:?}");
+    assert!(total.inodes >= u.inodes + 2, "{total:?}");
+}
+
+fn list<S: Snapshotter>(s: &S, scratch: &Path) {
+    layer(s, scratch, "base", None, &[]);
+    s.prepare("active", Some("base")).expect("prepare");
+    s.view("view", None).expect("view");
+    let mut got = s.list().expect("list");
+    got.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(
+        got,
+        vec![
+            Info {
+                key: "active".into(),
+                parent: Some("base".into()),
+                kind: Kind::Active
+            },
+            Info {
+                key: "base".into(),
+                parent: None,
+                kind: Kind::Committed
+            },
+            Info {
+                key: "view".into(),
+                parent: None,
+                kind: Kind::View
+            },
+        ]
+    );
+}
+
+fn concurrent_prepares<S: Snapshotter>(s: &S, scratch: &Path) {
+    layer(s, scratch, "base", None, &[("f", b"x")]);
+    let results: Vec<Result<Vec<Mount>>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| sc.spawn(move || s.prepare(&format!("k{i}"), Some("base"))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let mut seen = std::collections::HashSet::new();
+    for r in results {
+        let m = r.expect("concurrent prepare");
+        assert!(
+            seen.insert(format!("{m:?}")),
+            "two snapshots share mounts: {m:?}"
+        );
+    }
+    // Racing on one key: exactly one wins.
+    let results: Vec<Result<Vec<Mount>>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| sc.spawn(|| s.prepare("same", None)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    assert_eq!(s.list().expect("list").len(), 10);
+}
