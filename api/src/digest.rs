@@ -42,9 +42,9 @@ impl FromStr for Digest {
     type Err = InvalidDigest;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let ok = s
-            .strip_prefix("sha256:")
-            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        let ok = s.strip_prefix("sha256:").is_some_and(|h| {
+            h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        });
         if ok {
             Ok(Digest(s.to_owned()))
         } else {
@@ -93,7 +93,13 @@ mod tests {
 
     #[test]
     fn rejects_bad() {
-        for bad in ["", "sha256:", "sha512:00", "sha256:../../etc", &format!("sha256:{}", "AB".repeat(32))] {
+        for bad in [
+            "",
+            "sha256:",
+            "sha512:00",
+            "sha256:../../etc",
+            &format!("sha256:{}", "AB".repeat(32)),
+        ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
     }

@@ -16,10 +16,9 @@ pub struct Mount {
 impl Mount {
     /// The value of a `key=value` option, if present.
     pub fn option(&self, key: &str) -> Option<&str> {
-        self.options.iter().find_map(|o| {
-            o.strip_prefix(key)
-                .and_then(|rest| rest.strip_prefix('='))
-        })
+        self.options
+            .iter()
+            .find_map(|o| o.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
     }
 
     /// Whether the mount is read-only.

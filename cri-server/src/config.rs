@@ -73,7 +73,10 @@ impl Config {
         let config: Config =
             toml::from_str(&text).with_context(|| format!("parse config {}", path.display()))?;
         if config.max_concurrent_downloads == 0 {
-            anyhow::bail!("config {}: max_concurrent_downloads must be at least 1", path.display());
+            anyhow::bail!(
+                "config {}: max_concurrent_downloads must be at least 1",
+                path.display()
+            );
         }
         Ok(config)
     }

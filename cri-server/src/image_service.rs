@@ -25,7 +25,9 @@ impl ImageServiceImpl {
 fn spec_image(spec: Option<&cri::ImageSpec>) -> Result<&str, Status> {
     match spec.map(|s| s.image.as_str()) {
         Some(s) if !s.trim().is_empty() => Ok(s),
-        _ => Err(Error::InvalidArgument("image spec with an image reference is required".into()).into()),
+        _ => Err(
+            Error::InvalidArgument("image spec with an image reference is required".into()).into(),
+        ),
     }
 }
 
@@ -43,7 +45,10 @@ fn to_cri(i: &NamedImage) -> cri::Image {
         size: i.record.size,
         uid,
         username,
-        spec: Some(cri::ImageSpec { image: i.record.id.to_string(), ..Default::default() }),
+        spec: Some(cri::ImageSpec {
+            image: i.record.id.to_string(),
+            ..Default::default()
+        }),
         pinned: false,
     }
 }
@@ -66,7 +71,9 @@ impl ImageService for ImageServiceImpl {
             Some(name) => self.images.resolve(name)?.into_iter().collect(),
             None => self.images.list()?,
         };
-        Ok(Response::new(cri::ListImagesResponse { images: images.iter().map(to_cri).collect() }))
+        Ok(Response::new(cri::ListImagesResponse {
+            images: images.iter().map(to_cri).collect(),
+        }))
     }
 
     async fn image_status(
@@ -91,7 +98,10 @@ impl ImageService for ImageServiceImpl {
             });
             info.insert("info".to_owned(), detail.to_string());
         }
-        Ok(Response::new(cri::ImageStatusResponse { image: Some(to_cri(&found)), info }))
+        Ok(Response::new(cri::ImageStatusResponse {
+            image: Some(to_cri(&found)),
+            info,
+        }))
     }
 
     async fn pull_image(
@@ -101,7 +111,9 @@ impl ImageService for ImageServiceImpl {
         let req = req.into_inner();
         let name = spec_image(req.image.as_ref())?;
         let id = self.images.pull(name, req.auth.as_ref()).await?;
-        Ok(Response::new(cri::PullImageResponse { image_ref: id.to_string() }))
+        Ok(Response::new(cri::PullImageResponse {
+            image_ref: id.to_string(),
+        }))
     }
 
     async fn remove_image(
@@ -123,9 +135,13 @@ impl ImageService for ImageServiceImpl {
             .map_err(|e| Status::internal(e.to_string()))??;
         let fs = cri::FilesystemUsage {
             timestamp: now_nanos(),
-            fs_id: Some(cri::FilesystemIdentifier { mountpoint: dir.display().to_string() }),
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: dir.display().to_string(),
+            }),
             used_bytes: Some(cri::UInt64Value { value: usage.size }),
-            inodes_used: Some(cri::UInt64Value { value: usage.inodes }),
+            inodes_used: Some(cri::UInt64Value {
+                value: usage.inodes,
+            }),
         };
         Ok(Response::new(cri::ImageFsInfoResponse {
             image_filesystems: vec![fs.clone()],

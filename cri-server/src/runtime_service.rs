@@ -16,7 +16,9 @@ pub const CRI_VERSION: &str = "v1";
 pub struct RuntimeServiceImpl;
 
 fn unimplemented<T>(method: &str) -> Result<Response<T>, Status> {
-    Err(Status::unimplemented(format!("{method} is not implemented by berth yet")))
+    Err(Status::unimplemented(format!(
+        "{method} is not implemented by berth yet"
+    )))
 }
 
 /// Methods answering UNIMPLEMENTED. Written in the form `async_trait` expands to, because
@@ -76,7 +78,8 @@ impl RuntimeService for RuntimeServiceImpl {
         if req.get_ref().verbose {
             info.insert(
                 "config".into(),
-                serde_json::json!({ "runtimeName": RUNTIME_NAME, "cgroupDriver": "cgroupfs" }).to_string(),
+                serde_json::json!({ "runtimeName": RUNTIME_NAME, "cgroupDriver": "cgroupfs" })
+                    .to_string(),
             );
         }
         Ok(Response::new(cri::StatusResponse {
@@ -89,7 +92,9 @@ impl RuntimeService for RuntimeServiceImpl {
                     user_namespaces: false,
                 }),
             }],
-            features: Some(cri::RuntimeFeatures { supplemental_groups_policy: false }),
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: false,
+            }),
         }))
     }
 

@@ -72,20 +72,33 @@ async fn open_images(paths: &Paths, config: Config) -> anyhow::Result<ImageManag
         }
         std::fs::set_permissions(&paths.root, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("chmod {}", paths.root.display()))?;
-        let db = redb::Database::create(paths.root.join("meta.db"))
-            .with_context(|| format!("open metadata store {}", paths.root.join("meta.db").display()))?;
+        let db = redb::Database::create(paths.root.join("meta.db")).with_context(|| {
+            format!(
+                "open metadata store {}",
+                paths.root.join("meta.db").display()
+            )
+        })?;
         let db = Arc::new(db);
-        let content = snapshotter::content::ContentStore::open(&paths.root).context("open content store")?;
+        let content =
+            snapshotter::content::ContentStore::open(&paths.root).context("open content store")?;
         let use_overlay = match config.snapshotter {
             SnapshotterKind::Overlay => true,
             SnapshotterKind::Native => false,
-            SnapshotterKind::Auto => snapshotter::overlay::OverlaySnapshotter::supported(&paths.root),
+            SnapshotterKind::Auto => {
+                snapshotter::overlay::OverlaySnapshotter::supported(&paths.root)
+            }
         };
         let snaps: Arc<dyn snapshotter::Snapshotter> = if use_overlay {
-            Arc::new(snapshotter::overlay::OverlaySnapshotter::new(&paths.root, db.clone())?)
+            Arc::new(snapshotter::overlay::OverlaySnapshotter::new(
+                &paths.root,
+                db.clone(),
+            )?)
         } else {
             tracing::warn!("overlayfs is not available here: using the copying native snapshotter");
-            Arc::new(snapshotter::native::NativeSnapshotter::new(&paths.root, db.clone())?)
+            Arc::new(snapshotter::native::NativeSnapshotter::new(
+                &paths.root,
+                db.clone(),
+            )?)
         };
         let images = ImageManager::new(db, content, snaps, Arc::new(config))?;
         anyhow::Ok(images)
@@ -102,7 +115,8 @@ fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("{} is in use by a running daemon", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale socket {}", path.display()))?;
     }
     let listener =
         tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
@@ -144,7 +158,13 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
+        let method = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         let request_id = REQUEST_ID.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("cri", %method, request_id);
         let started = std::time::Instant::now();
@@ -159,7 +179,11 @@ where
                 match &res {
                     // Errors from handlers come as trailers-only responses: the status is in the
                     // headers. Success puts it in the trailers, which are not seen here.
-                    Ok(resp) => match resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
+                    Ok(resp) => match resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                    {
                         Some(code) if code != "0" => {
                             let msg = resp
                                 .headers()
@@ -185,12 +209,17 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len()
-            && let Ok(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or(()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or(())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
         out.push(b[i]);
         i += 1;
     }

@@ -51,9 +51,17 @@ impl Daemon {
 
     /// Starts berthd with `config` as its TOML config file.
     pub async fn start_with_config(config: &str) -> anyhow::Result<Daemon> {
-        let dir = tempfile::Builder::new().prefix("berth-test-").tempdir().context("temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("berth-test-")
+            .tempdir()
+            .context("temp dir")?;
         let socket = dir.path().join("berth.sock");
-        let mut d = Daemon { child: None, dir, config: config.to_owned(), socket };
+        let mut d = Daemon {
+            child: None,
+            dir,
+            config: config.to_owned(),
+            socket,
+        };
         d.spawn().await?;
         Ok(d)
     }
@@ -103,7 +111,12 @@ impl Daemon {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("start {} (build it with cargo build --workspace)", berthd.display()))?;
+            .with_context(|| {
+                format!(
+                    "start {} (build it with cargo build --workspace)",
+                    berthd.display()
+                )
+            })?;
         self.child = Some(child);
         self.wait_ready().await
     }
@@ -114,7 +127,10 @@ impl Daemon {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                bail!("berthd exited with {status} before serving; log:\n{}", self.log());
+                bail!(
+                    "berthd exited with {status} before serving; log:\n{}",
+                    self.log()
+                );
             }
             if let Ok(mut c) = self.runtime().await
                 && c.version(api::cri::VersionRequest::default()).await.is_ok()
@@ -158,7 +174,9 @@ impl Daemon {
 
     /// Stops the daemon with SIGTERM and waits; Err if it does not exit within 10 s.
     pub async fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let Some(mut c) = self.child.take() else { bail!("berthd is not running") };
+        let Some(mut c) = self.child.take() else {
+            bail!("berthd is not running")
+        };
         if let Some(pid) = c.id() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
@@ -205,7 +223,9 @@ impl Drop for Daemon {
 /// Lazily unmounts every mount point below `dir` (deepest first), so a temp dir can be removed
 /// even after a test failed half-way.
 pub fn unmount_under(dir: &Path) {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
     let mut targets: Vec<PathBuf> = mounts
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
@@ -226,7 +246,9 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
         .connect_timeout(Duration::from_secs(5))
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
         }))
         .await
         .with_context(|| format!("connect {}", socket.display()))?;

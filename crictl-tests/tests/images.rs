@@ -13,7 +13,10 @@ use crictl_tests::registry::{Registry, unused_addr};
 use tonic::Code;
 
 fn spec(image: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec { image: image.to_owned(), ..Default::default() })
+    Some(cri::ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    })
 }
 
 async fn pull(d: &Daemon, image: &str) -> Result<String, tonic::Status> {
@@ -26,33 +29,51 @@ async fn pull_auth(
     auth: Option<cri::AuthConfig>,
 ) -> Result<String, tonic::Status> {
     let mut c = d.images().await.expect("client");
-    let req = cri::PullImageRequest { image: spec(image), auth, sandbox_config: None };
+    let req = cri::PullImageRequest {
+        image: spec(image),
+        auth,
+        sandbox_config: None,
+    };
     c.pull_image(req).await.map(|r| r.into_inner().image_ref)
 }
 
 async fn status(d: &Daemon, image: &str, verbose: bool) -> cri::ImageStatusResponse {
     let mut c = d.images().await.expect("client");
-    c.image_status(cri::ImageStatusRequest { image: spec(image), verbose })
-        .await
-        .expect("image status")
-        .into_inner()
+    c.image_status(cri::ImageStatusRequest {
+        image: spec(image),
+        verbose,
+    })
+    .await
+    .expect("image status")
+    .into_inner()
 }
 
 async fn list(d: &Daemon) -> Vec<cri::Image> {
     let mut c = d.images().await.expect("client");
-    c.list_images(cri::ListImagesRequest::default()).await.expect("list").into_inner().images
+    c.list_images(cri::ListImagesRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .images
 }
 
 async fn remove(d: &Daemon, image: &str) {
     let mut c = d.images().await.expect("client");
-    c.remove_image(cri::RemoveImageRequest { image: spec(image) }).await.expect("remove image");
+    c.remove_image(cri::RemoveImageRequest { image: spec(image) })
+        .await
+        .expect("remove image");
 }
 
 /// Snapshot `fs` dirs on disk.
 fn snapshot_dirs(d: &Daemon) -> Vec<PathBuf> {
     let dir = d.root().join("snapshots");
     let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("fs")).filter(|p| p.is_dir()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("fs"))
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default();
     out.sort();
     out
@@ -60,7 +81,11 @@ fn snapshot_dirs(d: &Daemon) -> Vec<PathBuf> {
 
 fn blobs(d: &Daemon) -> BTreeSet<String> {
     std::fs::read_dir(d.root().join("content/sha256"))
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| format!("sha256:{}", e.file_name().to_string_lossy())).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -70,13 +95,24 @@ fn dir_entries(p: &Path) -> usize {
 
 /// The snapshot dir that holds `rel`, if any.
 fn find_in_snapshots(d: &Daemon, rel: &str) -> Option<PathBuf> {
-    snapshot_dirs(d).into_iter().map(|s| s.join(rel)).find(|p| p.symlink_metadata().is_ok())
+    snapshot_dirs(d)
+        .into_iter()
+        .map(|s| s.join(rel))
+        .find(|p| p.symlink_metadata().is_ok())
 }
 
 /// Nothing half-done left by a failed or interrupted pull.
 fn assert_no_leftovers(d: &Daemon) {
-    assert_eq!(dir_entries(&d.root().join("content/ingest")), 0, "ingest files left");
-    assert!(snapshot_dirs(d).is_empty(), "snapshots left: {:?}", snapshot_dirs(d));
+    assert_eq!(
+        dir_entries(&d.root().join("content/ingest")),
+        0,
+        "ingest files left"
+    );
+    assert!(
+        snapshot_dirs(d).is_empty(),
+        "snapshots left: {:?}",
+        snapshot_dirs(d)
+    );
     assert!(blobs(d).is_empty(), "blobs left: {:?}", blobs(d));
 }
 
@@ -87,14 +123,19 @@ fn assert_no_panic(d: &Daemon) {
 
 async fn registry_with(repo: &str, tag: &str, img: &Image) -> Registry {
     let reg = Registry::start().await.expect("registry");
-    image::push_image(&reg.addr(), repo, tag, img).await.expect("push");
+    image::push_image(&reg.addr(), repo, tag, img)
+        .await
+        .expect("push");
     reg
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pull_by_tag_then_list_status_remove() {
     require_root();
-    let img = busybox_image().expect("image").build(ManifestFormat::Oci).expect("build");
+    let img = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
     let reg = registry_with("busybox", "1", &img).await;
     let d = Daemon::start().await.expect("daemon");
     let name = format!("{}/busybox:1", reg.addr());
@@ -106,7 +147,10 @@ async fn pull_by_tag_then_list_status_remove() {
     let i = &images[0];
     assert_eq!(i.id, img.config_digest);
     assert_eq!(i.repo_tags, vec![name.clone()]);
-    assert_eq!(i.repo_digests, vec![format!("{}/busybox@{}", reg.addr(), img.manifest_digest)]);
+    assert_eq!(
+        i.repo_digests,
+        vec![format!("{}/busybox@{}", reg.addr(), img.manifest_digest)]
+    );
     assert_eq!(i.username, "app");
     assert!(i.uid.is_none());
     assert!(i.size as usize >= img.layers_size());
@@ -119,7 +163,11 @@ async fn pull_by_tag_then_list_status_remove() {
         format!("{}/busybox@{}", reg.addr(), img.manifest_digest),
     ] {
         let s = status(&d, &by, false).await;
-        assert_eq!(s.image.map(|i| i.id), Some(img.config_digest.clone()), "status by {by}");
+        assert_eq!(
+            s.image.map(|i| i.id),
+            Some(img.config_digest.clone()),
+            "status by {by}"
+        );
         assert!(s.info.is_empty());
     }
     let verbose = status(&d, &name, true).await;
@@ -128,88 +176,174 @@ async fn pull_by_tag_then_list_status_remove() {
     assert_eq!(info["imageSpec"]["config"]["WorkingDir"], "/home/app");
     assert_eq!(info["layers"].as_array().map(Vec::len), Some(3));
     // Unknown image: no error, no image.
-    assert!(status(&d, "127.0.0.1:1/nope:latest", false).await.image.is_none());
+    assert!(
+        status(&d, "127.0.0.1:1/nope:latest", false)
+            .await
+            .image
+            .is_none()
+    );
 
     // Layers are unpacked in overlay form.
     let busybox = find_in_snapshots(&d, "bin/busybox").expect("busybox unpacked");
-    assert_eq!(std::fs::read(&busybox).expect("read"), std::fs::read("/bin/busybox").expect("host"));
+    assert_eq!(
+        std::fs::read(&busybox).expect("read"),
+        std::fs::read("/bin/busybox").expect("host")
+    );
     // Layer 1 has the directory, layer 2 its whiteout: a 0/0 character device.
     let whiteout = snapshot_dirs(&d)
         .into_iter()
         .filter_map(|s| s.join("var/lib/gone").symlink_metadata().ok())
         .find(|m| m.file_type().is_char_device());
-    assert_eq!(whiteout.map(|m| m.rdev()), Some(0), "whiteout is a 0/0 char device");
-    let opq = find_in_snapshots(&d, "opq/new").expect("opaque dir").parent().expect("dir").to_path_buf();
-    assert_eq!(xattr::get(&opq, "trusted.overlay.opaque").expect("xattr"), Some(b"y".to_vec()));
+    assert_eq!(
+        whiteout.map(|m| m.rdev()),
+        Some(0),
+        "whiteout is a 0/0 char device"
+    );
+    let opq = find_in_snapshots(&d, "opq/new")
+        .expect("opaque dir")
+        .parent()
+        .expect("dir")
+        .to_path_buf();
+    assert_eq!(
+        xattr::get(&opq, "trusted.overlay.opaque").expect("xattr"),
+        Some(b"y".to_vec())
+    );
     let a = find_in_snapshots(&d, "data/a").expect("a");
     let b = find_in_snapshots(&d, "data/b").expect("b");
-    assert_eq!(a.metadata().expect("a").ino(), b.metadata().expect("b").ino(), "hardlink kept");
+    assert_eq!(
+        a.metadata().expect("a").ino(),
+        b.metadata().expect("b").ino(),
+        "hardlink kept"
+    );
     let suid = find_in_snapshots(&d, "usr/bin/suid").expect("suid");
     assert_eq!(suid.metadata().expect("suid").mode() & 0o7777, 0o4755);
-    let owned = find_in_snapshots(&d, "data/owned").expect("owned").metadata().expect("owned");
-    assert_eq!((owned.uid(), owned.gid(), owned.mode() & 0o777), (1000, 1000, 0o600));
+    let owned = find_in_snapshots(&d, "data/owned")
+        .expect("owned")
+        .metadata()
+        .expect("owned");
+    assert_eq!(
+        (owned.uid(), owned.gid(), owned.mode() & 0o777),
+        (1000, 1000, 0o600)
+    );
     let sh = find_in_snapshots(&d, "bin/sh").expect("sh");
     assert_eq!(std::fs::read_link(&sh).expect("link"), Path::new("busybox"));
     assert_eq!(
-        xattr::get(find_in_snapshots(&d, "data/xattr").expect("x"), "user.berth").expect("get"),
+        xattr::get(
+            find_in_snapshots(&d, "data/xattr").expect("x"),
+            "user.berth"
+        )
+        .expect("get"),
         Some(b"test".to_vec())
     );
 
     // ImageFsInfo counts what is on disk.
     let mut c = d.images().await.expect("client");
-    let fs = c.image_fs_info(cri::ImageFsInfoRequest {}).await.expect("fsinfo").into_inner();
+    let fs = c
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .expect("fsinfo")
+        .into_inner();
     let u = &fs.image_filesystems[0];
     let busybox_size = std::fs::metadata("/bin/busybox").expect("stat").len();
     assert!(u.used_bytes.as_ref().expect("bytes").value >= busybox_size);
     assert!(u.inodes_used.as_ref().expect("inodes").value >= 20);
     assert!(u.timestamp > 0);
-    assert!(u.fs_id.as_ref().expect("fs id").mountpoint.starts_with(d.root().to_str().expect("utf8")));
+    assert!(
+        u.fs_id
+            .as_ref()
+            .expect("fs id")
+            .mountpoint
+            .starts_with(d.root().to_str().expect("utf8"))
+    );
 
     remove(&d, &name).await;
     assert!(list(&d).await.is_empty());
     remove(&d, &name).await; // idempotent
     assert_no_leftovers(&d);
-    let after = c.image_fs_info(cri::ImageFsInfoRequest {}).await.expect("fsinfo").into_inner();
-    assert!(after.image_filesystems[0].used_bytes.as_ref().expect("bytes").value < busybox_size);
+    let after = c
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .expect("fsinfo")
+        .into_inner();
+    assert!(
+        after.image_filesystems[0]
+            .used_bytes
+            .as_ref()
+            .expect("bytes")
+            .value
+            < busybox_size
+    );
     assert_no_panic(&d);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pull_docker_schema2_by_digest_and_tag_plus_digest() {
     require_root();
-    let img = busybox_image().expect("image").build(ManifestFormat::Docker2).expect("build");
+    let img = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Docker2)
+        .expect("build");
     let reg = registry_with("team/app", "v1", &img).await;
     let d = Daemon::start().await.expect("daemon");
     let by_digest = format!("{}/team/app@{}", reg.addr(), img.manifest_digest);
-    assert_eq!(pull(&d, &by_digest).await.expect("pull by digest"), img.config_digest);
+    assert_eq!(
+        pull(&d, &by_digest).await.expect("pull by digest"),
+        img.config_digest
+    );
     let i = &list(&d).await[0];
     assert!(i.repo_tags.is_empty(), "pulled by digest: no tag");
     assert_eq!(i.repo_digests, vec![by_digest.clone()]);
     // tag+digest: the digest wins, as in containerd.
     let both = format!("{}/team/app:ignored@{}", reg.addr(), img.manifest_digest);
-    assert_eq!(pull(&d, &both).await.expect("pull tag+digest"), img.config_digest);
+    assert_eq!(
+        pull(&d, &both).await.expect("pull tag+digest"),
+        img.config_digest
+    );
     // Then by tag: same image gains the tag, nothing is fetched twice.
-    pull(&d, &format!("{}/team/app:v1", reg.addr())).await.expect("pull by tag");
+    pull(&d, &format!("{}/team/app:v1", reg.addr()))
+        .await
+        .expect("pull by tag");
     let images = list(&d).await;
     assert_eq!(images.len(), 1);
-    assert_eq!(images[0].repo_tags, vec![format!("{}/team/app:v1", reg.addr())]);
+    assert_eq!(
+        images[0].repo_tags,
+        vec![format!("{}/team/app:v1", reg.addr())]
+    );
     // A wrong digest is NotFound, not a different image.
     let wrong = format!("{}/team/app@sha256:{}", reg.addr(), "0".repeat(64));
-    assert_eq!(pull(&d, &wrong).await.expect_err("wrong digest").code(), Code::NotFound);
+    assert_eq!(
+        pull(&d, &wrong).await.expect_err("wrong digest").code(),
+        Code::NotFound
+    );
     assert_no_panic(&d);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pull_through_mirror_for_docker_io() {
     require_root();
-    let img = busybox_image().expect("image").build(ManifestFormat::Oci).expect("build");
+    let img = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
     let reg = registry_with("library/busybox", "latest", &img).await;
-    let config = format!("[registry.\"docker.io\"]\nmirrors = [\"http://{}\"]\n", reg.addr());
+    let config = format!(
+        "[registry.\"docker.io\"]\nmirrors = [\"http://{}\"]\n",
+        reg.addr()
+    );
     let d = Daemon::start_with_config(&config).await.expect("daemon");
-    assert_eq!(pull(&d, "busybox").await.expect("pull via mirror"), img.config_digest);
+    assert_eq!(
+        pull(&d, "busybox").await.expect("pull via mirror"),
+        img.config_digest
+    );
     let i = &list(&d).await[0];
-    assert_eq!(i.repo_tags, vec!["docker.io/library/busybox:latest".to_owned()]);
-    assert_eq!(i.repo_digests, vec![format!("docker.io/library/busybox@{}", img.manifest_digest)]);
+    assert_eq!(
+        i.repo_tags,
+        vec!["docker.io/library/busybox:latest".to_owned()]
+    );
+    assert_eq!(
+        i.repo_digests,
+        vec![format!("docker.io/library/busybox@{}", img.manifest_digest)]
+    );
     let s = status(&d, "busybox:latest", false).await;
     assert_eq!(s.image.map(|i| i.id), Some(img.config_digest.clone()));
     assert_no_panic(&d);
@@ -218,26 +352,51 @@ async fn pull_through_mirror_for_docker_io() {
 #[tokio::test(flavor = "multi_thread")]
 async fn shared_layers_survive_removal_of_one_image() {
     require_root();
-    let base = image::busybox_base_layer().build(Compression::Gzip).expect("base");
+    let base = image::busybox_base_layer()
+        .build(Compression::Gzip)
+        .expect("base");
     let one = ImageBuilder::new()
         .layer(base.clone())
-        .layer(LayerBuilder::new().file("/one", b"1", 0o644).build(Compression::Gzip).expect("l"))
+        .layer(
+            LayerBuilder::new()
+                .file("/one", b"1", 0o644)
+                .build(Compression::Gzip)
+                .expect("l"),
+        )
         .build(ManifestFormat::Oci)
         .expect("one");
     let two = ImageBuilder::new()
         .layer(base.clone())
-        .layer(LayerBuilder::new().file("/two", b"2", 0o644).build(Compression::Zstd).expect("l"))
+        .layer(
+            LayerBuilder::new()
+                .file("/two", b"2", 0o644)
+                .build(Compression::Zstd)
+                .expect("l"),
+        )
         .user("1000:1000")
         .build(ManifestFormat::Oci)
         .expect("two");
     let reg = registry_with("one", "latest", &one).await;
-    image::push_image(&reg.addr(), "two", "latest", &two).await.expect("push two");
+    image::push_image(&reg.addr(), "two", "latest", &two)
+        .await
+        .expect("push two");
     let d = Daemon::start().await.expect("daemon");
-    pull(&d, &format!("{}/one", reg.addr())).await.expect("pull one");
-    pull(&d, &format!("{}/two", reg.addr())).await.expect("pull two");
+    pull(&d, &format!("{}/one", reg.addr()))
+        .await
+        .expect("pull one");
+    pull(&d, &format!("{}/two", reg.addr()))
+        .await
+        .expect("pull two");
     assert_eq!(snapshot_dirs(&d).len(), 3, "the base layer is stored once");
-    let two_status = status(&d, &format!("{}/two", reg.addr()), false).await.image.expect("two");
-    assert_eq!(two_status.uid.map(|u| u.value), Some(1000), "numeric USER gives uid");
+    let two_status = status(&d, &format!("{}/two", reg.addr()), false)
+        .await
+        .image
+        .expect("two");
+    assert_eq!(
+        two_status.uid.map(|u| u.value),
+        Some(1000),
+        "numeric USER gives uid"
+    );
     assert!(two_status.username.is_empty());
 
     remove(&d, &format!("{}/one", reg.addr())).await;
@@ -247,7 +406,9 @@ async fn shared_layers_survive_removal_of_one_image() {
     assert!(find_in_snapshots(&d, "bin/busybox").is_some());
     assert!(find_in_snapshots(&d, "one").is_none());
     // The survivor still pulls as present and is complete.
-    pull(&d, &format!("{}/two", reg.addr())).await.expect("re-pull two");
+    pull(&d, &format!("{}/two", reg.addr()))
+        .await
+        .expect("re-pull two");
     assert_eq!(snapshot_dirs(&d).len(), 2);
 
     remove(&d, &two.config_digest).await;
@@ -258,7 +419,10 @@ async fn shared_layers_survive_removal_of_one_image() {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_pulls_fetch_each_layer_once() {
     require_root();
-    let img = busybox_image().expect("image").build(ManifestFormat::Oci).expect("build");
+    let img = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
     let reg = registry_with("busybox", "latest", &img).await;
     let d = Daemon::start().await.expect("daemon");
     let name = format!("{}/busybox", reg.addr());
@@ -296,7 +460,11 @@ async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -
                 }
             }
         }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
     })
     .await;
     for r in results {
@@ -312,24 +480,43 @@ async fn multi_platform_index_selects_the_host_and_refuses_foreign_only() {
     for format in [ManifestFormat::Oci, ManifestFormat::Docker2] {
         let (index, images) = image::multi_platform_index(format).expect("index");
         let repo = format!("multi-{format:?}").to_lowercase();
-        image::push_index(&reg.addr(), &repo, "latest", &index, &images).await.expect("push");
+        image::push_index(&reg.addr(), &repo, "latest", &index, &images)
+            .await
+            .expect("push");
         let d = Daemon::start().await.expect("daemon");
-        let host = images.iter().find(|i| i.platform == image::Platform::host()).expect("host image");
+        let host = images
+            .iter()
+            .find(|i| i.platform == image::Platform::host())
+            .expect("host image");
         let name = format!("{}/{repo}", reg.addr());
-        assert_eq!(pull(&d, &name).await.expect("pull index"), host.config_digest);
+        assert_eq!(
+            pull(&d, &name).await.expect("pull index"),
+            host.config_digest
+        );
         let i = &list(&d).await[0];
         // The repo digest is the index's, as the tag resolved to it.
         assert_eq!(i.repo_digests, vec![format!("{name}@{}", index.digest)]);
         let marker = find_in_snapshots(&d, "etc/berth-platform").expect("platform marker");
-        assert_eq!(std::fs::read_to_string(marker).expect("read").trim(), image::Platform::host().to_string());
+        assert_eq!(
+            std::fs::read_to_string(marker).expect("read").trim(),
+            image::Platform::host().to_string()
+        );
         assert_no_panic(&d);
     }
     let (index, images) = image::arm64_only_index(ManifestFormat::Oci).expect("index");
-    image::push_index(&reg.addr(), "armonly", "latest", &index, &images).await.expect("push");
+    image::push_index(&reg.addr(), "armonly", "latest", &index, &images)
+        .await
+        .expect("push");
     let d = Daemon::start().await.expect("daemon");
-    let err = pull(&d, &format!("{}/armonly", reg.addr())).await.expect_err("foreign only");
+    let err = pull(&d, &format!("{}/armonly", reg.addr()))
+        .await
+        .expect_err("foreign only");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert!(err.message().contains("linux/amd64") && err.message().contains("arm64"), "{}", err.message());
+    assert!(
+        err.message().contains("linux/amd64") && err.message().contains("arm64"),
+        "{}",
+        err.message()
+    );
     assert_no_leftovers(&d);
     assert_no_panic(&d);
 }
@@ -339,12 +526,20 @@ async fn missing_image_and_down_registry() {
     require_root();
     let reg = Registry::start().await.expect("registry");
     let d = Daemon::start().await.expect("daemon");
-    let err = pull(&d, &format!("{}/nothing:here", reg.addr())).await.expect_err("missing");
+    let err = pull(&d, &format!("{}/nothing:here", reg.addr()))
+        .await
+        .expect_err("missing");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     let down = unused_addr();
-    let err = pull(&d, &format!("{down}/busybox")).await.expect_err("down");
+    let err = pull(&d, &format!("{down}/busybox"))
+        .await
+        .expect_err("down");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains(&down), "names the registry: {}", err.message());
+    assert!(
+        err.message().contains(&down),
+        "names the registry: {}",
+        err.message()
+    );
     let err = pull(&d, "Not A Reference").await.expect_err("bad ref");
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = pull(&d, "").await.expect_err("empty");
@@ -356,32 +551,76 @@ async fn missing_image_and_down_registry() {
 #[tokio::test(flavor = "multi_thread")]
 async fn registry_credentials() {
     require_root();
-    let img = busybox_image().expect("image").build(ManifestFormat::Oci).expect("build");
-    let reg = Registry::start_with_basic_auth("berth", "s3cret").await.expect("registry");
-    reg.client().expect("client").push_image("private", "latest", &img).await.expect("push");
+    let img = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    let reg = Registry::start_with_basic_auth("berth", "s3cret")
+        .await
+        .expect("registry");
+    reg.client()
+        .expect("client")
+        .push_image("private", "latest", &img)
+        .await
+        .expect("push");
     let d = Daemon::start().await.expect("daemon");
     let name = format!("{}/private", reg.addr());
     let err = pull(&d, &name).await.expect_err("anonymous");
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    let wrong = cri::AuthConfig { username: "berth".into(), password: "nope".into(), ..Default::default() };
-    assert_eq!(pull_auth(&d, &name, Some(wrong)).await.expect_err("wrong").code(), Code::Unauthenticated);
-    let good = cri::AuthConfig { username: "berth".into(), password: "s3cret".into(), ..Default::default() };
-    assert_eq!(pull_auth(&d, &name, Some(good)).await.expect("user/pass"), img.config_digest);
+    let wrong = cri::AuthConfig {
+        username: "berth".into(),
+        password: "nope".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        pull_auth(&d, &name, Some(wrong))
+            .await
+            .expect_err("wrong")
+            .code(),
+        Code::Unauthenticated
+    );
+    let good = cri::AuthConfig {
+        username: "berth".into(),
+        password: "s3cret".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        pull_auth(&d, &name, Some(good)).await.expect("user/pass"),
+        img.config_digest
+    );
     remove(&d, &name).await;
     use base64::Engine as _;
     let encoded = base64::engine::general_purpose::STANDARD.encode("berth:s3cret");
-    let auth = cri::AuthConfig { auth: encoded, ..Default::default() };
-    assert_eq!(pull_auth(&d, &name, Some(auth)).await.expect("auth field"), img.config_digest);
+    let auth = cri::AuthConfig {
+        auth: encoded,
+        ..Default::default()
+    };
+    assert_eq!(
+        pull_auth(&d, &name, Some(auth)).await.expect("auth field"),
+        img.config_digest
+    );
     assert_no_panic(&d);
 }
 
 /// Layers that try to write outside their root.
 fn hostile_layers(outside: &Path) -> Vec<(&'static str, LayerBuilder)> {
-    let out = outside.to_str().expect("utf8").trim_start_matches('/').to_owned();
+    let out = outside
+        .to_str()
+        .expect("utf8")
+        .trim_start_matches('/')
+        .to_owned();
     let dots = format!("../../../../../../../../{out}");
     vec![
-        ("dotdot", LayerBuilder::new().raw_entry(RawEntry::new(format!("{dots}/x"), b'0').data(b"x".to_vec()))),
-        ("absolute", LayerBuilder::new().raw_entry(RawEntry::new(format!("/{out}/x"), b'0').data(b"x".to_vec()))),
+        (
+            "dotdot",
+            LayerBuilder::new()
+                .raw_entry(RawEntry::new(format!("{dots}/x"), b'0').data(b"x".to_vec())),
+        ),
+        (
+            "absolute",
+            LayerBuilder::new()
+                .raw_entry(RawEntry::new(format!("/{out}/x"), b'0').data(b"x".to_vec())),
+        ),
         (
             "symlink-parent",
             LayerBuilder::new()
@@ -394,8 +633,14 @@ fn hostile_layers(outside: &Path) -> Vec<(&'static str, LayerBuilder)> {
                 .raw_entry(RawEntry::new("up", b'2').link(dots.clone()))
                 .raw_entry(RawEntry::new("up/x", b'0').data(b"x".to_vec())),
         ),
-        ("hardlink-outside", LayerBuilder::new().raw_entry(RawEntry::new("h", b'1').link("/etc/passwd"))),
-        ("hardlink-dotdot", LayerBuilder::new().raw_entry(RawEntry::new("h", b'1').link(format!("{dots}/x")))),
+        (
+            "hardlink-outside",
+            LayerBuilder::new().raw_entry(RawEntry::new("h", b'1').link("/etc/passwd")),
+        ),
+        (
+            "hardlink-dotdot",
+            LayerBuilder::new().raw_entry(RawEntry::new("h", b'1').link(format!("{dots}/x"))),
+        ),
     ]
 }
 
@@ -407,19 +652,41 @@ async fn hostile_layers_are_refused_and_leave_nothing() {
     std::fs::create_dir(&victim).expect("mkdir");
     let reg = Registry::start().await.expect("registry");
     let d = Daemon::start().await.expect("daemon");
-    let good = busybox_image().expect("image").build(ManifestFormat::Oci).expect("build");
-    image::push_image(&reg.addr(), "good", "latest", &good).await.expect("push");
-    pull(&d, &format!("{}/good", reg.addr())).await.expect("pull good");
+    let good = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    image::push_image(&reg.addr(), "good", "latest", &good)
+        .await
+        .expect("push");
+    pull(&d, &format!("{}/good", reg.addr()))
+        .await
+        .expect("pull good");
     let before = (snapshot_dirs(&d), blobs(&d));
     for (name, layer) in hostile_layers(&victim) {
         let layer = layer.build(Compression::Gzip).expect("layer");
-        let img = ImageBuilder::new().layer(layer).build(ManifestFormat::Oci).expect("image");
-        image::push_image(&reg.addr(), name, "latest", &img).await.expect("push");
-        let err = pull(&d, &format!("{}/{name}", reg.addr())).await.expect_err(name);
+        let img = ImageBuilder::new()
+            .layer(layer)
+            .build(ManifestFormat::Oci)
+            .expect("image");
+        image::push_image(&reg.addr(), name, "latest", &img)
+            .await
+            .expect("push");
+        let err = pull(&d, &format!("{}/{name}", reg.addr()))
+            .await
+            .expect_err(name);
         assert_eq!(err.code(), Code::DataLoss, "{name}: {err:?}");
-        assert!(err.message().contains("refused"), "{name}: {}", err.message());
+        assert!(
+            err.message().contains("refused"),
+            "{name}: {}",
+            err.message()
+        );
         assert_eq!(dir_entries(&victim), 0, "{name} wrote outside the snapshot");
-        assert!(std::fs::read_to_string("/etc/passwd").expect("passwd").starts_with("root:"));
+        assert!(
+            std::fs::read_to_string("/etc/passwd")
+                .expect("passwd")
+                .starts_with("root:")
+        );
         assert_eq!(list(&d).await.len(), 1, "{name} registered something");
     }
     // Failed pulls clean up in the background; give GC a moment, then nothing new remains.
@@ -441,7 +708,10 @@ async fn wait_until(mut f: impl FnMut() -> bool) {
 /// Path of a blob in the registry's filesystem storage.
 fn registry_blob(reg: &Registry, digest: &str) -> PathBuf {
     let hex = digest.trim_start_matches("sha256:");
-    reg.storage_dir().join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    reg.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -451,31 +721,53 @@ async fn corrupt_blobs_and_wrong_media_types_are_refused() {
     let d = Daemon::start().await.expect("daemon");
 
     // Same length, other bytes: the digest check catches it.
-    let img = busybox_image().expect("image").build(ManifestFormat::Oci).expect("build");
-    image::push_image(&reg.addr(), "flipped", "latest", &img).await.expect("push");
+    let img = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    image::push_image(&reg.addr(), "flipped", "latest", &img)
+        .await
+        .expect("push");
     let path = registry_blob(&reg, &img.layers[2].digest);
     let mut bytes = std::fs::read(&path).expect("blob");
     let last = bytes.len() - 600; // inside the tar's data, past the header
     bytes[last] ^= 0xff;
     std::fs::write(&path, &bytes).expect("corrupt");
-    let err = pull(&d, &format!("{}/flipped", reg.addr())).await.expect_err("flipped");
+    let err = pull(&d, &format!("{}/flipped", reg.addr()))
+        .await
+        .expect_err("flipped");
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
     assert!(err.message().contains("digest"), "{}", err.message());
 
     // Truncated gzip stream.
     let img = ImageBuilder::new()
-        .layer(LayerBuilder::new().file("/f", &vec![7u8; 100_000], 0o644).build(Compression::Gzip).expect("l"))
+        .layer(
+            LayerBuilder::new()
+                .file("/f", &vec![7u8; 100_000], 0o644)
+                .build(Compression::Gzip)
+                .expect("l"),
+        )
         .build(ManifestFormat::Oci)
         .expect("build");
-    image::push_image(&reg.addr(), "truncated", "latest", &img).await.expect("push");
+    image::push_image(&reg.addr(), "truncated", "latest", &img)
+        .await
+        .expect("push");
     let path = registry_blob(&reg, &img.layers[0].digest);
     let bytes = std::fs::read(&path).expect("blob");
     std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
-    let err = pull(&d, &format!("{}/truncated", reg.addr())).await.expect_err("truncated");
-    assert!(matches!(err.code(), Code::DataLoss | Code::Unavailable), "{err:?}");
+    let err = pull(&d, &format!("{}/truncated", reg.addr()))
+        .await
+        .expect_err("truncated");
+    assert!(
+        matches!(err.code(), Code::DataLoss | Code::Unavailable),
+        "{err:?}"
+    );
 
     // A manifest whose config is not a container image config (an OCI artifact).
-    let layer = LayerBuilder::new().file("/f", b"x", 0o644).build(Compression::Gzip).expect("l");
+    let layer = LayerBuilder::new()
+        .file("/f", b"x", 0o644)
+        .build(Compression::Gzip)
+        .expect("l");
     let artifact = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": image::OCI_MANIFEST,
@@ -483,14 +775,30 @@ async fn corrupt_blobs_and_wrong_media_types_are_refused() {
                    "digest": image::sha256_digest(b"{}")},
         "layers": [{"mediaType": image::OCI_LAYER_GZIP, "size": layer.size(), "digest": layer.digest}],
     });
-    image::push_blob(&reg.addr(), "artifact", b"{}".to_vec()).await.expect("blob");
-    image::push_blob(&reg.addr(), "artifact", layer.blob.clone()).await.expect("blob");
-    image::push_raw_manifest(&reg.addr(), "artifact", "latest", image::OCI_MANIFEST, artifact.to_string().as_bytes())
+    image::push_blob(&reg.addr(), "artifact", b"{}".to_vec())
         .await
-        .expect("manifest");
-    let err = pull(&d, &format!("{}/artifact", reg.addr())).await.expect_err("artifact");
+        .expect("blob");
+    image::push_blob(&reg.addr(), "artifact", layer.blob.clone())
+        .await
+        .expect("blob");
+    image::push_raw_manifest(
+        &reg.addr(),
+        "artifact",
+        "latest",
+        image::OCI_MANIFEST,
+        artifact.to_string().as_bytes(),
+    )
+    .await
+    .expect("manifest");
+    let err = pull(&d, &format!("{}/artifact", reg.addr()))
+        .await
+        .expect_err("artifact");
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
-    assert!(err.message().contains("config media type"), "{}", err.message());
+    assert!(
+        err.message().contains("config media type"),
+        "{}",
+        err.message()
+    );
 
     // A layer of a media type we cannot unpack.
     let odd = serde_json::json!({
@@ -499,12 +807,24 @@ async fn corrupt_blobs_and_wrong_media_types_are_refused() {
         "config": {"mediaType": image::OCI_CONFIG, "size": img.config.len(), "digest": img.config_digest},
         "layers": [{"mediaType": "application/vnd.example.blob", "size": layer.size(), "digest": layer.digest}],
     });
-    image::push_blob(&reg.addr(), "odd", img.config.clone()).await.expect("blob");
-    image::push_blob(&reg.addr(), "odd", layer.blob.clone()).await.expect("blob");
-    image::push_raw_manifest(&reg.addr(), "odd", "latest", image::OCI_MANIFEST, odd.to_string().as_bytes())
+    image::push_blob(&reg.addr(), "odd", img.config.clone())
         .await
-        .expect("manifest");
-    let err = pull(&d, &format!("{}/odd", reg.addr())).await.expect_err("odd layer");
+        .expect("blob");
+    image::push_blob(&reg.addr(), "odd", layer.blob.clone())
+        .await
+        .expect("blob");
+    image::push_raw_manifest(
+        &reg.addr(),
+        "odd",
+        "latest",
+        image::OCI_MANIFEST,
+        odd.to_string().as_bytes(),
+    )
+    .await
+    .expect("manifest");
+    let err = pull(&d, &format!("{}/odd", reg.addr()))
+        .await
+        .expect_err("odd layer");
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
     assert!(err.message().contains("media type"), "{}", err.message());
 
@@ -517,12 +837,22 @@ async fn corrupt_blobs_and_wrong_media_types_are_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_during_pull_then_restart_recovers() {
     require_root();
-    let small = busybox_image().expect("image").build(ManifestFormat::Oci).expect("build");
-    let big = image::big_image(48, 4).expect("big").build(ManifestFormat::Oci).expect("build");
+    let small = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    let big = image::big_image(48, 4)
+        .expect("big")
+        .build(ManifestFormat::Oci)
+        .expect("build");
     let reg = registry_with("small", "latest", &small).await;
-    image::push_image(&reg.addr(), "big", "latest", &big).await.expect("push big");
+    image::push_image(&reg.addr(), "big", "latest", &big)
+        .await
+        .expect("push big");
     let mut d = Daemon::start().await.expect("daemon");
-    pull(&d, &format!("{}/small", reg.addr())).await.expect("pull small");
+    pull(&d, &format!("{}/small", reg.addr()))
+        .await
+        .expect("pull small");
     let small_snaps = snapshot_dirs(&d);
 
     // Kill at several points of a big pull: as soon as data lands, and a little later.
@@ -530,9 +860,15 @@ async fn kill_during_pull_then_restart_recovers() {
         let name = format!("{}/big", reg.addr());
         let socket = d.socket.clone();
         let pulling = tokio::spawn(async move {
-            let ch = crictl_tests::daemon::connect(&socket).await.expect("connect");
+            let ch = crictl_tests::daemon::connect(&socket)
+                .await
+                .expect("connect");
             let mut c = cri::image_service_client::ImageServiceClient::new(ch);
-            c.pull_image(cri::PullImageRequest { image: spec(&name), ..Default::default() }).await
+            c.pull_image(cri::PullImageRequest {
+                image: spec(&name),
+                ..Default::default()
+            })
+            .await
         });
         let ingest = d.root().join("content/ingest");
         let snaps = d.root().join("snapshots");
@@ -544,10 +880,17 @@ async fn kill_during_pull_then_restart_recovers() {
         d.restart().await.expect("restart");
         let images = list(&d).await;
         // The small image is intact; the big one is either complete or absent, never half.
-        assert!(images.iter().any(|i| i.id == small.config_digest), "small image lost");
+        assert!(
+            images.iter().any(|i| i.id == small.config_digest),
+            "small image lost"
+        );
         let big_present = images.iter().any(|i| i.id == big.config_digest);
         if !big_present {
-            assert_eq!(snapshot_dirs(&d), small_snaps, "half-pulled layers left after restart");
+            assert_eq!(
+                snapshot_dirs(&d),
+                small_snaps,
+                "half-pulled layers left after restart"
+            );
         }
         assert_eq!(dir_entries(&ingest), 0, "ingest left after restart");
         if big_present {
@@ -555,8 +898,17 @@ async fn kill_during_pull_then_restart_recovers() {
         }
     }
     // The interrupted pull completes afterwards.
-    assert_eq!(pull(&d, &format!("{}/big", reg.addr())).await.expect("pull big"), big.config_digest);
-    assert_eq!(snapshot_dirs(&d).len(), small_snaps.len() + big.layers.len() - 1, "busybox base shared");
+    assert_eq!(
+        pull(&d, &format!("{}/big", reg.addr()))
+            .await
+            .expect("pull big"),
+        big.config_digest
+    );
+    assert_eq!(
+        snapshot_dirs(&d).len(),
+        small_snaps.len() + big.layers.len() - 1,
+        "busybox base shared"
+    );
     let small_status = status(&d, &small.config_digest, true).await;
     assert!(small_status.image.is_some());
     assert_no_panic(&d);

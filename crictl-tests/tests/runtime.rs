@@ -17,11 +17,19 @@ async fn version_status_and_runtime_config() {
     assert_eq!(md.permissions().mode() & 0o777, 0o660, "socket is 0660");
 
     let mut rt = d.runtime().await.expect("client");
-    let v = rt.version(cri::VersionRequest::default()).await.expect("version").into_inner();
+    let v = rt
+        .version(cri::VersionRequest::default())
+        .await
+        .expect("version")
+        .into_inner();
     assert_eq!(v.runtime_name, "berth");
     assert_eq!(v.runtime_api_version, "v1");
 
-    let s = rt.status(cri::StatusRequest { verbose: false }).await.expect("status").into_inner();
+    let s = rt
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .expect("status")
+        .into_inner();
     let conds = s.status.expect("status").conditions;
     let get = |t: &str| conds.iter().find(|c| c.r#type == t).expect(t).clone();
     assert!(get("RuntimeReady").status);
@@ -30,8 +38,15 @@ async fn version_status_and_runtime_config() {
     assert_eq!(net.reason, "NetworkPluginNotReady");
     assert!(!net.message.is_empty());
 
-    let c = rt.runtime_config(cri::RuntimeConfigRequest {}).await.expect("config").into_inner();
-    assert_eq!(c.linux.expect("linux").cgroup_driver, cri::CgroupDriver::Cgroupfs as i32);
+    let c = rt
+        .runtime_config(cri::RuntimeConfigRequest {})
+        .await
+        .expect("config")
+        .into_inner();
+    assert_eq!(
+        c.linux.expect("linux").cgroup_driver,
+        cri::CgroupDriver::Cgroupfs as i32
+    );
 
     // Not built yet: UNIMPLEMENTED, never a fake success.
     let err = rt
@@ -39,9 +54,15 @@ async fn version_status_and_runtime_config() {
         .await
         .expect_err("run pod sandbox is not built");
     assert_eq!(err.code(), Code::Unimplemented);
-    let err = rt.list_containers(cri::ListContainersRequest::default()).await.expect_err("unbuilt");
+    let err = rt
+        .list_containers(cri::ListContainersRequest::default())
+        .await
+        .expect_err("unbuilt");
     assert_eq!(err.code(), Code::Unimplemented);
-    let err = rt.get_container_events(cri::GetEventsRequest::default()).await.expect_err("unbuilt");
+    let err = rt
+        .get_container_events(cri::GetEventsRequest::default())
+        .await
+        .expect_err("unbuilt");
     assert_eq!(err.code(), Code::Unimplemented);
 }
 
@@ -49,12 +70,25 @@ async fn version_status_and_runtime_config() {
 async fn socket_path_as_authority_is_accepted() {
     require_root();
     let d = Daemon::start().await.expect("daemon");
-    let body = cri::VersionRequest { version: "v1".into() }.encode_to_vec();
+    let body = cri::VersionRequest {
+        version: "v1".into(),
+    }
+    .encode_to_vec();
     let socket_authority = d.socket.to_str().expect("utf8").to_owned();
-    for authority in [socket_authority.as_str(), "localhost", "/run/berth/berth.sock", "unix:///x"] {
-        let r = rawh2::unary_call(&d.socket, authority, "/runtime.v1.RuntimeService/Version", &body)
-            .await
-            .expect("call");
+    for authority in [
+        socket_authority.as_str(),
+        "localhost",
+        "/run/berth/berth.sock",
+        "unix:///x",
+    ] {
+        let r = rawh2::unary_call(
+            &d.socket,
+            authority,
+            "/runtime.v1.RuntimeService/Version",
+            &body,
+        )
+        .await
+        .expect("call");
         assert_eq!(r.rst_stream, None, "authority {authority:?} was reset");
         assert_eq!(r.goaway, None, "authority {authority:?} got GOAWAY");
         let v = cri::VersionResponse::decode(r.data.as_slice()).expect("decode VersionResponse");
@@ -63,7 +97,9 @@ async fn socket_path_as_authority_is_accepted() {
     }
     // The daemon keeps serving ordinary clients afterwards.
     let mut rt = d.runtime().await.expect("client");
-    rt.version(cri::VersionRequest::default()).await.expect("version");
+    rt.version(cri::VersionRequest::default())
+        .await
+        .expect("version");
     assert!(!d.log().contains("panicked"));
 }
 
@@ -83,9 +119,18 @@ async fn second_daemon_on_a_live_socket_refuses() {
         .output()
         .expect("run berthd");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(d.root().with_extension("other"));
     let _ = std::fs::remove_dir_all(d.state().with_extension("other"));
     // The first daemon is untouched.
-    d.runtime().await.expect("client").version(cri::VersionRequest::default()).await.expect("version");
+    d.runtime()
+        .await
+        .expect("client")
+        .version(cri::VersionRequest::default())
+        .await
+        .expect("version");
 }

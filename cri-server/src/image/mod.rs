@@ -232,13 +232,20 @@ impl ImageManager {
         };
         let (snaps, blobs) = m.gc()?;
         if snaps + blobs > 0 {
-            tracing::info!(snapshots = snaps, blobs, "removed unreferenced image content");
+            tracing::info!(
+                snapshots = snaps,
+                blobs,
+                "removed unreferenced image content"
+            );
         }
         Ok(m)
     }
 
     fn lease(&self) -> Lease {
-        Lease { map: self.leases.clone(), names: Vec::new() }
+        Lease {
+            map: self.leases.clone(),
+            names: Vec::new(),
+        }
     }
 
     /// Pulls `image` and returns its id (the config digest).
@@ -251,7 +258,9 @@ impl ImageManager {
             let digest = select_platform(&r, &top)?;
             let m = registry::fetch_manifest_at(&ep, &r, &Target::Digest(digest), &auth).await?;
             if is_index(&m.media_type) {
-                return Err(Error::BadContent(format!("{r}: index points at another index")));
+                return Err(Error::BadContent(format!(
+                    "{r}: index points at another index"
+                )));
             }
             (m, Some(top.digest.clone()))
         } else {
@@ -266,7 +275,9 @@ impl ImageManager {
         let _serialised = lock.lock().await;
 
         let mut lease = self.lease();
-        let record = self.fetch_image(&ep, &r, &manifest, index_digest, &mut lease).await;
+        let record = self
+            .fetch_image(&ep, &r, &manifest, index_digest, &mut lease)
+            .await;
         let record = match record {
             Ok(rec) => rec,
             Err(e) => {
@@ -304,7 +315,11 @@ impl ImageManager {
                 m.config.media_type
             )));
         }
-        if let Some(l) = m.layers.iter().find(|l| !LAYER_TYPES.contains(&l.media_type.as_str())) {
+        if let Some(l) = m
+            .layers
+            .iter()
+            .find(|l| !LAYER_TYPES.contains(&l.media_type.as_str()))
+        {
             return Err(Error::BadContent(format!(
                 "{r}: layer {} has unsupported media type {:?}",
                 l.digest, l.media_type
@@ -356,14 +371,20 @@ impl ImageManager {
             match self.snapshots.stat(c.as_str()) {
                 Ok(info) if info.kind == Kind::Committed => continue,
                 Ok(_) => {
-                    return Err(Error::Internal(format!("snapshot {c} exists but is not committed")));
+                    return Err(Error::Internal(format!(
+                        "snapshot {c} exists but is not committed"
+                    )));
                 }
                 Err(snapshotter::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
             let key = format!("{EXTRACT_PREFIX}{}-{}", rand::random::<u64>(), c.hex());
             lease.add([key.clone()]);
-            jobs.push(LayerJob { index: i, layer: layers[i].clone(), key });
+            jobs.push(LayerJob {
+                index: i,
+                layer: layers[i].clone(),
+                key,
+            });
         }
 
         // By index: a closure taking `&LayerJob` trips the compiler's Send check on
@@ -380,7 +401,9 @@ impl ImageManager {
             }
             // Unpacked files reach the disk before any snapshot naming them is committed.
             let dir = self.snapshots_dir.clone();
-            tokio::task::spawn_blocking(move || syncfs(&dir)).await.map_err(blocking_err)??;
+            tokio::task::spawn_blocking(move || syncfs(&dir))
+                .await
+                .map_err(blocking_err)??;
             for job in &jobs {
                 let parent = job.index.checked_sub(1).map(|p| chain[p].as_str());
                 let name = chain[job.index].as_str();
@@ -397,9 +420,10 @@ impl ImageManager {
         if let Err(e) = committed {
             for job in &jobs {
                 if let Err(err) = self.snapshots.remove(&job.key)
-                    && !matches!(err, snapshotter::Error::NotFound { .. }) {
-                        tracing::warn!(snapshot_key = %job.key, error = %err, "cleanup after failed pull");
-                    }
+                    && !matches!(err, snapshotter::Error::NotFound { .. })
+                {
+                    tracing::warn!(snapshot_key = %job.key, error = %err, "cleanup after failed pull");
+                }
             }
             return Err(e);
         }
@@ -421,12 +445,20 @@ impl ImageManager {
         })
     }
 
-    async fn fetch_small_blob(&self, ep: &Endpoint, r: &Reference, d: &Descriptor) -> Result<Bytes> {
+    async fn fetch_small_blob(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        d: &Descriptor,
+    ) -> Result<Bytes> {
         if let Ok(b) = self.content.read(&d.digest) {
             return Ok(b.into());
         }
         if d.size as usize > registry::MAX_MANIFEST_BYTES {
-            return Err(Error::BadContent(format!("{r}: config {} is too large", d.digest)));
+            return Err(Error::BadContent(format!(
+                "{r}: config {} is too large",
+                d.digest
+            )));
         }
         let (_, mut stream) = registry::blob_stream(ep, r, &d.digest).await?;
         let mut buf = Vec::with_capacity(d.size as usize);
@@ -434,7 +466,10 @@ impl ImageManager {
             let chunk = chunk.map_err(|e| stream_error(ep, r, &d.digest, &e))?;
             buf.extend_from_slice(&chunk);
             if buf.len() > registry::MAX_MANIFEST_BYTES {
-                return Err(Error::BadContent(format!("{r}: config {} is too large", d.digest)));
+                return Err(Error::BadContent(format!(
+                    "{r}: config {} is too large",
+                    d.digest
+                )));
             }
         }
         let got = sha256(&buf);
@@ -466,7 +501,13 @@ impl ImageManager {
             let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(32);
             let worker = tokio::task::spawn_blocking(move || -> Result<_> {
                 let mut blob = content.writer(&digest)?;
-                let reader = TeeReader { inner: ChannelReader { rx, cur: Bytes::new() }, blob: &mut blob };
+                let reader = TeeReader {
+                    inner: ChannelReader {
+                        rx,
+                        cur: Bytes::new(),
+                    },
+                    blob: &mut blob,
+                };
                 let unpacked = snapshotter::unpack::unpack_layer(reader, &dir)?;
                 blob.commit()?;
                 Ok(unpacked)
@@ -474,7 +515,10 @@ impl ImageManager {
             let download = async {
                 let (_, mut stream) = registry::blob_stream(ep, r, &layer.digest).await?;
                 while let Some(chunk) = stream.next().await {
-                    let failed = chunk.as_ref().err().map(|e| stream_error(ep, r, &layer.digest, e));
+                    let failed = chunk
+                        .as_ref()
+                        .err()
+                        .map(|e| stream_error(ep, r, &layer.digest, e));
                     if tx.send(chunk).await.is_err() {
                         break; // the unpacker stopped; its error says why
                     }
@@ -511,11 +555,16 @@ impl ImageManager {
         if image.is_empty() {
             return Err(Error::InvalidArgument("image reference is empty".into()));
         }
-        let as_id = if image.len() == 64 { format!("sha256:{image}") } else { image.to_owned() };
+        let as_id = if image.len() == 64 {
+            format!("sha256:{image}")
+        } else {
+            image.to_owned()
+        };
         if let Ok(id) = as_id.parse::<Digest>()
-            && let Some(i) = self.store.get(&id)? {
-                return Ok(Some(i));
-            }
+            && let Some(i) = self.store.get(&id)?
+        {
+            return Ok(Some(i));
+        }
         let r = Reference::parse(image).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         match self.store.resolve(&r.to_string())? {
             Some(id) => self.store.get(&id),
@@ -537,7 +586,9 @@ impl ImageManager {
     /// Removes the image and every name of it; content no other image uses is collected.
     /// Removing an absent image succeeds.
     pub async fn remove(&self, image: &str) -> Result<()> {
-        let Some(found) = self.resolve(image)? else { return Ok(()) };
+        let Some(found) = self.resolve(image)? else {
+            return Ok(());
+        };
         self.store.remove(&found.record.id)?;
         tracing::info!(image_id = %found.record.id, "image removed");
         self.gc_blocking().await?;
@@ -551,7 +602,9 @@ impl ImageManager {
 
     async fn gc_blocking(&self) -> Result<(usize, usize)> {
         let this = self.gc_handle();
-        tokio::task::spawn_blocking(move || this.run()).await.map_err(blocking_err)?
+        tokio::task::spawn_blocking(move || this.run())
+            .await
+            .map_err(blocking_err)?
     }
 
     fn gc_in_background(&self) {
@@ -641,9 +694,11 @@ impl Gc {
 /// A failed blob stream: a digest the registry client itself found wrong is bad content; anything
 /// else is the registry or the network failing.
 fn stream_error(ep: &Endpoint, r: &Reference, digest: &Digest, e: &std::io::Error) -> Error {
-    let bad = e
-        .get_ref()
-        .is_some_and(|inner| inner.downcast_ref::<oci_client::errors::DigestError>().is_some());
+    let bad = e.get_ref().is_some_and(|inner| {
+        inner
+            .downcast_ref::<oci_client::errors::DigestError>()
+            .is_some()
+    });
     if bad {
         Error::BadContent(format!("{r}: blob {digest} from {ep:?}: {e}"))
     } else {
@@ -668,11 +723,19 @@ fn select_platform(r: &Reference, index: &Fetched) -> Result<Digest> {
             let have: Vec<String> = idx
                 .manifests
                 .iter()
-                .filter_map(|m| m.platform.as_ref().map(|p| format!("{}/{}", p.os, p.architecture)))
+                .filter_map(|m| {
+                    m.platform
+                        .as_ref()
+                        .map(|p| format!("{}/{}", p.os, p.architecture))
+                })
                 .collect();
             Err(Error::NotFound(format!(
                 "{r}: no image for {os}/{arch} in the index (it has: {})",
-                if have.is_empty() { "no platforms".to_owned() } else { have.join(", ") }
+                if have.is_empty() {
+                    "no platforms".to_owned()
+                } else {
+                    have.join(", ")
+                }
             )))
         }
     }
@@ -689,8 +752,12 @@ mod tests {
 
     #[test]
     fn chain_ids_follow_the_oci_definition() {
-        let a: Digest = format!("sha256:{}", "a".repeat(64)).parse().expect("digest");
-        let b: Digest = format!("sha256:{}", "b".repeat(64)).parse().expect("digest");
+        let a: Digest = format!("sha256:{}", "a".repeat(64))
+            .parse()
+            .expect("digest");
+        let b: Digest = format!("sha256:{}", "b".repeat(64))
+            .parse()
+            .expect("digest");
         let c = chain_ids(&[a.clone(), b.clone()]);
         assert_eq!(c[0], a);
         assert_eq!(c[1], sha256(format!("{a} {b}").as_bytes()));

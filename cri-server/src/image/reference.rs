@@ -44,7 +44,10 @@ pub struct InvalidReference {
 impl Reference {
     /// Parses and normalises `input`.
     pub fn parse(input: &str) -> Result<Self, InvalidReference> {
-        let bad = |reason| InvalidReference { input: input.to_owned(), reason };
+        let bad = |reason| InvalidReference {
+            input: input.to_owned(),
+            reason,
+        };
         if input.is_empty() {
             return Err(bad("empty"));
         }
@@ -52,7 +55,10 @@ impl Reference {
             return Err(bad("longer than 4096 bytes"));
         }
         let (rest, digest) = match input.split_once('@') {
-            Some((rest, d)) => (rest, Some(d.parse::<Digest>().map_err(|_| bad("bad digest"))?)),
+            Some((rest, d)) => (
+                rest,
+                Some(d.parse::<Digest>().map_err(|_| bad("bad digest"))?),
+            ),
             None => (input, None),
         };
         // A tag is what follows the last ':' when no '/' follows it (a port is followed by '/').
@@ -61,9 +67,12 @@ impl Reference {
             _ => (rest, None),
         };
         if let Some(tag) = tag
-            && !valid_tag(tag) {
-                return Err(bad("bad tag: 1-128 of [A-Za-z0-9_.-], not starting with . or -"));
-            }
+            && !valid_tag(tag)
+        {
+            return Err(bad(
+                "bad tag: 1-128 of [A-Za-z0-9_.-], not starting with . or -",
+            ));
+        }
         let (registry, path) = match name.split_once('/') {
             Some((first, rest))
                 if first.contains('.') || first.contains(':') || first == "localhost" =>
@@ -75,21 +84,31 @@ impl Reference {
         if !valid_host(&registry) {
             return Err(bad("bad registry host"));
         }
-        let registry = if registry == "index.docker.io" { DEFAULT_REGISTRY.to_owned() } else { registry };
+        let registry = if registry == "index.docker.io" {
+            DEFAULT_REGISTRY.to_owned()
+        } else {
+            registry
+        };
         let repository = if registry == DEFAULT_REGISTRY && !path.contains('/') {
             format!("library/{path}")
         } else {
             path
         };
         if !repository.split('/').all(valid_path_component) {
-            return Err(bad("bad repository name: lowercase [a-z0-9] with . _ __ - separators"));
+            return Err(bad(
+                "bad repository name: lowercase [a-z0-9] with . _ __ - separators",
+            ));
         }
         let target = match (digest, tag) {
             (Some(d), _) => Target::Digest(d),
             (None, Some(t)) => Target::Tag(t.to_owned()),
             (None, None) => Target::Tag("latest".to_owned()),
         };
-        Ok(Reference { registry, repository, target })
+        Ok(Reference {
+            registry,
+            repository,
+            target,
+        })
     }
 
     /// `registry/repository`, the name without tag or digest.
@@ -99,12 +118,18 @@ impl Reference {
 
     /// The same repository at `digest`.
     pub fn with_digest(&self, digest: &Digest) -> Reference {
-        Reference { target: Target::Digest(digest.clone()), ..self.clone() }
+        Reference {
+            target: Target::Digest(digest.clone()),
+            ..self.clone()
+        }
     }
 
     /// The same repository at `target`.
     pub fn with_target(&self, target: &Target) -> Reference {
-        Reference { target: target.clone(), ..self.clone() }
+        Reference {
+            target: target.clone(),
+            ..self.clone()
+        }
     }
 
     /// The tag, if the reference is by tag.
@@ -138,7 +163,8 @@ fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 fn valid_host(h: &str) -> bool {
@@ -152,12 +178,16 @@ fn valid_host(h: &str) -> bool {
         !host.is_empty()
             && host.split('.').all(|label| {
                 !label.is_empty()
-                    && label.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                    && label
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'-')
                     && !label.starts_with('-')
                     && !label.ends_with('-')
             })
     };
-    host_ok && port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()))
+    host_ok
+        && port
+            .is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()))
 }
 
 fn valid_path_component(c: &str) -> bool {
@@ -203,14 +233,23 @@ mod tests {
         assert_eq!(norm("busybox"), "docker.io/library/busybox:latest");
         assert_eq!(norm("busybox:1.36"), "docker.io/library/busybox:1.36");
         assert_eq!(norm("user/app"), "docker.io/user/app:latest");
-        assert_eq!(norm("index.docker.io/library/busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(
+            norm("index.docker.io/library/busybox"),
+            "docker.io/library/busybox:latest"
+        );
         assert_eq!(norm("quay.example/a/b/c:v1"), "quay.example/a/b/c:v1");
         assert_eq!(norm("localhost/app"), "localhost/app:latest");
         assert_eq!(norm("127.0.0.1:5000/app"), "127.0.0.1:5000/app:latest");
         assert_eq!(norm("127.0.0.1:5000/app:v2"), "127.0.0.1:5000/app:v2");
-        assert_eq!(norm(&format!("busybox@{d}")), format!("docker.io/library/busybox@{d}"));
+        assert_eq!(
+            norm(&format!("busybox@{d}")),
+            format!("docker.io/library/busybox@{d}")
+        );
         // tag + digest: the digest wins, as in containerd's ParseDockerRef.
-        assert_eq!(norm(&format!("busybox:1.0@{d}")), format!("docker.io/library/busybox@{d}"));
+        assert_eq!(
+            norm(&format!("busybox:1.0@{d}")),
+            format!("docker.io/library/busybox@{d}")
+        );
         assert_eq!(norm("[::1]:5000/app"), "[::1]:5000/app:latest");
     }
 

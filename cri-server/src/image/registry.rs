@@ -41,7 +41,12 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}", if self.plain_http { "http" } else { "https" }, self.host)
+        write!(
+            f,
+            "{}://{}",
+            if self.plain_http { "http" } else { "https" },
+            self.host
+        )
     }
 }
 
@@ -53,7 +58,8 @@ fn is_loopback_host(host: &str) -> bool {
     };
     let h = h.trim_start_matches('[').trim_end_matches(']');
     h == "localhost"
-        || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The endpoints to try for `registry`, in order: configured mirrors, then the registry.
@@ -67,15 +73,25 @@ pub fn endpoints(config: &Config, registry: &str) -> Vec<Endpoint> {
             (false, m.strip_prefix("https://").unwrap_or(m))
         };
         let host = rest.trim_end_matches('/').trim_end_matches("/v2");
-        out.push(endpoint(host, plain || is_loopback_host(host) && !m.starts_with("https://")));
+        out.push(endpoint(
+            host,
+            plain || is_loopback_host(host) && !m.starts_with("https://"),
+        ));
     }
     // The registry client itself maps the default registry to its API host.
-    out.push(endpoint(registry, rc.insecure || is_loopback_host(registry)));
+    out.push(endpoint(
+        registry,
+        rc.insecure || is_loopback_host(registry),
+    ));
     out
 }
 
 fn endpoint(host: &str, plain_http: bool) -> Endpoint {
-    let protocol = if plain_http { ClientProtocol::Http } else { ClientProtocol::Https };
+    let protocol = if plain_http {
+        ClientProtocol::Http
+    } else {
+        ClientProtocol::Https
+    };
     let client = oci_client::Client::new(ClientConfig {
         protocol,
         platform_resolver: None,
@@ -84,12 +100,18 @@ fn endpoint(host: &str, plain_http: bool) -> Endpoint {
         user_agent: concat!("berth/", env!("CARGO_PKG_VERSION")),
         ..Default::default()
     });
-    Endpoint { host: host.to_owned(), plain_http, client: Arc::new(client) }
+    Endpoint {
+        host: host.to_owned(),
+        plain_http,
+        client: Arc::new(client),
+    }
 }
 
 /// CRI credentials as the registry client takes them.
 pub fn auth_from_cri(auth: Option<&api::cri::AuthConfig>) -> Result<RegistryAuth> {
-    let Some(a) = auth else { return Ok(RegistryAuth::Anonymous) };
+    let Some(a) = auth else {
+        return Ok(RegistryAuth::Anonymous);
+    };
     if !a.registry_token.is_empty() {
         return Ok(RegistryAuth::Bearer(a.registry_token.clone()));
     }
@@ -102,9 +124,9 @@ pub fn auth_from_cri(auth: Option<&api::cri::AuthConfig>) -> Result<RegistryAuth
             .map_err(|_| Error::InvalidArgument("auth: not valid base64".into()))?;
         let s = String::from_utf8(raw)
             .map_err(|_| Error::InvalidArgument("auth: not valid UTF-8".into()))?;
-        let (u, p) = s
-            .split_once(':')
-            .ok_or_else(|| Error::InvalidArgument("auth: expected base64 of user:password".into()))?;
+        let (u, p) = s.split_once(':').ok_or_else(|| {
+            Error::InvalidArgument("auth: expected base64 of user:password".into())
+        })?;
         return Ok(RegistryAuth::Basic(u.to_owned(), p.to_owned()));
     }
     if !a.identity_token.is_empty() {
@@ -119,7 +141,9 @@ pub fn auth_from_cri(auth: Option<&api::cri::AuthConfig>) -> Result<RegistryAuth
 /// The reference as the registry client wants it, aimed at `ep`.
 fn oci_ref(ep: &Endpoint, r: &Reference, target: &Target) -> oci_client::Reference {
     match target {
-        Target::Tag(t) => oci_client::Reference::with_tag(ep.host.clone(), r.repository.clone(), t.clone()),
+        Target::Tag(t) => {
+            oci_client::Reference::with_tag(ep.host.clone(), r.repository.clone(), t.clone())
+        }
         Target::Digest(d) => {
             oci_client::Reference::with_digest(ep.host.clone(), r.repository.clone(), d.to_string())
         }
@@ -135,14 +159,19 @@ pub fn map_err(ep: &Endpoint, what: &str, e: OciDistributionError) -> Error {
         O::RegistryError { envelope, .. }
             if envelope.errors.iter().any(|x| {
                 use oci_client::errors::OciErrorCode as C;
-                matches!(x.code, C::ManifestUnknown | C::NameUnknown | C::BlobUnknown | C::NotFound)
+                matches!(
+                    x.code,
+                    C::ManifestUnknown | C::NameUnknown | C::BlobUnknown | C::NotFound
+                )
             }) =>
         {
             Error::NotFound(msg)
         }
         O::ServerError { code: 404, .. } => Error::NotFound(msg),
         O::AuthenticationFailure(_) | O::UnauthorizedError { .. } => Error::Unauthenticated(msg),
-        O::ServerError { code: 401 | 403, .. } => Error::Unauthenticated(msg),
+        O::ServerError {
+            code: 401 | 403, ..
+        } => Error::Unauthenticated(msg),
         O::RequestError(r) if r.is_connect() || r.is_timeout() => Error::Unavailable(msg),
         O::RequestError(_) | O::IoError(_) => Error::Unavailable(msg),
         O::ServerError { code, .. } if *code >= 500 => Error::Unavailable(msg),
@@ -182,7 +211,8 @@ fn sha256(bytes: &[u8]) -> Digest {
 }
 
 fn classify(bytes: &[u8]) -> std::result::Result<String, String> {
-    let s: Shape = serde_json::from_slice(bytes).map_err(|e| format!("not a JSON manifest: {e}"))?;
+    let s: Shape =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a JSON manifest: {e}"))?;
     if s.schema_version != Some(2) {
         return Err(format!(
             "unsupported manifest schema version {:?} (only schema 2 / OCI manifests are supported)",
@@ -237,15 +267,24 @@ pub async fn fetch_manifest_at(
         .await
         .map_err(|e| map_err(ep, &what, e))?;
     if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(Error::BadContent(format!("{what}: larger than {MAX_MANIFEST_BYTES} bytes")));
+        return Err(Error::BadContent(format!(
+            "{what}: larger than {MAX_MANIFEST_BYTES} bytes"
+        )));
     }
     let digest = sha256(&bytes);
     if let Target::Digest(want) = target
-        && &digest != want {
-            return Err(Error::BadContent(format!("{what}: content has digest {digest}")));
-        }
+        && &digest != want
+    {
+        return Err(Error::BadContent(format!(
+            "{what}: content has digest {digest}"
+        )));
+    }
     let media_type = classify(&bytes).map_err(|m| Error::BadContent(format!("{what}: {m}")))?;
-    Ok(Fetched { bytes, digest, media_type })
+    Ok(Fetched {
+        bytes,
+        digest,
+        media_type,
+    })
 }
 
 /// Streams a blob from `ep`.

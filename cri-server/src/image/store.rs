@@ -100,8 +100,13 @@ impl ImageStore {
     pub fn resolve(&self, reference: &str) -> Result<Option<Digest>> {
         let tx = self.db.begin_read()?;
         let refs = tx.open_table(REFS)?;
-        let Some(id) = refs.get(reference)? else { return Ok(None) };
-        let id = id.value().parse().map_err(|e| Error::internal("image ref table", e))?;
+        let Some(id) = refs.get(reference)? else {
+            return Ok(None);
+        };
+        let id = id
+            .value()
+            .parse()
+            .map_err(|e| Error::internal("image ref table", e))?;
         Ok(Some(id))
     }
 
@@ -130,7 +135,11 @@ impl ImageStore {
             let (id, bytes) = entry?;
             let record = decode(id.value(), bytes.value())?;
             let (tags, digests) = names.remove(id.value()).unwrap_or_default();
-            out.push(NamedImage { record, tags, digests });
+            out.push(NamedImage {
+                record,
+                tags,
+                digests,
+            });
         }
         Ok(out)
     }
@@ -149,12 +158,15 @@ impl ImageStore {
             let mut displaced = BTreeSet::new();
             for r in references {
                 if let Some(old) = refs.insert(r.as_str(), record.id.as_str())?
-                    && old.value() != record.id.as_str() {
-                        displaced.insert(old.value().to_owned());
-                    }
+                    && old.value() != record.id.as_str()
+                {
+                    displaced.insert(old.value().to_owned());
+                }
             }
             for old in displaced {
-                let still_named = refs.iter()?.any(|e| e.is_ok_and(|(_, id)| id.value() == old));
+                let still_named = refs
+                    .iter()?
+                    .any(|e| e.is_ok_and(|(_, id)| id.value() == old));
                 if !still_named {
                     images.remove(old.as_str())?;
                     orphaned.push(old.parse().map_err(|e| Error::internal("image table", e))?);
@@ -211,15 +223,26 @@ mod tests {
     fn tags_move_and_orphans_go() {
         let (_dir, s) = store();
         let tag = "docker.io/library/a:latest".to_string();
-        assert!(s.put(&record(1), std::slice::from_ref(&tag)).expect("put").is_empty());
+        assert!(
+            s.put(&record(1), std::slice::from_ref(&tag))
+                .expect("put")
+                .is_empty()
+        );
         assert_eq!(s.resolve(&tag).expect("resolve"), Some(digest(1)));
         // The tag moves to image 2; image 1 has no other name and is deleted.
-        assert_eq!(s.put(&record(2), std::slice::from_ref(&tag)).expect("put"), vec![digest(1)]);
+        assert_eq!(
+            s.put(&record(2), std::slice::from_ref(&tag)).expect("put"),
+            vec![digest(1)]
+        );
         assert_eq!(s.list().expect("list").len(), 1);
         // An image that keeps a digest reference stays, untagged.
         let dref = "docker.io/library/a@sha256:ab".to_string();
-        s.put(&record(3), &[tag.clone(), dref.clone()]).expect("put");
-        assert_eq!(s.put(&record(4), std::slice::from_ref(&tag)).expect("put"), vec![digest(2)]);
+        s.put(&record(3), &[tag.clone(), dref.clone()])
+            .expect("put");
+        assert_eq!(
+            s.put(&record(4), std::slice::from_ref(&tag)).expect("put"),
+            vec![digest(2)]
+        );
         let three = s.get(&digest(3)).expect("get").expect("present");
         assert!(three.tags.is_empty());
         assert_eq!(three.digests, vec![dref]);
@@ -228,7 +251,8 @@ mod tests {
     #[test]
     fn remove_drops_refs() {
         let (_dir, s) = store();
-        s.put(&record(1), &["x:1".into(), "x@sha256:1".into()]).expect("put");
+        s.put(&record(1), &["x:1".into(), "x@sha256:1".into()])
+            .expect("put");
         assert!(s.remove(&digest(1)).expect("remove"));
         assert!(!s.remove(&digest(1)).expect("remove again"));
         assert_eq!(s.resolve("x:1").expect("resolve"), None);

@@ -16,7 +16,10 @@ use crictl_tests::image::{ManifestFormat, big_image, push_image};
 use crictl_tests::registry::Registry;
 
 #[derive(Parser)]
-#[command(name = "berth-bench", about = "Pull+unpack benchmark for CRI image services")]
+#[command(
+    name = "berth-bench",
+    about = "Pull+unpack benchmark for CRI image services"
+)]
 struct Flags {
     /// CRI endpoint of the server under test.
     #[arg(long, default_value = "unix:///run/berth/berth.sock")]
@@ -50,7 +53,9 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let img = big_image(f.size_mb, f.layers)?.build(ManifestFormat::Oci)?;
-    push_image(&addr, &f.repo, "latest", &img).await.context("push bench image")?;
+    push_image(&addr, &f.repo, "latest", &img)
+        .await
+        .context("push bench image")?;
     let compressed: usize = img.layers_size();
     let uncompressed: usize = img
         .layers
@@ -62,23 +67,37 @@ async fn main() -> anyhow::Result<()> {
     let socket = f.endpoint.strip_prefix("unix://").unwrap_or(&f.endpoint);
     let channel = crictl_tests::daemon::connect(std::path::Path::new(socket)).await?;
     let mut images = cri::image_service_client::ImageServiceClient::new(channel);
-    let spec = || Some(cri::ImageSpec { image: name.clone(), ..Default::default() });
+    let spec = || {
+        Some(cri::ImageSpec {
+            image: name.clone(),
+            ..Default::default()
+        })
+    };
 
     let mut times = Vec::with_capacity(f.runs);
     for run in 0..f.runs {
-        images.remove_image(cri::RemoveImageRequest { image: spec() }).await.context("remove")?;
+        images
+            .remove_image(cri::RemoveImageRequest { image: spec() })
+            .await
+            .context("remove")?;
         // Let the server's background cleanup settle so it does not overlap the timing.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let t = Instant::now();
         images
-            .pull_image(cri::PullImageRequest { image: spec(), ..Default::default() })
+            .pull_image(cri::PullImageRequest {
+                image: spec(),
+                ..Default::default()
+            })
             .await
             .context("pull")?;
         let dt = t.elapsed();
         eprintln!("run {run}: {:.3} s", dt.as_secs_f64());
         times.push(dt);
     }
-    images.remove_image(cri::RemoveImageRequest { image: spec() }).await.context("remove")?;
+    images
+        .remove_image(cri::RemoveImageRequest { image: spec() })
+        .await
+        .context("remove")?;
     times.sort();
     let median = times[times.len() / 2];
     let mb = |b: usize| b as f64 / 1e6;

@@ -55,14 +55,23 @@ fn socket(endpoint: &str) -> PathBuf {
 }
 
 fn spec(image: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec { image: image.to_owned(), ..Default::default() })
+    Some(cri::ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    })
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Cmd::PushTestImage { registry, repo, tag } = &cli.cmd {
-        let img = crictl_tests::image::busybox_image()?.build(crictl_tests::image::ManifestFormat::Oci)?;
+    if let Cmd::PushTestImage {
+        registry,
+        repo,
+        tag,
+    } = &cli.cmd
+    {
+        let img = crictl_tests::image::busybox_image()?
+            .build(crictl_tests::image::ManifestFormat::Oci)?;
         crictl_tests::image::push_image(registry, repo, tag, &img).await?;
         println!("{registry}/{repo}:{tag} {}", img.manifest_digest);
         return Ok(());
@@ -72,39 +81,72 @@ async fn main() -> anyhow::Result<()> {
     let mut im = cri::image_service_client::ImageServiceClient::new(channel);
     match cli.cmd {
         Cmd::Version => {
-            let v = rt.version(cri::VersionRequest::default()).await?.into_inner();
+            let v = rt
+                .version(cri::VersionRequest::default())
+                .await?
+                .into_inner();
             println!("RuntimeName:       {}", v.runtime_name);
             println!("RuntimeVersion:    {}", v.runtime_version);
             println!("RuntimeApiVersion: {}", v.runtime_api_version);
         }
         Cmd::Info => {
-            let s = rt.status(cri::StatusRequest { verbose: true }).await?.into_inner();
+            let s = rt
+                .status(cri::StatusRequest { verbose: true })
+                .await?
+                .into_inner();
             for c in s.status.map(|s| s.conditions).unwrap_or_default() {
-                println!("{:<14} {:<5} {} {}", c.r#type, c.status, c.reason, c.message);
+                println!(
+                    "{:<14} {:<5} {} {}",
+                    c.r#type, c.status, c.reason, c.message
+                );
             }
         }
         Cmd::Pull { image, creds } => {
             let auth = creds
                 .map(|c| {
                     let (u, p) = c.split_once(':').context("--creds takes user:password")?;
-                    anyhow::Ok(cri::AuthConfig { username: u.into(), password: p.into(), ..Default::default() })
+                    anyhow::Ok(cri::AuthConfig {
+                        username: u.into(),
+                        password: p.into(),
+                        ..Default::default()
+                    })
                 })
                 .transpose()?;
             let r = im
-                .pull_image(cri::PullImageRequest { image: spec(&image), auth, sandbox_config: None })
+                .pull_image(cri::PullImageRequest {
+                    image: spec(&image),
+                    auth,
+                    sandbox_config: None,
+                })
                 .await?;
             println!("Image is up to date for {}", r.into_inner().image_ref);
         }
         Cmd::Images => {
-            let list = im.list_images(cri::ListImagesRequest::default()).await?.into_inner().images;
-            println!("{:<50} {:<10} {:<15} {:>10}", "IMAGE", "TAG", "IMAGE ID", "SIZE");
+            let list = im
+                .list_images(cri::ListImagesRequest::default())
+                .await?
+                .into_inner()
+                .images;
+            println!(
+                "{:<50} {:<10} {:<15} {:>10}",
+                "IMAGE", "TAG", "IMAGE ID", "SIZE"
+            );
             for i in list {
-                let id = i.id.trim_start_matches("sha256:").chars().take(13).collect::<String>();
+                let id =
+                    i.id.trim_start_matches("sha256:")
+                        .chars()
+                        .take(13)
+                        .collect::<String>();
                 let size = format!("{:.1}MB", i.size as f64 / 1e6);
                 let names: Vec<(String, String)> = if i.repo_tags.is_empty() {
                     i.repo_digests
                         .iter()
-                        .map(|d| (d.split('@').next().unwrap_or(d).to_owned(), "<none>".to_owned()))
+                        .map(|d| {
+                            (
+                                d.split('@').next().unwrap_or(d).to_owned(),
+                                "<none>".to_owned(),
+                            )
+                        })
                         .collect()
                 } else {
                     i.repo_tags
@@ -121,23 +163,39 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Inspecti { image } => {
-            let s = im.image_status(cri::ImageStatusRequest { image: spec(&image), verbose: true }).await?;
+            let s = im
+                .image_status(cri::ImageStatusRequest {
+                    image: spec(&image),
+                    verbose: true,
+                })
+                .await?;
             let s = s.into_inner();
-            let Some(img) = s.image else { anyhow::bail!("no such image {image:?} present") };
+            let Some(img) = s.image else {
+                anyhow::bail!("no such image {image:?} present")
+            };
             let info: serde_json::Value = s
                 .info
                 .get("info")
                 .map(|i| serde_json::from_str(i))
                 .transpose()?
                 .unwrap_or_default();
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "status": img, "info": info }))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "status": img, "info": info }))?
+            );
         }
         Cmd::Rmi { image } => {
-            im.remove_image(cri::RemoveImageRequest { image: spec(&image) }).await?;
+            im.remove_image(cri::RemoveImageRequest {
+                image: spec(&image),
+            })
+            .await?;
             println!("Deleted: {image}");
         }
         Cmd::Imagefsinfo => {
-            let r = im.image_fs_info(cri::ImageFsInfoRequest {}).await?.into_inner();
+            let r = im
+                .image_fs_info(cri::ImageFsInfoRequest {})
+                .await?
+                .into_inner();
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
         Cmd::PushTestImage { .. } => unreachable!("handled above"),
