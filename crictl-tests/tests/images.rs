@@ -641,6 +641,18 @@ fn hostile_layers(outside: &Path) -> Vec<(&'static str, LayerBuilder)> {
             "hardlink-dotdot",
             LayerBuilder::new().raw_entry(RawEntry::new("h", b'1').link(format!("{dots}/x"))),
         ),
+        (
+            "giant-gnu-longname",
+            LayerBuilder::new()
+                .raw_entry(RawEntry::new("././@LongLink", b'L').data(vec![b'a'; 2 << 20]))
+                .raw_entry(RawEntry::new("x", b'0').data(b"x".to_vec())),
+        ),
+        (
+            "giant-pax-header",
+            LayerBuilder::new()
+                .raw_entry(RawEntry::new("pax", b'x').data(vec![b'9'; 3 << 20]))
+                .raw_entry(RawEntry::new("x", b'0').data(b"x".to_vec())),
+        ),
     ]
 }
 
@@ -916,4 +928,48 @@ async fn kill_during_pull_then_restart_recovers() {
 
 fn snapshot_dirs_in(dir: &Path) -> usize {
     dir_entries(dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn native_snapshotter_applies_layers_with_whiteouts() {
+    require_root();
+    let img = busybox_image().expect("image").build(ManifestFormat::Oci).expect("build");
+    let reg = registry_with("busybox", "latest", &img).await;
+    let d = Daemon::start_with_config("snapshotter = \"native\"\n").await.expect("daemon");
+    let name = format!("{}/busybox", reg.addr());
+    assert_eq!(pull(&d, &name).await.expect("pull"), img.config_digest);
+    assert_eq!(snapshot_dirs(&d).len(), 3, "one full tree per layer");
+    // The top snapshot is the whole image, with whiteouts applied as deletions.
+    let top = snapshot_dirs(&d)
+        .into_iter()
+        .find(|s| s.join("etc/motd").exists())
+        .expect("top layer snapshot");
+    assert!(top.join("bin/busybox").is_file());
+    assert!(top.join("var/lib").is_dir());
+    assert!(top.join("var/lib/gone").symlink_metadata().is_err(), "whiteout deletes");
+    let opq: BTreeSet<String> = std::fs::read_dir(top.join("opq"))
+        .expect("opq")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(opq, BTreeSet::from(["new".to_owned()]), "opaque dir hides the lower contents");
+    let a = top.join("data/a").metadata().expect("a");
+    assert_eq!(a.ino(), top.join("data/b").metadata().expect("b").ino());
+    let devices = walk(&top).into_iter().filter(|m| m.file_type().is_char_device()).count();
+    assert_eq!(devices, 0, "no overlay whiteout devices in a native tree");
+    remove(&d, &name).await;
+    assert_no_leftovers(&d);
+    assert_no_panic(&d);
+}
+
+fn walk(dir: &Path) -> Vec<std::fs::Metadata> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read dir") {
+        let e = e.expect("entry");
+        let md = e.path().symlink_metadata().expect("stat");
+        if md.is_dir() {
+            out.extend(walk(&e.path()));
+        }
+        out.push(md);
+    }
+    out
 }

@@ -2,9 +2,11 @@
 //!
 //! - [`content::ContentStore`]: blobs under `<root>/content/sha256/<hex>`, written through a
 //!   temp file in `<root>/content/ingest/`, verified, fsynced and renamed into place.
-//! - [`unpack::unpack_layer`]: applies one (possibly compressed) layer tar to a directory in
-//!   overlayfs form, refusing anything that would write outside it, and returns its diffID;
-//!   [`unpack::sync_filesystem`] then flushes it once before the snapshot is committed.
+//! - [`unpack::unpack_layer`]: writes one (possibly compressed) layer tar to an empty directory
+//!   in overlayfs form; [`unpack::apply_layer`]: applies one onto an existing tree (whiteouts
+//!   delete). Both refuse anything that would write outside the directory and return the
+//!   layer's diffID; [`unpack::sync_filesystem`] then flushes it once before the snapshot is
+//!   committed. Which one a store takes is its [`DiffMode`].
 //! - [`Snapshotter`]: the contract of a snapshot store; [`overlay::OverlaySnapshotter`]
 //!   implements it with overlayfs, [`native::NativeSnapshotter`] with plain copies where
 //!   overlayfs is unavailable. Both keep their metadata in tables named `snapshots.*` of the
@@ -61,6 +63,19 @@ pub struct Usage {
     pub inodes: u64,
 }
 
+/// How a snapshot store takes layer diffs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiffMode {
+    /// A layer's diff stands alone in overlay form (whiteouts as 0/0 character devices, opaque
+    /// dirs as xattrs): each layer is unpacked into a parentless active snapshot and committed
+    /// onto its parent with [`Snapshotter::commit_with_parent`], so all layers of an image can
+    /// unpack at once.
+    Overlay,
+    /// A layer is applied onto a full copy of its parent (whiteouts delete), so layers go one
+    /// after another: prepare on the committed parent, apply, commit.
+    Apply,
+}
+
 /// A store of layered filesystem snapshots, as containerd's snapshotter API defines them.
 ///
 /// Keys and names share one namespace: no two snapshots have the same key, whatever their kind.
@@ -85,8 +100,13 @@ pub trait Snapshotter: Send + Sync {
     /// For a committed snapshot, read-only mounts of its contents. [`Error::NotFound`] if absent.
     fn mounts(&self, key: &str) -> Result<Vec<Mount>>;
 
-    /// The directory that holds the active snapshot's own changes (the overlay upperdir), where a
-    /// layer diff in overlay form (see [`unpack::unpack_layer`]) may be written directly.
+    /// How layer diffs get into this store; see [`DiffMode`].
+    fn diff_mode(&self) -> DiffMode;
+
+    /// Where a layer diff is written for the active snapshot `key`. In [`DiffMode::Overlay`] it
+    /// holds only the snapshot's own changes (the overlay upperdir), written in overlay form by
+    /// [`unpack::unpack_layer`]. In [`DiffMode::Apply`] it is the snapshot's whole tree (its
+    /// parent's contents included), changed by [`unpack::apply_layer`].
     /// [`Error::InvalidState`] for a view or committed snapshot.
     fn diff_dir(&self, key: &str) -> Result<PathBuf>;
 

@@ -6,9 +6,11 @@
 //! committed ones.
 //!
 //! Layer diffs in overlay form (whiteout devices, opaque xattrs) mean nothing in a plain copy, so
-//! [`Snapshotter::diff_dir`] and [`Snapshotter::commit_with_parent`] are not supported: they
-//! return [`Error::InvalidState`]. To build an image on this snapshotter, prepare each layer on
-//! its committed parent and apply the layer through the snapshot's mount.
+//! this store works in [`DiffMode::Apply`]: an image is built one layer after another, each
+//! prepared on its committed parent, applied onto the whole tree [`Snapshotter::diff_dir`]
+//! returns (the directory the active snapshot's bind mount points at) with
+//! [`crate::unpack::apply_layer`], then committed. [`Snapshotter::commit_with_parent`] is not
+//! supported ([`Error::InvalidState`]): a copy cannot change parents after the fact.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -17,15 +19,15 @@ use std::process::Command;
 use std::sync::Arc;
 
 use crate::store::{Resolved, Store, Tables, disk_usage};
-use crate::{Error, Info, Kind, Mount, Result, Snapshotter, Usage};
+use crate::{DiffMode, Error, Info, Kind, Mount, Result, Snapshotter, Usage};
 
 const TABLES: Tables = Tables {
     records: "snapshots.native.records",
     counters: "snapshots.native.counters",
 };
 
-const NO_DIFFS: &str =
-    "native snapshotter cannot apply overlay diffs; unpack into a prepared snapshot's mount";
+const NO_REPARENT: &str = "native snapshotter cannot change a snapshot's parent (it works in \
+     DiffMode::Apply: prepare on the committed parent, apply the layer, commit)";
 
 /// Snapshots as full directory copies of their parent; mounts are bind mounts.
 pub struct NativeSnapshotter {
@@ -108,25 +110,42 @@ impl Snapshotter for NativeSnapshotter {
         Ok(self.mounts_of(&self.store.resolve(key)?))
     }
 
-    /// Not supported: [`Error::InvalidState`] for every existing snapshot.
+    /// [`DiffMode::Apply`]: a snapshot is a full copy of its parent, so a layer is applied onto
+    /// it (whiteouts delete) after the parent is committed.
+    fn diff_mode(&self) -> DiffMode {
+        DiffMode::Apply
+    }
+
+    /// The active snapshot's whole tree (its parent's contents included): the `fs` directory its
+    /// bind mount points at, for [`crate::unpack::apply_layer`]. [`Error::InvalidState`] for a
+    /// view or committed snapshot.
     fn diff_dir(&self, key: &str) -> Result<PathBuf> {
-        self.store.resolve(key)?;
-        Err(Error::InvalidState {
-            key: key.to_owned(),
-            reason: NO_DIFFS.into(),
-        })
+        let s = self.store.resolve(key)?;
+        if s.info.kind != Kind::Active {
+            return Err(Error::InvalidState {
+                key: key.to_owned(),
+                reason: format!(
+                    "is {:?}, only an active snapshot has a diff dir",
+                    s.info.kind
+                ),
+            });
+        }
+        Ok(self.store.fs_dir(s.id))
     }
 
     fn commit(&self, name: &str, key: &str) -> Result<()> {
         self.store.commit(name, key, None)
     }
 
-    /// Not supported: [`Error::InvalidState`] for every existing snapshot.
+    /// Not supported: [`Error::InvalidState`] for every existing snapshot. This store is
+    /// [`DiffMode::Apply`]: a snapshot's tree already holds its parent's contents, so its parent
+    /// is the one given at prepare; prepare each layer on its committed parent, apply, and
+    /// [`commit`](Snapshotter::commit).
     fn commit_with_parent(&self, _name: &str, key: &str, _parent: Option<&str>) -> Result<()> {
         self.store.resolve(key)?;
         Err(Error::InvalidState {
             key: key.to_owned(),
-            reason: NO_DIFFS.into(),
+            reason: NO_REPARENT.into(),
         })
     }
 
@@ -153,8 +172,15 @@ impl Snapshotter for NativeSnapshotter {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::MetadataExt;
+
+    use sha2::Digest as _;
+    use tar::{Builder, EntryType, Header};
+
     use super::*;
-    use crate::testsuite;
+    use crate::testsuite::{self, listing, require_root};
+    use crate::unpack::{apply_layer, sync_filesystem};
 
     fn open(root: &Path) -> NativeSnapshotter {
         let db = redb::Database::create(root.join("meta.db")).unwrap();
@@ -167,7 +193,7 @@ mod tests {
     }
 
     #[test]
-    fn copies_parent_and_refuses_diffs() {
+    fn copies_parent_and_diffs_into_the_whole_tree() {
         let tmp = tempfile::tempdir().unwrap();
         let s = open(tmp.path());
         let m = s.prepare("a", None).unwrap();
@@ -183,7 +209,12 @@ mod tests {
         assert_eq!(fs::read_link(copy.join("l")).unwrap(), Path::new("d/f"));
         assert_eq!(m[0].options, vec!["rbind", "rw"]);
         assert!(s.mounts("c").unwrap()[0].is_readonly());
-        assert!(matches!(s.diff_dir("b"), Err(Error::InvalidState { .. })));
+        assert_eq!(s.diff_mode(), DiffMode::Apply);
+        // The diff dir is the whole tree, the one the mount shows.
+        assert_eq!(s.diff_dir("b").unwrap(), copy);
+        assert!(matches!(s.diff_dir("c"), Err(Error::InvalidState { .. })));
+        s.view("v", Some("c")).unwrap();
+        assert!(matches!(s.diff_dir("v"), Err(Error::InvalidState { .. })));
         assert!(matches!(
             s.commit_with_parent("x", "b", Some("c")),
             Err(Error::InvalidState { .. })
@@ -208,5 +239,173 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["1"]);
         assert_eq!(s.stat("a").unwrap().kind, Kind::Active);
+    }
+
+    fn tar_of(entries: &[(&str, EntryType, &str)]) -> Vec<u8> {
+        let mut b = Builder::new(Vec::new());
+        for (path, kind, data) in entries {
+            let mut h = Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(if *kind == EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            h.set_mtime(1_700_000_000);
+            h.set_uid(0);
+            h.set_gid(0);
+            if matches!(kind, EntryType::Symlink | EntryType::Link) {
+                h.set_size(0);
+                b.append_link(&mut h, path, data).unwrap();
+            } else {
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, path, data.as_bytes()).unwrap();
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// Prepares `key` on `parent`, applies `tar` onto its diff dir, commits it as `name`.
+    fn apply(s: &NativeSnapshotter, key: &str, parent: Option<&str>, tar: &[u8], name: &str) {
+        s.prepare(key, parent).unwrap();
+        let dir = s.diff_dir(key).unwrap();
+        let out = apply_layer(tar, &dir).unwrap();
+        let want: [u8; 32] = sha2::Sha256::digest(tar).into();
+        assert_eq!(out.diff_id, api::Digest::from_sha256_bytes(&want));
+        assert_eq!(out.uncompressed_size, tar.len() as u64);
+        sync_filesystem(&dir).unwrap();
+        s.commit(name, key).unwrap();
+    }
+
+    /// A puller's view of this store: layers applied in order through the trait, with
+    /// whiteouts, an opaque directory and a hardlink to a lower layer's file.
+    #[test]
+    fn applies_a_layer_chain_as_overlay_would_show_it() {
+        require_root();
+        use EntryType::{Directory as D, Link as H, Regular as F, Symlink as L};
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        let l1 = tar_of(&[
+            ("etc", D, ""),
+            ("etc/passwd", F, "root"),
+            ("etc/gone", F, "x"),
+            ("var", D, ""),
+            ("var/cache", D, ""),
+            ("var/cache/big", F, "cached"),
+            ("opq", D, ""),
+            ("opq/old", F, "o"),
+            ("opq/olddir/deep", F, "d"),
+            ("lib", L, "usr/lib"),
+        ]);
+        let l2 = tar_of(&[
+            ("etc/.wh.gone", F, ""),
+            ("var/.wh.cache", F, ""),
+            ("opq/new", F, "n"),
+            ("opq/.wh..wh..opq", F, ""),
+            ("etc/passwd-hard", H, "etc/passwd"),
+            ("etc/.wh.never-existed", F, ""),
+        ]);
+        let l3 = tar_of(&[("etc/passwd", F, "root3"), ("opq/newer", F, "n3")]);
+        apply(&s, "k1", None, &l1, "c1");
+        apply(&s, "k2", Some("c1"), &l2, "c2");
+        apply(&s, "k3", Some("c2"), &l3, "c3");
+        assert_eq!(s.stat("c3").unwrap().parent.as_deref(), Some("c2"));
+
+        let want = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let c2 = PathBuf::from(&s.mounts("c2").unwrap()[0].source);
+        assert_eq!(
+            listing(&c2),
+            want(&[
+                ("etc", "dir 755"),
+                ("etc/passwd", "file 644 root"),
+                ("etc/passwd-hard", "file 644 root"),
+                ("lib", "link -> usr/lib"),
+                ("opq", "dir 755"),
+                ("opq/new", "file 644 n"),
+                ("var", "dir 755"),
+            ])
+        );
+        // A hardlink to the lower layer's file (in c2's own copy).
+        let ino = |root: &Path, p: &str| fs::metadata(root.join(p)).unwrap().ino();
+        assert_eq!(ino(&c2, "etc/passwd"), ino(&c2, "etc/passwd-hard"));
+
+        let c3 = PathBuf::from(&s.mounts("c3").unwrap()[0].source);
+        let top = listing(&c3);
+        assert_eq!(
+            top,
+            want(&[
+                ("etc", "dir 755"),
+                // Replaced in layer 3: the new file, so the hardlink keeps layer 2's contents,
+                // as overlayfs (which copies up) shows it too.
+                ("etc/passwd", "file 644 root3"),
+                ("etc/passwd-hard", "file 644 root"),
+                ("lib", "link -> usr/lib"),
+                ("opq", "dir 755"),
+                ("opq/new", "file 644 n"),
+                ("opq/newer", "file 644 n3"),
+                ("var", "dir 755"),
+            ])
+        );
+        // No whiteout devices or overlay xattrs anywhere, in any snapshot.
+        for c in ["c1", "c2", "c3"] {
+            let root = PathBuf::from(&s.mounts(c).unwrap()[0].source);
+            for (rel, what) in listing(&root) {
+                assert!(!what.starts_with("char"), "{c}: {rel} is {what}");
+                let attrs: Vec<_> = xattr::list(root.join(&rel)).unwrap().collect();
+                assert!(
+                    attrs
+                        .iter()
+                        .all(|a| !a.to_string_lossy().starts_with("trusted.overlay.")),
+                    "{c}: {rel} has {attrs:?}"
+                );
+            }
+        }
+        // The parents are untouched by their children's layers.
+        let c1 = PathBuf::from(&s.mounts("c1").unwrap()[0].source);
+        assert_eq!(fs::read(c1.join("var/cache/big")).unwrap(), b"cached");
+        assert_eq!(fs::read(c1.join("opq/olddir/deep")).unwrap(), b"d");
+    }
+
+    /// A symlink from a lower layer is never followed by a later layer's entries or whiteouts.
+    #[test]
+    fn apply_refuses_paths_through_a_lower_layer_symlink() {
+        require_root();
+        use EntryType::{Regular as F, Symlink as L};
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("victim"), b"v").unwrap();
+        let store = tmp.path().join("store");
+        fs::create_dir(&store).unwrap();
+        let s = open(&store);
+        let target = outside.to_str().unwrap();
+        apply(&s, "k1", None, &tar_of(&[("lnk", L, target)]), "c1");
+        for (i, layer) in [
+            tar_of(&[("lnk/x", F, "escaped")]),
+            tar_of(&[("lnk/.wh.victim", F, "")]),
+            tar_of(&[("lnk/.wh..wh..opq", F, "")]),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let key = format!("k2-{i}");
+            s.prepare(&key, Some("c1")).unwrap();
+            let dir = s.diff_dir(&key).unwrap();
+            match apply_layer(&layer[..], &dir) {
+                Err(Error::UnsafeEntry { reason, .. }) => {
+                    assert!(reason.contains("symlink"), "layer {i}: {reason}");
+                }
+                other => panic!("layer {i}: expected UnsafeEntry, got {other:?}"),
+            }
+            s.remove(&key).unwrap();
+        }
+        assert!(!outside.join("x").exists());
+        assert_eq!(fs::read(outside.join("victim")).unwrap(), b"v");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
     }
 }

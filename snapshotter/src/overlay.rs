@@ -23,7 +23,7 @@ use std::sync::Arc;
 use nix::mount::{MntFlags, MsFlags};
 
 use crate::store::{Resolved, Store, Tables, disk_usage};
-use crate::{Error, Info, Kind, Mount, Result, Snapshotter, Usage};
+use crate::{DiffMode, Error, Info, Kind, Mount, Result, Snapshotter, Usage};
 
 const TABLES: Tables = Tables {
     records: "snapshots.overlay.records",
@@ -183,6 +183,11 @@ impl Snapshotter for OverlaySnapshotter {
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         Ok(self.mounts_of(&self.store.resolve(key)?))
+    }
+
+    /// [`DiffMode::Overlay`]: each layer unpacks alone into its snapshot's upper dir.
+    fn diff_mode(&self) -> DiffMode {
+        DiffMode::Overlay
     }
 
     fn diff_dir(&self, key: &str) -> Result<PathBuf> {

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 
-use crate::{Error, Info, Kind, Mount, Result, Snapshotter};
+use crate::unpack::{apply_layer, sync_filesystem, unpack_layer};
+use crate::{DiffMode, Error, Info, Kind, Mount, Result, Snapshotter};
 
 /// Panics unless running as root: root-only tests are never skipped silently.
 pub fn require_root() {
@@ -167,6 +168,7 @@ pub fn run<S: Snapshotter>(make: impl Fn(&Path) -> S + Send) {
         ("usage", usage),
         ("list", list),
         ("concurrent_prepares", concurrent_prepares),
+        ("layer_diffs", layer_diffs),
     ];
     let failures = in_private_mount_ns(move || {
         let mut failures = Vec::new();
@@ -245,6 +247,50 @@ fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
                     .to_string();
                 out.insert(rel, fs::read(entry.path()).expect("read file"));
             }
+        }
+    }
+    out
+}
+
+/// Every entry below `root` (not following symlinks), by relative path: `dir <mode>`,
+/// `file <mode> <contents>` (lossy UTF-8), `link -> <target>`, `char <rdev>`, `block <rdev>`,
+/// `fifo`, or `other`. Modes are the permission bits in octal.
+pub fn listing(root: &Path) -> BTreeMap<String, String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).expect("read dir") {
+            let path = entry.expect("read dir entry").path();
+            let rel = path
+                .strip_prefix(root)
+                .expect("below root")
+                .display()
+                .to_string();
+            let md = fs::symlink_metadata(&path).expect("lstat");
+            let t = md.file_type();
+            let mode = md.mode() & 0o7777;
+            let what = if t.is_dir() {
+                stack.push(path);
+                format!("dir {mode:o}")
+            } else if t.is_file() {
+                let data = fs::read(&path).expect("read file");
+                format!("file {mode:o} {}", String::from_utf8_lossy(&data))
+            } else if t.is_symlink() {
+                format!(
+                    "link -> {}",
+                    fs::read_link(&path).expect("readlink").display()
+                )
+            } else if t.is_char_device() {
+                format!("char {}", md.rdev())
+            } else if t.is_block_device() {
+                format!("block {}", md.rdev())
+            } else if t.is_fifo() {
+                "fifo".to_owned()
+            } else {
+                "other".to_owned()
+            };
+            out.insert(rel, what);
         }
     }
     out
@@ -631,4 +677,141 @@ fn concurrent_prepares<S: Snapshotter>(s: &S, scratch: &Path) {
         "{results:?}"
     );
     assert_eq!(s.list().expect("list").len(), 10);
+}
+
+/// Appends one entry (mode 0755 for directories, 0644 otherwise; `data` is the link target for
+/// links) to a layer tar.
+fn tar_entry(b: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, data: &str) {
+    use tar::EntryType;
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(if kind == EntryType::Directory {
+        0o755
+    } else {
+        0o644
+    });
+    h.set_mtime(1_700_000_000);
+    h.set_uid(0);
+    h.set_gid(0);
+    if matches!(kind, EntryType::Symlink | EntryType::Link) {
+        h.set_size(0);
+        b.append_link(&mut h, path, data).expect("append link");
+    } else {
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, data.as_bytes())
+            .expect("append entry");
+    }
+}
+
+fn tar_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, kind, data) in entries {
+        tar_entry(&mut b, path, *kind, data);
+    }
+    b.into_inner().expect("finish tar")
+}
+
+/// Builds a three-layer image (whiteouts of a file, a directory and a symlink, an opaque
+/// directory with entries before and after its marker, type changes, a hardlink) the way this
+/// store's [`DiffMode`] says, and checks the view of the top layer shows what overlayfs would.
+fn layer_diffs<S: Snapshotter>(s: &S, scratch: &Path) {
+    use sha2::Digest as _;
+    use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as L};
+    let layers = [
+        tar_of(&[
+            ("etc", D, ""),
+            ("etc/hosts", F, "h1"),
+            ("etc/gone", F, "g"),
+            ("etc/passwd", F, "p1"),
+            ("olddir", D, ""),
+            ("olddir/a", F, "a"),
+            ("olddir/sub/b", F, "b"),
+            ("opq", D, ""),
+            ("opq/old", F, "o"),
+            ("opq/keepdir", D, ""),
+            ("opq/keepdir/old", F, "ko"),
+            ("lnk", L, "etc/hosts"),
+            ("bin", D, ""),
+            ("bin/tool", F, "t"),
+        ]),
+        tar_of(&[
+            ("etc/.wh.gone", F, ""),
+            (".wh.olddir", F, ""),
+            (".wh.lnk", F, ""),
+            (".wh.missing", F, ""),
+            ("opq", D, ""),
+            ("opq/pre", F, "pre"),
+            ("opq/.wh..wh..opq", F, ""),
+            ("opq/keepdir", D, ""),
+            ("opq/keepdir/new", F, "n"),
+            ("opq/post", F, "post"),
+            ("bin/tool", D, ""),
+            ("bin/tool/inner", F, "i"),
+            ("etc/passwd", L, "hosts"),
+        ]),
+        tar_of(&[
+            ("etc/hosts", F, "h3"),
+            ("etc/hosts2", H, "etc/hosts"),
+            ("olddir", D, ""),
+            ("olddir/fresh", F, "f"),
+        ]),
+    ];
+    let mode = s.diff_mode();
+    let mut parent: Option<String> = None;
+    for (i, tar) in layers.iter().enumerate() {
+        let key = format!("extract-{i}");
+        let name = format!("layer-{i}");
+        let prepared_on = match mode {
+            DiffMode::Overlay => None,
+            DiffMode::Apply => parent.as_deref(),
+        };
+        s.prepare(&key, prepared_on).expect("prepare");
+        let dir = s.diff_dir(&key).expect("diff_dir");
+        let out = match mode {
+            DiffMode::Overlay => unpack_layer(&tar[..], &dir),
+            DiffMode::Apply => apply_layer(&tar[..], &dir),
+        }
+        .unwrap_or_else(|e| panic!("layer {i}: {e}"));
+        let want: [u8; 32] = sha2::Sha256::digest(tar).into();
+        assert_eq!(
+            out.diff_id,
+            api::Digest::from_sha256_bytes(&want),
+            "layer {i}"
+        );
+        sync_filesystem(&dir).expect("syncfs");
+        match mode {
+            DiffMode::Overlay => s.commit_with_parent(&name, &key, parent.as_deref()),
+            DiffMode::Apply => s.commit(&name, &key),
+        }
+        .expect("commit");
+        assert_eq!(s.stat(&name).expect("stat").parent, parent, "{name}");
+        parent = Some(name);
+    }
+    let m = s.view("image", parent.as_deref()).expect("view");
+    let (got, hosts_ino) = with_mounted(&m, scratch, |root| {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &str| fs::metadata(root.join(p)).expect("stat").ino();
+        (listing(root), (ino("etc/hosts"), ino("etc/hosts2")))
+    });
+    let want: BTreeMap<String, String> = [
+        ("bin", "dir 755"),
+        ("bin/tool", "dir 755"),
+        ("bin/tool/inner", "file 644 i"),
+        ("etc", "dir 755"),
+        ("etc/hosts", "file 644 h3"),
+        ("etc/hosts2", "file 644 h3"),
+        ("etc/passwd", "link -> hosts"),
+        ("olddir", "dir 755"),
+        ("olddir/fresh", "file 644 f"),
+        ("opq", "dir 755"),
+        ("opq/keepdir", "dir 755"),
+        ("opq/keepdir/new", "file 644 n"),
+        ("opq/post", "file 644 post"),
+        ("opq/pre", "file 644 pre"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(got, want, "{mode:?}");
+    assert_eq!(hosts_ino.0, hosts_ino.1, "hardlink kept");
 }

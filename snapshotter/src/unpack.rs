@@ -1,18 +1,32 @@
 //! Layer unpack: one OCI/Docker layer tar (uncompressed, gzip or zstd, detected from its first
-//! bytes) applied to an empty directory in overlayfs form.
+//! bytes) written to a directory, in one of two ways (see [`crate::DiffMode`]):
 //!
-//! - `.wh.<name>` whiteouts become `<name>` character devices 0/0; `.wh..wh..opq` sets
-//!   `trusted.overlay.opaque=y` on its directory. Other `.wh..wh.*` names (aufs metadata) are
-//!   skipped.
-//! - Regular files, directories, symlinks, hardlinks (within the layer), device nodes and fifos
-//!   are created with the tar's mode (incl. setuid/setgid/sticky), numeric ownership, mtime and
-//!   xattrs (PAX `SCHILY.xattr.*`). Directory times are set last, once their children exist.
+//! - [`unpack_layer`] writes it to an empty directory in overlayfs form: `.wh.<name>` whiteouts
+//!   become `<name>` character devices 0/0; `.wh..wh..opq` sets `trusted.overlay.opaque=y` on its
+//!   directory.
+//! - [`apply_layer`] applies it onto an existing tree (its parent layers' contents), as docker
+//!   and containerd "apply" a layer: `.wh.<name>` removes `<name>` (a whole directory tree, a
+//!   file or a symlink, never followed) if it exists and creates nothing; `.wh..wh..opq` in a
+//!   directory removes everything that was in it before this layer, keeping what this layer
+//!   itself writes there (before or after the marker).
+//!
+//! Both share one engine, so everything below holds for both:
+//!
+//! - Other `.wh..wh.*` names (aufs metadata) are skipped.
+//! - Regular files, directories, symlinks, hardlinks, device nodes and fifos are created with
+//!   the tar's mode (incl. setuid/setgid/sticky), numeric ownership, mtime and xattrs (PAX
+//!   `SCHILY.xattr.*`). Directory times are set last, once their children exist. A hardlink's
+//!   target must exist in the directory written to: within the layer for [`unpack_layer`],
+//!   anywhere in the tree (lower layers included) for [`apply_layer`].
 //! - An entry whose path already exists replaces it (as containerd does), except that a
-//!   directory entry over an existing directory keeps it and only updates its metadata.
+//!   directory entry over an existing directory keeps it and only updates its metadata. A
+//!   directory replaced by a non-directory is removed with everything in it first.
 //! - Entries that would write outside the directory are refused with
-//!   [`crate::Error::UnsafeEntry`]: `..` components, absolute paths, a path through a symlink,
-//!   a hardlink whose target is outside or missing. Paths are resolved one component at a time
-//!   with `O_NOFOLLOW`, so no symlink is ever followed, whatever the layer put where.
+//!   [`crate::Error::UnsafeEntry`]: `..` components, absolute paths, a path through a symlink
+//!   (one the layer made or, for [`apply_layer`], one already in the tree), a hardlink whose
+//!   target is outside or missing, a whiteout through a symlink. Paths are resolved one
+//!   component at a time with `O_NOFOLLOW`, so no symlink is ever followed, whatever the layer
+//!   or the tree put where.
 //! - Also refused: paths over [`MAX_PATH_LEN`] bytes, GNU long-name and PAX records over
 //!   [`MAX_EXTENSION_RECORD`] bytes (both would be read into memory), GNU sparse files, and
 //!   entry types other than the standard ones (as containerd does).
@@ -25,6 +39,7 @@
 //!
 //! Nothing is fsynced per entry: call [`sync_filesystem`] once before committing the snapshot.
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
@@ -67,13 +82,28 @@ pub struct Unpacked {
     pub uncompressed_size: u64,
 }
 
-/// Applies the layer read from `reader` (compressed or not) into `dest`, which must exist and be
-/// empty. Reads `reader` to its end, so a hashing reader around it sees the whole blob. On error
-/// `dest` may hold partial contents: the caller removes it.
+/// Writes the layer read from `reader` (compressed or not) into `dest` in overlay form
+/// ([`crate::DiffMode::Overlay`]); `dest` must exist and be empty. Reads `reader` to its end,
+/// so a hashing reader around it sees the whole blob. On error `dest` may hold partial
+/// contents: the caller removes it.
 ///
 /// The diffID covers the whole decompressed stream, including whatever follows the tar's
 /// end-of-archive blocks, so it equals `sha256sum` of the uncompressed blob.
 pub fn unpack_layer<R: Read>(reader: R, dest: &Path) -> Result<Unpacked> {
+    run_layer(reader, dest, Form::Overlay)
+}
+
+/// Applies the layer read from `reader` (compressed or not) onto the existing tree `root`, the
+/// full contents of its parent layers ([`crate::DiffMode::Apply`]): whiteouts remove what they
+/// name, opaque markers empty their directory of what lower layers put there, other entries
+/// create or replace. Same detection, limits, safety rules, diffID and full read of `reader` as
+/// [`unpack_layer`]. On error `root` may be partly changed: the caller removes the snapshot.
+pub fn apply_layer<R: Read>(reader: R, root: &Path) -> Result<Unpacked> {
+    run_layer(reader, root, Form::Apply)
+}
+
+/// The engine behind [`unpack_layer`] and [`apply_layer`].
+fn run_layer<R: Read>(reader: R, dest: &Path, form: Form) -> Result<Unpacked> {
     let decoder = Decoder::new(reader).map_err(Error::ReadLayer)?;
     let mut hashing = HashingReader {
         inner: decoder,
@@ -82,7 +112,7 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path) -> Result<Unpacked> {
     };
     {
         let mut archive = tar::Archive::new(&mut hashing);
-        let mut unpacker = Unpacker::new(dest)?;
+        let mut unpacker = Unpacker::new(dest, form)?;
         unpacker.run(&mut archive)?;
         unpacker.finish();
     }
@@ -100,8 +130,9 @@ pub fn unpack_layer<R: Read>(reader: R, dest: &Path) -> Result<Unpacked> {
     })
 }
 
-/// Flushes the whole filesystem holding `path` to disk (`syncfs(2)`). [`unpack_layer`] does no
-/// per-file fsync; call this once after unpacking, before committing the snapshot.
+/// Flushes the whole filesystem holding `path` to disk (`syncfs(2)`). [`unpack_layer`] and
+/// [`apply_layer`] do no per-file fsync; call this once after unpacking, before committing the
+/// snapshot.
 pub fn sync_filesystem(path: &Path) -> Result<()> {
     let dir = File::open(path).map_err(|e| Error::io("open for syncfs", path, e))?;
     nix::unistd::syncfs(dir.as_fd()).map_err(|e| Error::io("syncfs", path, e.into()))
@@ -545,8 +576,9 @@ fn open_dir_nofollow(start: BorrowedFd<'_>, rel: &[u8]) -> nix::Result<OwnedFd> 
 }
 
 /// Parent directories, opened safely, with the last one cached: tar entries come grouped by
-/// directory, so most entries reuse it. The cached directory is the parent of the entry being
-/// applied, and an entry only ever removes a child of its parent, so the cache never goes stale.
+/// directory, so most entries reuse it. An entry only ever removes its own path (or, for an
+/// opaque marker, what is below its directory); before that, [`Dirs::forget`] drops the cache if
+/// it lies there, so the cache never points into a removed directory.
 struct Dirs {
     root: OwnedFd,
     cached: Option<(Vec<u8>, OwnedFd)>,
@@ -555,21 +587,48 @@ struct Dirs {
 impl Dirs {
     /// The directory `rel` (normalised), created (mode 0755, root-owned) where missing.
     fn get(&mut self, rel: &[u8], entry: &str) -> Result<BorrowedFd<'_>> {
+        match self.lookup(rel, entry, true)? {
+            Some(fd) => Ok(fd),
+            None => unreachable!("missing directories are created"),
+        }
+    }
+
+    /// Drops the cached directory if it is `rel` or below it: `rel` is about to be removed.
+    fn forget(&mut self, rel: &[u8]) {
+        let below = |p: &[u8]| {
+            p.starts_with(rel) && (p.len() == rel.len() || rel.is_empty() || p[rel.len()] == b'/')
+        };
+        if self.cached.as_ref().is_some_and(|(p, _)| below(p)) {
+            self.cached = None;
+        }
+    }
+
+    /// The directory `rel` (normalised) if it exists, `None` if a component is missing. Creates
+    /// nothing.
+    fn find(&mut self, rel: &[u8], entry: &str) -> Result<Option<BorrowedFd<'_>>> {
+        self.lookup(rel, entry, false)
+    }
+
+    fn lookup(&mut self, rel: &[u8], entry: &str, create: bool) -> Result<Option<BorrowedFd<'_>>> {
         if rel.is_empty() {
-            return Ok(self.root.as_fd());
+            return Ok(Some(self.root.as_fd()));
         }
         let hit = self.cached.as_ref().is_some_and(|(p, _)| p == rel);
         if !hit {
-            let fd = self.walk_create(rel, entry)?;
+            let Some(fd) = self.walk(rel, entry, create)? else {
+                return Ok(None);
+            };
             self.cached = Some((rel.to_vec(), fd));
         }
         match &self.cached {
-            Some((_, fd)) => Ok(fd.as_fd()),
+            Some((_, fd)) => Ok(Some(fd.as_fd())),
             None => unreachable!("cache filled above"),
         }
     }
 
-    fn walk_create(&self, rel: &[u8], entry: &str) -> Result<OwnedFd> {
+    /// Opens `rel` one component at a time without following symlinks, creating missing
+    /// components if `create` (else `None` for a missing one).
+    fn walk(&self, rel: &[u8], entry: &str, create: bool) -> Result<Option<OwnedFd>> {
         let mut cur: Option<OwnedFd> = None;
         let mut end = 0;
         for comp in rel.split(|b| *b == b'/') {
@@ -580,6 +639,7 @@ impl Dirs {
             let name = OsStr::from_bytes(comp);
             let fd = match openat(at, name, DIR_FLAGS, Mode::empty()) {
                 Ok(fd) => fd,
+                Err(Errno::ENOENT) if !create => return Ok(None),
                 Err(Errno::ENOENT) => {
                     mkdirat(at, name, Mode::from_bits_truncate(0o755))
                         .map_err(|e| Error::io("create parent dir", lossy(prefix), e.into()))?;
@@ -608,13 +668,27 @@ impl Dirs {
             };
             cur = Some(fd);
         }
-        cur.ok_or_else(|| refuse(entry, "empty parent path"))
+        cur.map(Some)
+            .ok_or_else(|| refuse(entry, "empty parent path"))
     }
+}
+
+/// How whiteouts are written: the two entry points of this module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// [`unpack_layer`]: whiteout devices and opaque xattrs.
+    Overlay,
+    /// [`apply_layer`]: whiteouts remove.
+    Apply,
 }
 
 struct Unpacker {
     dest: PathBuf,
+    form: Form,
     dirs: Dirs,
+    /// [`Form::Apply`]: every path this layer wrote, with all its ancestors, which an opaque
+    /// marker must keep. Empty for [`Form::Overlay`].
+    written: HashSet<Vec<u8>>,
     /// Directory times, applied at the end: creating children changes them.
     dir_times: Vec<(Vec<u8>, TimeSpec, TimeSpec)>,
     buf: Vec<u8>,
@@ -634,12 +708,14 @@ fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
 }
 
 impl Unpacker {
-    fn new(dest: &Path) -> Result<Self> {
+    fn new(dest: &Path, form: Form) -> Result<Self> {
         let root = nix::fcntl::open(dest, DIR_FLAGS, Mode::empty())
             .map_err(|e| Error::io("open layer dir", dest, e.into()))?;
         Ok(Unpacker {
             dest: dest.to_owned(),
+            form,
             dirs: Dirs { root, cached: None },
+            written: HashSet::new(),
             dir_times: Vec::new(),
             buf: vec![0; BUF_SIZE],
         })
@@ -699,6 +775,26 @@ impl Unpacker {
         self.dest.join(OsStr::from_bytes(rel))
     }
 
+    /// What a hardlink target must exist in, for messages.
+    fn scope(&self) -> &'static str {
+        match self.form {
+            Form::Overlay => "the layer",
+            Form::Apply => "the tree",
+        }
+    }
+
+    /// Records that this layer wrote `rel` (and so its ancestors), for opaque markers.
+    fn mark_written(&mut self, rel: &[u8]) {
+        if self.form != Form::Apply {
+            return;
+        }
+        let mut cur = rel;
+        // A path already recorded has its ancestors recorded too.
+        while !cur.is_empty() && self.written.insert(cur.to_vec()) {
+            cur = split_last(cur).0;
+        }
+    }
+
     fn apply<R: Read>(&mut self, entry: &mut R, m: &Meta) -> Result<()> {
         if m.rel.is_empty() {
             // `./`: the layer root itself; only a directory can describe it.
@@ -719,6 +815,8 @@ impl Unpacker {
             return self.apply_whiteout(m, parent, name);
         }
         let path = self.path_of(&m.rel);
+        self.mark_written(&m.rel);
+        self.dirs.forget(&m.rel);
 
         // A hardlink target is resolved before the parent lookup below borrows the cache.
         let link_target = if m.kind == NodeKind::Hardlink {
@@ -818,7 +916,8 @@ impl Unpacker {
         Ok(())
     }
 
-    /// Resolves a hardlink's target inside the layer: `(its dir, its name, its normalised path)`.
+    /// Resolves a hardlink's target inside the layer (or, applying, the tree): `(its dir, its
+    /// name, its normalised path)`.
     fn resolve_hardlink(&self, m: &Meta) -> Result<(OwnedFd, Vec<u8>, Vec<u8>)> {
         let raw = m.link.as_deref().unwrap_or_default();
         let target = normalize(raw)
@@ -829,7 +928,7 @@ impl Unpacker {
         let (parent, name) = split_last(&target);
         let dir = open_dir_nofollow(self.dirs.root.as_fd(), parent).map_err(|e| {
             let reason = match e {
-                Errno::ENOENT => "does not exist in the layer".to_owned(),
+                Errno::ENOENT => format!("does not exist in {}", self.scope()),
                 Errno::ELOOP | Errno::ENOTDIR => {
                     "is reached through a symlink or a non-directory".to_owned()
                 }
@@ -853,8 +952,9 @@ impl Unpacker {
             Err(Errno::ENOENT) => Err(refuse(
                 &m.name,
                 format!(
-                    "hardlink target {:?} does not exist in the layer",
-                    lossy(raw)
+                    "hardlink target {:?} does not exist in {}",
+                    lossy(raw),
+                    self.scope()
                 ),
             )),
             Err(e) => Err(Error::io(
@@ -866,6 +966,9 @@ impl Unpacker {
     }
 
     fn apply_whiteout(&mut self, m: &Meta, parent: &[u8], name: &[u8]) -> Result<()> {
+        if name == OPAQUE_WHITEOUT && self.form == Form::Apply {
+            return self.clear_opaque(m, parent);
+        }
         if name == OPAQUE_WHITEOUT {
             let path = self.path_of(parent);
             let dir = self.dirs.get(parent, &m.name)?;
@@ -891,12 +994,24 @@ impl Unpacker {
         }
         rel.extend_from_slice(target);
         let path = self.path_of(&rel);
-        let dir = self.dirs.get(parent, &m.name)?;
+        self.dirs.forget(&rel);
+        let form = self.form;
+        let dir = match form {
+            Form::Overlay => self.dirs.get(parent, &m.name)?,
+            // Nothing to remove below a missing directory, and nothing is created.
+            Form::Apply => match self.dirs.find(parent, &m.name)? {
+                Some(dir) => dir,
+                None => return Ok(()),
+            },
+        };
         let osname = OsStr::from_bytes(target);
         match fstatat(dir, osname, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => remove_at(dir, target, file_type(&st) == SFlag::S_IFDIR, &path)?,
             Err(Errno::ENOENT) => {}
             Err(e) => return Err(Error::io("stat", path, e.into())),
+        }
+        if form == Form::Apply {
+            return Ok(());
         }
         mknodat(dir, osname, SFlag::S_IFCHR, Mode::empty(), 0)
             .map_err(|e| Error::io("create whiteout", &path, e.into()))?;
@@ -908,6 +1023,56 @@ impl Unpacker {
             AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .map_err(|e| Error::io("chown", &path, e.into()))
+    }
+
+    /// [`Form::Apply`], `.wh..wh..opq` in `dir_rel`: removes everything below it that this layer
+    /// has not written (what lower layers put there). Directories this layer wrote, explicitly
+    /// or as parents of its entries, stay, emptied of their lower contents the same way. Entries
+    /// after the marker are written after this, so they stay too.
+    fn clear_opaque(&mut self, m: &Meta, dir_rel: &[u8]) -> Result<()> {
+        // Resolved like any entry's parent (symlinks refused); a missing directory has nothing
+        // to clear. The cache then holds `dir_rel` (or nothing, for the root), which stays: only
+        // its descendants go.
+        self.dirs.forget(dir_rel);
+        if self.dirs.find(dir_rel, &m.name)?.is_none() {
+            return Ok(());
+        }
+        let mut pending = vec![dir_rel.to_vec()];
+        while let Some(rel) = pending.pop() {
+            let path = self.path_of(&rel);
+            let dir = open_dir_nofollow(self.dirs.root.as_fd(), &rel)
+                .map_err(|e| Error::io("open opaque dir", &path, e.into()))?;
+            let names = std::fs::read_dir(proc_path(dir.as_fd(), b""))
+                .and_then(|it| {
+                    it.map(|e| e.map(|e| e.file_name()))
+                        .collect::<io::Result<Vec<_>>>()
+                })
+                .map_err(|e| Error::io("read dir", &path, e))?;
+            for name in names {
+                let name = name.as_bytes();
+                let mut child = rel.clone();
+                if !child.is_empty() {
+                    child.push(b'/');
+                }
+                child.extend_from_slice(name);
+                let st = match fstatat(
+                    dir.as_fd(),
+                    OsStr::from_bytes(name),
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                ) {
+                    Ok(st) => st,
+                    Err(Errno::ENOENT) => continue,
+                    Err(e) => return Err(Error::io("stat", self.path_of(&child), e.into())),
+                };
+                let is_dir = file_type(&st) == SFlag::S_IFDIR;
+                if !self.written.contains(&child) {
+                    remove_at(dir.as_fd(), name, is_dir, &self.path_of(&child))?;
+                } else if is_dir {
+                    pending.push(child);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn set_dir_meta(&mut self, dir: &File, m: &Meta) -> Result<()> {
@@ -1709,5 +1874,264 @@ mod tests {
         assert_eq!(parse_pax_time(b"1.x"), None);
         assert_eq!(normalize(b"./etc//passwd").unwrap(), b"etc/passwd");
         assert_eq!(normalize(b"./").unwrap(), b"");
+    }
+
+    fn assert_apply_refused(tar: &[u8], root: &Path, needle: &str) {
+        match apply_layer(tar, root) {
+            Err(Error::UnsafeEntry { reason, .. }) => {
+                assert!(
+                    reason.contains(needle),
+                    "reason {reason:?} lacks {needle:?}"
+                );
+            }
+            other => panic!("expected UnsafeEntry ({needle}), got {other:?}"),
+        }
+    }
+
+    /// Every entry below `root` that is a character device, or has an overlay xattr.
+    fn overlay_artifacts(root: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let md = fs::symlink_metadata(&p).unwrap();
+                if md.is_dir() {
+                    if xattr::get(&p, "trusted.overlay.opaque").unwrap().is_some() {
+                        out.push(p.clone());
+                    }
+                    stack.push(p);
+                } else if md.file_type().is_char_device() {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn apply_whiteouts_opaque_dirs_and_replacements() {
+        require_root();
+        let (tmp, root) = sandbox();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), b"k").unwrap();
+
+        let mut b = Builder::new(Vec::new());
+        dir(&mut b, "a");
+        file(&mut b, "a/f", b"f");
+        file(&mut b, "a/stays", b"s");
+        dir(&mut b, "d");
+        file(&mut b, "d/sub/y", b"y");
+        link(
+            &mut b,
+            "lnkdir",
+            EntryType::Symlink,
+            outside.to_str().unwrap(),
+        );
+        dir(&mut b, "opq");
+        file(&mut b, "opq/old", b"o");
+        file(&mut b, "opq/rewritten", b"lower");
+        dir(&mut b, "opq/kept");
+        file(&mut b, "opq/kept/old", b"ko");
+        file(&mut b, "opq/implicit/old", b"io");
+        link(&mut b, "opq/oldlink", EntryType::Symlink, "/etc");
+        file(&mut b, "dir2file/c", b"c");
+        file(&mut b, "file2dir", b"x");
+        file(&mut b, "big", b"lower file");
+        let l1 = finish(b);
+        let out = apply_layer(&l1[..], &root).unwrap();
+        assert_eq!(out.diff_id, sha(&l1));
+
+        let mut b = Builder::new(Vec::new());
+        file(&mut b, "a/.wh.f", b"");
+        file(&mut b, ".wh.d", b"");
+        file(&mut b, ".wh.lnkdir", b"");
+        file(&mut b, ".wh.missing", b"");
+        file(&mut b, "nodir/deeper/.wh.x", b"");
+        // The opaque marker is not the first entry of its directory.
+        file(&mut b, "opq/before", b"b");
+        dir(&mut b, "opq/kept");
+        file(&mut b, "opq/.wh..wh..opq", b"");
+        file(&mut b, "opq/implicit/new", b"n");
+        file(&mut b, "opq/rewritten", b"upper");
+        file(&mut b, "opq/after", b"a");
+        file(&mut b, "dir2file", b"now a file");
+        dir(&mut b, "file2dir");
+        file(&mut b, "file2dir/c", b"c");
+        link(&mut b, "hard", EntryType::Link, "big");
+        b.append_pax_extensions([("SCHILY.xattr.trusted.overlay.opaque", &b"y"[..])])
+            .unwrap();
+        dir(&mut b, "xdir");
+        let l2 = finish(b);
+        let out = apply_layer(&l2[..], &root).unwrap();
+        assert_eq!(out.diff_id, sha(&l2));
+
+        let p = |s: &str| root.join(s);
+        assert_eq!(
+            names(&root),
+            ["a", "big", "dir2file", "file2dir", "hard", "opq", "xdir"]
+        );
+        assert_eq!(names(&p("a")), ["stays"]);
+        // The symlink itself went, not what it pointed at.
+        assert_eq!(names(&outside), ["keep"]);
+        assert_eq!(
+            names(&p("opq")),
+            ["after", "before", "implicit", "kept", "rewritten"]
+        );
+        assert!(names(&p("opq/kept")).is_empty());
+        assert_eq!(names(&p("opq/implicit")), ["new"]);
+        assert_eq!(fs::read(p("opq/rewritten")).unwrap(), b"upper");
+        assert_eq!(fs::read(p("dir2file")).unwrap(), b"now a file");
+        assert_eq!(names(&p("file2dir")), ["c"]);
+        let big = fs::metadata(p("big")).unwrap();
+        assert_eq!(big.ino(), fs::metadata(p("hard")).unwrap().ino());
+        assert_eq!(big.nlink(), 2);
+        assert!(
+            overlay_artifacts(&root).is_empty(),
+            "{:?}",
+            overlay_artifacts(&root)
+        );
+    }
+
+    #[test]
+    fn apply_opaque_marker_at_the_root_and_twice() {
+        require_root();
+        let (_tmp, root) = sandbox();
+        let mut b = Builder::new(Vec::new());
+        file(&mut b, "x", b"x");
+        file(&mut b, "d/y", b"y");
+        apply_layer(&finish(b)[..], &root).unwrap();
+        let mut b = Builder::new(Vec::new());
+        file(&mut b, "d/z", b"z");
+        file(&mut b, ".wh..wh..opq", b"");
+        file(&mut b, "d/.wh..wh..opq", b"");
+        file(&mut b, "d/.wh..wh..opq", b"");
+        file(&mut b, "w", b"w");
+        // A marker in a directory that does not exist creates nothing.
+        file(&mut b, "none/.wh..wh..opq", b"");
+        apply_layer(&finish(b)[..], &root).unwrap();
+        assert_eq!(names(&root), ["d", "w"]);
+        assert_eq!(names(&root.join("d")), ["z"]);
+    }
+
+    #[test]
+    fn apply_refuses_hostile_entries() {
+        require_root();
+        let (tmp, root) = sandbox();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("victim"), b"v").unwrap();
+        fs::write(tmp.path().join("x"), b"sibling").unwrap();
+        // Symlinks left by a lower layer.
+        let mut b = Builder::new(Vec::new());
+        link(&mut b, "lnk", EntryType::Symlink, outside.to_str().unwrap());
+        dir(&mut b, "real");
+        link(&mut b, "real/up", EntryType::Symlink, "../..");
+        apply_layer(&finish(b)[..], &root).unwrap();
+
+        let one = |name: &[u8], kind: EntryType, target: &[u8]| {
+            let mut b = Builder::new(Vec::new());
+            raw(&mut b, name, kind, target, 0o644, 0, 0, b"data");
+            finish(b)
+        };
+        let abs = tmp.path().join("abs");
+        for (tar, needle) in [
+            (one(b"lnk/x", EntryType::Regular, b""), "symlink"),
+            (one(b"real/up/x", EntryType::Regular, b""), "symlink"),
+            (one(b"lnk/sub/x", EntryType::Directory, b""), "symlink"),
+            (one(b"../x", EntryType::Regular, b""), "'..'"),
+            (
+                one(abs.as_os_str().as_bytes(), EntryType::Regular, b""),
+                "absolute",
+            ),
+            (one(b"../.wh.x", EntryType::Regular, b""), "'..'"),
+            (one(b"real/../../.wh.x", EntryType::Regular, b""), "'..'"),
+            (one(b".wh...", EntryType::Regular, b""), "invalid name"),
+            (one(b"lnk/.wh.victim", EntryType::Regular, b""), "symlink"),
+            (one(b"real/up/.wh.x", EntryType::Regular, b""), "symlink"),
+            (one(b"lnk/.wh..wh..opq", EntryType::Regular, b""), "symlink"),
+            (one(b"h", EntryType::Link, b"lnk/victim"), "symlink"),
+            (one(b"h", EntryType::Link, b"../x"), "'..'"),
+            (
+                one(b"h", EntryType::Link, b"missing"),
+                "does not exist in the tree",
+            ),
+        ] {
+            assert_apply_refused(&tar, &root, needle);
+        }
+        assert_eq!(names(&outside), ["victim"]);
+        assert_eq!(fs::metadata(outside.join("victim")).unwrap().nlink(), 1);
+        assert_eq!(fs::read(tmp.path().join("x")).unwrap(), b"sibling");
+        assert!(!abs.exists());
+        assert_eq!(names(&root), ["lnk", "real"]);
+        assert_eq!(names(&root.join("real")), ["up"]);
+    }
+
+    #[test]
+    fn apply_diff_id_matches_unpack() {
+        let mut b = Builder::new(Vec::new());
+        file(&mut b, "a", &vec![1u8; 300_000]);
+        dir(&mut b, "d");
+        let mut tar = finish(b);
+        tar.extend(vec![0u8; 10 * 1024]);
+        let want = sha(&tar);
+        struct Counting<'a>(&'a [u8], usize);
+        impl Read for Counting<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = self.0.read(buf)?;
+                self.1 += n;
+                Ok(n)
+            }
+        }
+        for (name, blob) in [
+            ("plain", tar.clone()),
+            ("gzip", gzip(&tar)),
+            ("zstd", zstd_compress(&tar)),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut reader = Counting(&blob, 0);
+            let applied = apply_layer(&mut reader, tmp.path()).unwrap();
+            assert_eq!(reader.1, blob.len(), "{name}: not read to its end");
+            let tmp2 = tempfile::tempdir().unwrap();
+            let unpacked = unpack_layer(&blob[..], tmp2.path()).unwrap();
+            assert_eq!(applied, unpacked, "{name}");
+            assert_eq!(applied.diff_id, want, "{name}");
+            assert_eq!(applied.uncompressed_size, tar.len() as u64, "{name}");
+            assert_eq!(names(tmp.path()), ["a", "d"], "{name}");
+        }
+    }
+
+    /// A root-level removal must not leave the parent cache pointing into what it removed.
+    #[test]
+    fn removals_do_not_leave_a_stale_parent() {
+        require_root();
+        let (_tmp, root) = sandbox();
+        let mut b = Builder::new(Vec::new());
+        file(&mut b, "a/b/f", b"f");
+        file(&mut b, ".wh.a", b"");
+        file(&mut b, "a/b/x", b"x");
+        apply_layer(&finish(b)[..], &root).unwrap();
+        assert_eq!(names(&root), ["a"]);
+        assert_eq!(names(&root.join("a/b")), ["x"]);
+
+        let (_tmp, root) = sandbox();
+        let mut b = Builder::new(Vec::new());
+        file(&mut b, "a/b/f", b"f");
+        file(&mut b, "a", b"now a file");
+        file(&mut b, "a/b/x", b"x");
+        let tar = finish(b);
+        assert_apply_refused(&tar, &root, "not a directory");
+        let (_tmp, dest) = sandbox();
+        assert_refused(&tar, &dest, "not a directory");
     }
 }

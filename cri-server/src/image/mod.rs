@@ -21,7 +21,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use snapshotter::content::ContentStore;
-use snapshotter::{Kind, Snapshotter};
+use snapshotter::{DiffMode, Kind, Snapshotter};
 use tokio::sync::mpsc;
 
 use self::reference::{Reference, Target};
@@ -387,36 +387,10 @@ impl ImageManager {
             });
         }
 
-        // By index: a closure taking `&LayerJob` trips the compiler's Send check on
-        // higher-ranked lifetimes.
-        let jobs_ref = &jobs;
-        let results = futures::stream::iter(0..jobs.len())
-            .map(|i| self.fetch_layer(ep, r, &jobs_ref[i]))
-            .buffer_unordered(self.config.max_concurrent_downloads)
-            .collect::<Vec<_>>()
-            .await;
-        let committed = async {
-            for res in results {
-                res?;
-            }
-            // Unpacked files reach the disk before any snapshot naming them is committed.
-            let dir = self.snapshots_dir.clone();
-            tokio::task::spawn_blocking(move || syncfs(&dir))
-                .await
-                .map_err(blocking_err)??;
-            for job in &jobs {
-                let parent = job.index.checked_sub(1).map(|p| chain[p].as_str());
-                let name = chain[job.index].as_str();
-                match self.snapshots.commit_with_parent(name, &job.key, parent) {
-                    Ok(()) => {}
-                    // Another pull sharing this layer got there first.
-                    Err(snapshotter::Error::AlreadyExists(_)) => self.snapshots.remove(&job.key)?,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
-        }
-        .await;
+        let committed = match self.snapshots.diff_mode() {
+            DiffMode::Overlay => self.unpack_all_at_once(ep, r, &jobs, &chain).await,
+            DiffMode::Apply => self.apply_in_order(ep, r, &jobs, &chain).await,
+        };
         if let Err(e) = committed {
             for job in &jobs {
                 if let Err(err) = self.snapshots.remove(&job.key)
@@ -443,6 +417,73 @@ impl ImageManager {
             size,
             user: config.config.and_then(|c| c.user).unwrap_or_default(),
         })
+    }
+
+    /// Overlay mode: every missing layer downloads and unpacks into its own parentless
+    /// snapshot at once; then they are committed onto each other in chain order.
+    async fn unpack_all_at_once(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        jobs: &[LayerJob],
+        chain: &[Digest],
+    ) -> Result<()> {
+        // By index: a closure taking `&LayerJob` trips the compiler's Send check on
+        // higher-ranked lifetimes.
+        let results = futures::stream::iter(0..jobs.len())
+            .map(|i| async move {
+                self.snapshots.prepare(&jobs[i].key, None)?;
+                self.fetch_layer(ep, r, &jobs[i], DiffMode::Overlay).await
+            })
+            .buffer_unordered(self.config.max_concurrent_downloads)
+            .collect::<Vec<_>>()
+            .await;
+        for res in results {
+            res?;
+        }
+        // Unpacked files reach the disk before any snapshot naming them is committed.
+        self.sync_snapshots().await?;
+        for job in jobs {
+            let parent = job.index.checked_sub(1).map(|p| chain[p].as_str());
+            let name = chain[job.index].as_str();
+            match self.snapshots.commit_with_parent(name, &job.key, parent) {
+                Ok(()) => {}
+                // Another pull sharing this layer got there first.
+                Err(snapshotter::Error::AlreadyExists(_)) => self.snapshots.remove(&job.key)?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply mode: each layer is applied onto a copy of its committed parent, one after
+    /// another.
+    async fn apply_in_order(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        jobs: &[LayerJob],
+        chain: &[Digest],
+    ) -> Result<()> {
+        for job in jobs {
+            let parent = job.index.checked_sub(1).map(|p| chain[p].as_str());
+            self.snapshots.prepare(&job.key, parent)?;
+            self.fetch_layer(ep, r, job, DiffMode::Apply).await?;
+            self.sync_snapshots().await?;
+            match self.snapshots.commit(chain[job.index].as_str(), &job.key) {
+                Ok(()) => {}
+                Err(snapshotter::Error::AlreadyExists(_)) => self.snapshots.remove(&job.key)?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync_snapshots(&self) -> Result<()> {
+        let dir = self.snapshots_dir.clone();
+        tokio::task::spawn_blocking(move || syncfs(&dir))
+            .await
+            .map_err(blocking_err)?
     }
 
     async fn fetch_small_blob(
@@ -484,16 +525,21 @@ impl ImageManager {
 
     /// Downloads one layer (or reads it from the content store) and unpacks it while it
     /// streams into a fresh `extract-*` snapshot, verifying the blob digest and the diffID.
-    async fn fetch_layer(&self, ep: &Endpoint, r: &Reference, job: &LayerJob) -> Result<()> {
+    async fn fetch_layer(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        job: &LayerJob,
+        mode: DiffMode,
+    ) -> Result<()> {
         let layer = &job.layer;
-        self.snapshots.prepare(&job.key, None)?;
         let dir = self.snapshots.diff_dir(&job.key)?;
         let content = self.content.clone();
         let digest = layer.digest.clone();
 
         let unpacked = if self.content.exists(&digest) {
             let blob = content.open_blob(&digest)?;
-            tokio::task::spawn_blocking(move || snapshotter::unpack::unpack_layer(blob, &dir))
+            tokio::task::spawn_blocking(move || unpack(mode, blob, &dir))
                 .await
                 .map_err(blocking_err)?
                 .map_err(Error::from)
@@ -508,7 +554,7 @@ impl ImageManager {
                     },
                     blob: &mut blob,
                 };
-                let unpacked = snapshotter::unpack::unpack_layer(reader, &dir)?;
+                let unpacked = unpack(mode, reader, &dir)?;
                 blob.commit()?;
                 Ok(unpacked)
             });
@@ -549,7 +595,7 @@ impl ImageManager {
         Ok(())
     }
 
-    /// The image an id, id prefix-free digest or reference names.
+    /// The image that `image` names: an id (`sha256:<hex>` or bare hex) or a reference.
     pub fn resolve(&self, image: &str) -> Result<Option<NamedImage>> {
         let image = image.trim();
         if image.is_empty() {
@@ -738,6 +784,18 @@ fn select_platform(r: &Reference, index: &Fetched) -> Result<Digest> {
                 }
             )))
         }
+    }
+}
+
+/// Writes a layer into a snapshot the way its store takes diffs.
+fn unpack<R: Read>(
+    mode: DiffMode,
+    reader: R,
+    dir: &std::path::Path,
+) -> snapshotter::Result<snapshotter::unpack::Unpacked> {
+    match mode {
+        DiffMode::Overlay => snapshotter::unpack::unpack_layer(reader, dir),
+        DiffMode::Apply => snapshotter::unpack::apply_layer(reader, dir),
     }
 }
 

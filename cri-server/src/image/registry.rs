@@ -313,3 +313,120 @@ pub fn host_platform() -> (&'static str, &'static str) {
     };
     ("linux", arch)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RegistryConfig;
+
+    #[test]
+    fn classifies_manifests() {
+        let m = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
+        assert_eq!(classify(m), Ok(OCI_MANIFEST.to_owned()));
+        // OCI allows omitting mediaType: the shape decides.
+        assert_eq!(
+            classify(br#"{"schemaVersion":2,"manifests":[]}"#),
+            Ok(OCI_INDEX.to_owned())
+        );
+        assert_eq!(
+            classify(br#"{"schemaVersion":2,"config":{},"layers":[]}"#),
+            Ok(OCI_MANIFEST.to_owned())
+        );
+        let schema1 = br#"{"schemaVersion":1,"name":"x","fsLayers":[]}"#;
+        assert!(
+            classify(schema1)
+                .expect_err("schema 1")
+                .contains("schema version")
+        );
+        let odd = br#"{"schemaVersion":2,"mediaType":"application/vnd.example+json"}"#;
+        assert!(classify(odd).expect_err("odd").contains("media type"));
+        assert!(classify(b"not json").is_err());
+        assert!(classify(br#"{"schemaVersion":2}"#).is_err());
+    }
+
+    #[test]
+    fn endpoints_put_mirrors_first_and_plain_http_where_docker_does() {
+        let mut config = Config::default();
+        config.registry.insert(
+            "docker.io".into(),
+            RegistryConfig {
+                mirrors: vec![
+                    "http://127.0.0.1:5000".into(),
+                    "https://mirror.example/".into(),
+                ],
+                insecure: false,
+            },
+        );
+        config.registry.insert(
+            "10.1.2.3:5000".into(),
+            RegistryConfig {
+                mirrors: vec![],
+                insecure: true,
+            },
+        );
+        let eps = endpoints(&config, "docker.io");
+        let got: Vec<(String, bool)> = eps.iter().map(|e| (e.host.clone(), e.plain_http)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("127.0.0.1:5000".into(), true),
+                ("mirror.example".into(), false),
+                ("docker.io".into(), false)
+            ]
+        );
+        assert!(
+            endpoints(&config, "10.1.2.3:5000")[0].plain_http,
+            "insecure"
+        );
+        assert!(
+            endpoints(&config, "localhost:5000")[0].plain_http,
+            "loopback needs no config"
+        );
+        assert!(endpoints(&config, "127.0.0.9:80")[0].plain_http);
+        assert!(endpoints(&config, "[::1]:5000")[0].plain_http);
+        assert!(!endpoints(&config, "registry.example:5000")[0].plain_http);
+    }
+
+    #[test]
+    fn cri_auth_forms() {
+        use base64::Engine as _;
+        let basic = |u: &str, p: &str| RegistryAuth::Basic(u.into(), p.into());
+        let a = |f: fn(&mut api::cri::AuthConfig)| {
+            let mut c = api::cri::AuthConfig::default();
+            f(&mut c);
+            auth_from_cri(Some(&c))
+        };
+        assert!(matches!(auth_from_cri(None), Ok(RegistryAuth::Anonymous)));
+        assert!(matches!(a(|_| {}), Ok(RegistryAuth::Anonymous)));
+        let got = a(|c| {
+            c.username = "u".into();
+            c.password = "p".into();
+        })
+        .expect("user/pass");
+        assert!(
+            matches!((got, basic("u", "p")), (RegistryAuth::Basic(a, b), RegistryAuth::Basic(c, d)) if a == c && b == d)
+        );
+        let encoded = base64::engine::general_purpose::STANDARD.encode("user:pa:ss");
+        let got = auth_from_cri(Some(&api::cri::AuthConfig {
+            auth: encoded,
+            ..Default::default()
+        }))
+        .expect("auth");
+        assert!(matches!(got, RegistryAuth::Basic(u, p) if u == "user" && p == "pa:ss"));
+        assert!(
+            matches!(a(|c| c.registry_token = "t".into()), Ok(RegistryAuth::Bearer(t)) if t == "t")
+        );
+        assert!(matches!(
+            a(|c| c.auth = "!!".into()),
+            Err(Error::InvalidArgument(_))
+        ));
+        let no_colon = base64::engine::general_purpose::STANDARD.encode("nocolon");
+        assert!(matches!(
+            auth_from_cri(Some(&api::cri::AuthConfig {
+                auth: no_colon,
+                ..Default::default()
+            })),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}
