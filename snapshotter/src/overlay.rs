@@ -191,17 +191,7 @@ impl Snapshotter for OverlaySnapshotter {
     }
 
     fn diff_dir(&self, key: &str) -> Result<PathBuf> {
-        let s = self.store.resolve(key)?;
-        if s.info.kind != Kind::Active {
-            return Err(Error::InvalidState {
-                key: key.to_owned(),
-                reason: format!(
-                    "is {:?}, only an active snapshot has a diff dir",
-                    s.info.kind
-                ),
-            });
-        }
-        Ok(self.store.fs_dir(s.id))
+        self.store.active_fs_dir(key)
     }
 
     fn commit(&self, name: &str, key: &str) -> Result<()> {

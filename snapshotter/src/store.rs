@@ -248,6 +248,22 @@ impl Store {
         Ok(p)
     }
 
+    /// The `fs` dir of the active snapshot `key`; [`Error::InvalidState`] for a view or a
+    /// committed snapshot.
+    pub fn active_fs_dir(&self, key: &str) -> Result<PathBuf> {
+        let s = self.resolve(key)?;
+        if s.info.kind != Kind::Active {
+            return Err(Error::InvalidState {
+                key: key.to_owned(),
+                reason: format!(
+                    "is {:?}, only an active snapshot has a diff dir",
+                    s.info.kind
+                ),
+            });
+        }
+        Ok(self.fs_dir(s.id))
+    }
+
     /// Creates snapshot `key`: `populate` fills its directory (given the parent, resolved),
     /// before any record exists; the record is committed once the directory is in place.
     pub fn create(

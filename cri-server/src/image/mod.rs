@@ -446,12 +446,10 @@ impl ImageManager {
         for job in jobs {
             let parent = job.index.checked_sub(1).map(|p| chain[p].as_str());
             let name = chain[job.index].as_str();
-            match self.snapshots.commit_with_parent(name, &job.key, parent) {
-                Ok(()) => {}
-                // Another pull sharing this layer got there first.
-                Err(snapshotter::Error::AlreadyExists(_)) => self.snapshots.remove(&job.key)?,
-                Err(e) => return Err(e.into()),
-            }
+            self.keep_first(
+                self.snapshots.commit_with_parent(name, &job.key, parent),
+                &job.key,
+            )?;
         }
         Ok(())
     }
@@ -470,13 +468,22 @@ impl ImageManager {
             self.snapshots.prepare(&job.key, parent)?;
             self.fetch_layer(ep, r, job, DiffMode::Apply).await?;
             self.sync_snapshots().await?;
-            match self.snapshots.commit(chain[job.index].as_str(), &job.key) {
-                Ok(()) => {}
-                Err(snapshotter::Error::AlreadyExists(_)) => self.snapshots.remove(&job.key)?,
-                Err(e) => return Err(e.into()),
-            }
+            self.keep_first(
+                self.snapshots.commit(chain[job.index].as_str(), &job.key),
+                &job.key,
+            )?;
         }
         Ok(())
+    }
+
+    /// The outcome of committing a layer: if another pull sharing the layer committed it first,
+    /// ours is dropped.
+    fn keep_first(&self, committed: snapshotter::Result<()>, key: &str) -> Result<()> {
+        match committed {
+            Ok(()) => Ok(()),
+            Err(snapshotter::Error::AlreadyExists(_)) => Ok(self.snapshots.remove(key)?),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn sync_snapshots(&self) -> Result<()> {
