@@ -1347,12 +1347,20 @@ pub struct FetchedManifest {
 }
 
 /// A minimal OCI distribution client over plain HTTP, for pushing test images and checking what
-/// the registry serves. Optional HTTP Basic credentials are sent on every request.
+/// the registry serves. Optional HTTP Basic credentials or a bearer token are sent on every
+/// request.
 #[derive(Clone, Debug)]
 pub struct RegistryClient {
     base: String,
     http: reqwest::Client,
-    auth: Option<(String, String)>,
+    auth: Option<ClientAuth>,
+}
+
+/// What [`RegistryClient`] sends as `Authorization`.
+#[derive(Clone, Debug)]
+enum ClientAuth {
+    Basic(String, String),
+    Bearer(String),
 }
 
 impl RegistryClient {
@@ -1373,7 +1381,15 @@ impl RegistryClient {
 
     /// Sends `user`/`pass` as HTTP Basic credentials on every request.
     pub fn with_basic_auth(mut self, user: &str, pass: &str) -> Self {
-        self.auth = Some((user.to_owned(), pass.to_owned()));
+        self.auth = Some(ClientAuth::Basic(user.to_owned(), pass.to_owned()));
+        self
+    }
+
+    /// Sends `Authorization: Bearer <token>` on every request (replacing Basic credentials), for
+    /// registries with token auth. The token must cover every action the requests need (a push
+    /// needs `pull,push` on the repository).
+    pub fn with_bearer_token(mut self, token: &str) -> Self {
+        self.auth = Some(ClientAuth::Bearer(token.to_owned()));
         self
     }
 
@@ -1385,7 +1401,8 @@ impl RegistryClient {
     fn request_url(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let req = self.http.request(method, url);
         match &self.auth {
-            Some((user, pass)) => req.basic_auth(user, Some(pass)),
+            Some(ClientAuth::Basic(user, pass)) => req.basic_auth(user, Some(pass)),
+            Some(ClientAuth::Bearer(token)) => req.bearer_auth(token),
             None => req,
         }
     }

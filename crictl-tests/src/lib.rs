@@ -6,3 +6,4 @@ pub mod daemon;
 pub mod image;
 pub mod rawh2;
 pub mod registry;
+pub mod token;

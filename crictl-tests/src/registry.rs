@@ -11,8 +11,10 @@
 //! Authentication: [`Registry::start_with_basic_auth`] configures the registry's `htpasswd`
 //! backend. That backend answers `401` with `WWW-Authenticate: Basic realm=...` and accepts
 //! HTTP Basic credentials on every request, which is what a CRI `AuthConfig` with
-//! `username`/`password` maps to. Bearer-token auth (a separate token server issuing JWTs) is not
-//! provided here; it is tested elsewhere.
+//! `username`/`password` maps to. [`Registry::start_with_token_auth`] configures the `token`
+//! backend instead: the registry answers `401` with `WWW-Authenticate: Bearer realm=...` and
+//! accepts only JWTs from a token server (see [`crate::token::TokenServer`]) whose signing
+//! certificate it trusts.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -44,6 +46,8 @@ pub struct Registry {
     child: Child,
     addr: SocketAddr,
     credentials: Option<(String, String)>,
+    // Whether any auth backend is configured (anonymous `GET /v2/` then answers `401`).
+    auth_required: bool,
     // Dropped after `child` is killed (see `Drop`), taking storage, config and log with it.
     dir: TempDir,
 }
@@ -59,7 +63,7 @@ impl Registry {
 
     /// Blocking variant of [`Registry::start`], for code without a tokio runtime.
     pub fn start_blocking() -> anyhow::Result<Registry> {
-        start_with(None)
+        start_with(AuthSetup::None)
     }
 
     /// Starts a registry that requires HTTP Basic credentials `user`/`pass` (htpasswd backend,
@@ -76,7 +80,30 @@ impl Registry {
         if user.contains(':') || user.contains('\n') {
             bail!("htpasswd user name {user:?} must not contain ':' or a newline");
         }
-        start_with(Some((user.to_owned(), pass.to_owned())))
+        start_with(AuthSetup::Basic(user.to_owned(), pass.to_owned()))
+    }
+
+    /// Starts a registry with the `token` auth backend: every request needs
+    /// `Authorization: Bearer <JWT>`; anonymous requests get `401` with
+    /// `WWW-Authenticate: Bearer realm="<realm>",service="<service>",scope=...`. Tokens must be
+    /// issued by `issuer` for audience `service` and signed by a key whose certificate chain
+    /// (JWT header `x5c`) verifies against `cert_pem`, written to the temp dir as the
+    /// `rootcertbundle`. [`Registry::client`] carries no credentials for such a registry.
+    pub async fn start_with_token_auth(
+        realm: &str,
+        service: &str,
+        issuer: &str,
+        cert_pem: &str,
+    ) -> anyhow::Result<Registry> {
+        let setup = AuthSetup::Token {
+            realm: realm.to_owned(),
+            service: service.to_owned(),
+            issuer: issuer.to_owned(),
+            cert_pem: cert_pem.to_owned(),
+        };
+        tokio::task::spawn_blocking(move || start_with(setup))
+            .await
+            .context("join registry start task")?
     }
 
     /// `127.0.0.1:PORT`: the registry host as it appears in image references.
@@ -159,7 +186,7 @@ impl std::fmt::Debug for Registry {
         f.debug_struct("Registry")
             .field("addr", &self.addr)
             .field("pid", &self.child.id())
-            .field("auth", &self.credentials.is_some())
+            .field("auth", &self.auth_required)
             .field("dir", &self.dir.path())
             .finish()
     }
@@ -193,13 +220,26 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr().context("read bound address")?.port())
 }
 
-fn start_with(credentials: Option<(String, String)>) -> anyhow::Result<Registry> {
+/// Which auth backend a registry is started with.
+#[derive(Clone)]
+enum AuthSetup {
+    None,
+    Basic(String, String),
+    Token {
+        realm: String,
+        service: String,
+        issuer: String,
+        cert_pem: String,
+    },
+}
+
+fn start_with(setup: AuthSetup) -> anyhow::Result<Registry> {
     if !Path::new(REGISTRY_BIN).exists() {
         bail!("{REGISTRY_BIN} not found: install the Debian package docker-registry");
     }
     let mut last_err = None;
     for _ in 0..PORT_ATTEMPTS {
-        match try_start(credentials.clone()) {
+        match try_start(setup.clone()) {
             Ok(registry) => return Ok(registry),
             Err(StartError::PortTaken(err)) => last_err = Some(err),
             Err(StartError::Other(err)) => return Err(err),
@@ -221,7 +261,7 @@ impl<E: Into<anyhow::Error>> From<E> for StartError {
     }
 }
 
-fn try_start(credentials: Option<(String, String)>) -> Result<Registry, StartError> {
+fn try_start(setup: AuthSetup) -> Result<Registry, StartError> {
     let dir = tempfile::Builder::new()
         .prefix("berth-registry-")
         .tempdir()
@@ -231,21 +271,41 @@ fn try_start(credentials: Option<(String, String)>) -> Result<Registry, StartErr
     let storage = dir.path().join("storage");
     fs::create_dir(&storage).with_context(|| format!("create {storage:?}"))?;
 
-    let auth = match &credentials {
-        Some((user, pass)) => {
+    let (auth, credentials) = match setup {
+        AuthSetup::Basic(user, pass) => {
             let htpasswd = dir.path().join("htpasswd");
-            let hash = bcrypt::hash_with_result(pass, BCRYPT_COST)
+            let hash = bcrypt::hash_with_result(&pass, BCRYPT_COST)
                 .context("bcrypt password")?
                 .format_for_version(bcrypt::Version::TwoY);
             fs::write(&htpasswd, format!("{user}:{hash}\n"))
                 .with_context(|| format!("write {htpasswd:?}"))?;
-            format!(
+            let auth = format!(
                 "auth:\n  htpasswd:\n    realm: berth-test-registry\n    path: {}\n",
                 yaml_str(&htpasswd)
-            )
+            );
+            (auth, Some((user, pass)))
         }
-        None => String::new(),
+        AuthSetup::Token {
+            realm,
+            service,
+            issuer,
+            cert_pem,
+        } => {
+            let bundle = dir.path().join("token-root.pem");
+            fs::write(&bundle, cert_pem).with_context(|| format!("write {bundle:?}"))?;
+            let auth = format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    \
+                 rootcertbundle: {}\n",
+                yaml_string(&realm),
+                yaml_string(&service),
+                yaml_string(&issuer),
+                yaml_str(&bundle)
+            );
+            (auth, None)
+        }
+        AuthSetup::None => (String::new(), None),
     };
+    let auth_required = !auth.is_empty();
     let config = format!(
         "version: 0.1\n\
          log:\n  level: info\n  formatter: text\n\
@@ -278,6 +338,7 @@ fn try_start(credentials: Option<(String, String)>) -> Result<Registry, StartErr
         child,
         addr,
         credentials,
+        auth_required,
         dir,
     };
 
@@ -292,7 +353,7 @@ fn try_start(credentials: Option<(String, String)>) -> Result<Registry, StartErr
             return Err(StartError::Other(err));
         }
         if let Some(code) = probe_v2(addr)
-            && (code == 200 || (code == 401 && registry.credentials.is_some()))
+            && (code == 200 || (code == 401 && registry.auth_required))
         {
             return Ok(registry);
         }
@@ -326,8 +387,12 @@ fn probe_v2(addr: SocketAddr) -> Option<u16> {
 }
 
 fn yaml_str(path: &Path) -> String {
+    yaml_string(&path.to_string_lossy())
+}
+
+fn yaml_string(s: &str) -> String {
     // JSON strings are valid YAML double-quoted scalars.
-    serde_json::Value::String(path.to_string_lossy().into_owned()).to_string()
+    serde_json::Value::String(s.to_owned()).to_string()
 }
 
 fn tail(path: &Path, lines: usize) -> String {

@@ -933,9 +933,14 @@ fn snapshot_dirs_in(dir: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn native_snapshotter_applies_layers_with_whiteouts() {
     require_root();
-    let img = busybox_image().expect("image").build(ManifestFormat::Oci).expect("build");
+    let img = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
     let reg = registry_with("busybox", "latest", &img).await;
-    let d = Daemon::start_with_config("snapshotter = \"native\"\n").await.expect("daemon");
+    let d = Daemon::start_with_config("snapshotter = \"native\"\n")
+        .await
+        .expect("daemon");
     let name = format!("{}/busybox", reg.addr());
     assert_eq!(pull(&d, &name).await.expect("pull"), img.config_digest);
     assert_eq!(snapshot_dirs(&d).len(), 3, "one full tree per layer");
@@ -946,15 +951,25 @@ async fn native_snapshotter_applies_layers_with_whiteouts() {
         .expect("top layer snapshot");
     assert!(top.join("bin/busybox").is_file());
     assert!(top.join("var/lib").is_dir());
-    assert!(top.join("var/lib/gone").symlink_metadata().is_err(), "whiteout deletes");
+    assert!(
+        top.join("var/lib/gone").symlink_metadata().is_err(),
+        "whiteout deletes"
+    );
     let opq: BTreeSet<String> = std::fs::read_dir(top.join("opq"))
         .expect("opq")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(opq, BTreeSet::from(["new".to_owned()]), "opaque dir hides the lower contents");
+    assert_eq!(
+        opq,
+        BTreeSet::from(["new".to_owned()]),
+        "opaque dir hides the lower contents"
+    );
     let a = top.join("data/a").metadata().expect("a");
     assert_eq!(a.ino(), top.join("data/b").metadata().expect("b").ino());
-    let devices = walk(&top).into_iter().filter(|m| m.file_type().is_char_device()).count();
+    let devices = walk(&top)
+        .into_iter()
+        .filter(|m| m.file_type().is_char_device())
+        .count();
     assert_eq!(devices, 0, "no overlay whiteout devices in a native tree");
     remove(&d, &name).await;
     assert_no_leftovers(&d);
