@@ -20,6 +20,14 @@ pub fn require_root() {
     );
 }
 
+/// A CRI image spec naming `image`.
+pub fn image_spec(image: &str) -> Option<api::cri::ImageSpec> {
+    Some(api::cri::ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    })
+}
+
 /// Where the built binaries are: `$BERTH_BIN_DIR`, else the cargo target dir of this test.
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("BERTH_BIN_DIR") {
@@ -157,6 +165,37 @@ impl Daemon {
     /// An ImageService client.
     pub async fn images(&self) -> anyhow::Result<ImageServiceClient<Channel>> {
         Ok(ImageServiceClient::new(self.channel().await?))
+    }
+
+    /// PullImage, returning the image ref or the gRPC status.
+    pub async fn pull_image(
+        &self,
+        image: &str,
+        auth: Option<api::cri::AuthConfig>,
+    ) -> Result<String, tonic::Status> {
+        let mut c = self
+            .images()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let req = api::cri::PullImageRequest {
+            image: image_spec(image),
+            auth,
+            sandbox_config: None,
+        };
+        c.pull_image(req).await.map(|r| r.into_inner().image_ref)
+    }
+
+    /// RemoveImage, returning the gRPC status on failure.
+    pub async fn remove_image(&self, image: &str) -> Result<(), tonic::Status> {
+        let mut c = self
+            .images()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        c.remove_image(api::cri::RemoveImageRequest {
+            image: image_spec(image),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// The daemon's pid, while it runs.

@@ -20,7 +20,7 @@ fn spec(image: &str) -> Option<cri::ImageSpec> {
 }
 
 async fn pull(d: &Daemon, image: &str) -> Result<String, tonic::Status> {
-    pull_auth(d, image, None).await
+    d.pull_image(image, None).await
 }
 
 async fn pull_auth(
@@ -28,13 +28,7 @@ async fn pull_auth(
     image: &str,
     auth: Option<cri::AuthConfig>,
 ) -> Result<String, tonic::Status> {
-    let mut c = d.images().await.expect("client");
-    let req = cri::PullImageRequest {
-        image: spec(image),
-        auth,
-        sandbox_config: None,
-    };
-    c.pull_image(req).await.map(|r| r.into_inner().image_ref)
+    d.pull_image(image, auth).await
 }
 
 async fn status(d: &Daemon, image: &str, verbose: bool) -> cri::ImageStatusResponse {
@@ -58,10 +52,7 @@ async fn list(d: &Daemon) -> Vec<cri::Image> {
 }
 
 async fn remove(d: &Daemon, image: &str) {
-    let mut c = d.images().await.expect("client");
-    c.remove_image(cri::RemoveImageRequest { image: spec(image) })
-        .await
-        .expect("remove image");
+    d.remove_image(image).await.expect("remove image");
 }
 
 /// Snapshot `fs` dirs on disk.

@@ -18,28 +18,11 @@ async fn pull_auth(
     image: &str,
     auth: Option<cri::AuthConfig>,
 ) -> Result<String, tonic::Status> {
-    let mut c = d.images().await.expect("client");
-    let req = cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.to_owned(),
-            ..Default::default()
-        }),
-        auth,
-        sandbox_config: None,
-    };
-    c.pull_image(req).await.map(|r| r.into_inner().image_ref)
+    d.pull_image(image, auth).await
 }
 
 async fn remove(d: &Daemon, image: &str) {
-    let mut c = d.images().await.expect("client");
-    c.remove_image(cri::RemoveImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.to_owned(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .expect("remove image");
+    d.remove_image(image).await.expect("remove image");
 }
 
 fn user_pass(user: &str, password: &str) -> cri::AuthConfig {
