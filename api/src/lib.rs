@@ -7,6 +7,7 @@
 
 pub mod digest;
 pub mod mount;
+pub mod shim;
 
 /// CRI v1 protobuf types and gRPC service stubs.
 pub use k8s_cri::v1 as cri;

@@ -1,0 +1,138 @@
+//! The berthd ↔ `berth-shim` protocol.
+//!
+//! One `berth-shim` process monitors one container. berthd starts it as
+//!
+//! ```text
+//! berth-shim --id <container-id> --bundle <dir> --log <cri-log-path> [--stdin] [--tty]
+//! ```
+//!
+//! where `<dir>/config.json` is the OCI runtime spec and `<dir>/rootfs` (or the spec's
+//! `root.path`) is already mounted. The shim detaches (double fork, own session), creates the
+//! container (state *created*: the init process waits, the user process has not run) and only
+//! then lets the command berthd ran exit: 0 after printing one JSON [`Created`] line on stdout,
+//! non-zero with a message on stderr when creation failed (nothing left behind in that case).
+//!
+//! Afterwards berthd talks to the shim over the unix socket [`SOCKET_NAME`] in the bundle dir:
+//! one JSON [`Request`] per line, one JSON [`Response`] line back per request; a connection may
+//! carry many requests in order. The shim records the exit in [`EXIT_FILE_NAME`] (atomically:
+//! temp file + rename) *before* it answers any request with the stopped state, so berthd can
+//! learn the exit after either process restarts.
+
+use serde::{Deserialize, Serialize};
+
+/// The shim's socket, in the bundle dir.
+pub const SOCKET_NAME: &str = "shim.sock";
+/// The container's exit record ([`ExitStatus`] as JSON), in the bundle dir.
+pub const EXIT_FILE_NAME: &str = "exit.json";
+/// The shim's own log (the shim's stdout belongs to the protocol), in the bundle dir.
+pub const SHIM_LOG_NAME: &str = "shim.log";
+/// The shim's pid, written once it is detached, in the bundle dir.
+pub const PID_FILE_NAME: &str = "shim.pid";
+
+/// Printed by `berth-shim` on stdout once the container is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Created {
+    /// Pid of the long-lived shim process.
+    pub shim_pid: i32,
+    /// Pid of the container's init process (in the host pid namespace).
+    pub pid: i32,
+}
+
+/// A request to the shim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// The container's current state. Answered with [`Response::State`].
+    State,
+    /// Runs the user process of a created container. Error if not in the created state.
+    Start,
+    /// Sends `signal` to the init process (or every process of the container when `all`).
+    /// Signalling a stopped container is not an error.
+    Kill {
+        /// Signal number.
+        signal: i32,
+        /// To every process in the container's cgroup, not only init.
+        all: bool,
+    },
+    /// Waits until the container has exited, then answers [`Response::State`].
+    Wait,
+    /// Reopens the CRI log file (after log rotation).
+    ReopenLog,
+    /// Deletes the container (it must be stopped, or created and never started), then the shim
+    /// exits after answering. The bundle dir is left for berthd to remove.
+    Shutdown,
+}
+
+/// Lifecycle state of the container, as the OCI runtime spec names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Created, user process not started.
+    Created,
+    /// The user process runs.
+    Running,
+    /// The user process exited.
+    Stopped,
+}
+
+/// How the container's process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code; 128 + signal number when killed by a signal.
+    pub code: i32,
+    /// The signal that killed it, if any.
+    pub signal: Option<i32>,
+    /// Exit time, nanoseconds since the Unix epoch.
+    pub exited_at_ns: i64,
+    /// The kernel OOM killer killed a process of the container.
+    pub oom_killed: bool,
+}
+
+/// A reply from the shim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// The state of the container.
+    State {
+        /// Lifecycle state.
+        status: Status,
+        /// Init pid (host pid namespace).
+        pid: i32,
+        /// Start time of the user process, ns since the epoch, once started.
+        started_at_ns: Option<i64>,
+        /// Set once stopped.
+        exit: Option<ExitStatus>,
+    },
+    /// The request failed.
+    Error {
+        /// What went wrong, for people.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_tagged_json() {
+        let r = Request::Kill {
+            signal: 15,
+            all: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&r).expect("json"),
+            r#"{"op":"kill","signal":15,"all":false}"#
+        );
+        let s: Response =
+            serde_json::from_str(r#"{"result":"error","message":"no"}"#).expect("parse");
+        assert_eq!(
+            s,
+            Response::Error {
+                message: "no".into()
+            }
+        );
+    }
+}
