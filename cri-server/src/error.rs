@@ -10,6 +10,9 @@ pub enum Error {
     /// The named thing does not exist (image, registry manifest).
     #[error("{0}")]
     NotFound(String),
+    /// The name or id is taken.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The state does not allow the operation.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -61,6 +64,7 @@ impl From<Error> for tonic::Status {
         match e {
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::NotFound(_) => tonic::Status::not_found(msg),
+            Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::Unavailable(_) => tonic::Status::unavailable(msg),
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(msg),

@@ -10,4 +10,5 @@ pub mod error;
 pub mod image;
 pub mod image_service;
 pub mod runtime_service;
+pub mod sandbox;
 pub mod server;

@@ -2,18 +2,76 @@
 //! calls arrive with the RuntimeService issue and answer UNIMPLEMENTED until then — never a fake
 //! success.
 
+use std::sync::Arc;
+
 use api::cri;
 use api::cri::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
+
+use crate::sandbox::{SandboxManager, SandboxRecord, State};
 
 /// The name and version berthd reports.
 pub const RUNTIME_NAME: &str = "berth";
 /// CRI API version served.
 pub const CRI_VERSION: &str = "v1";
 
-/// Answers the runtime calls.
-#[derive(Debug, Default)]
-pub struct RuntimeServiceImpl;
+/// Answers the runtime calls by translating them into calls on the core managers.
+pub struct RuntimeServiceImpl {
+    sandboxes: Arc<SandboxManager>,
+}
+
+impl RuntimeServiceImpl {
+    /// Serves the given core.
+    pub fn new(sandboxes: Arc<SandboxManager>) -> Self {
+        RuntimeServiceImpl { sandboxes }
+    }
+}
+
+fn state_of(r: &SandboxRecord) -> i32 {
+    match r.state {
+        State::Ready => cri::PodSandboxState::SandboxReady as i32,
+        _ => cri::PodSandboxState::SandboxNotready as i32,
+    }
+}
+
+fn to_pod_sandbox(r: &SandboxRecord) -> cri::PodSandbox {
+    cri::PodSandbox {
+        id: r.id.clone(),
+        metadata: r.config.metadata.clone(),
+        state: state_of(r),
+        created_at: r.created_at_ns,
+        labels: r.config.labels.clone(),
+        annotations: r.config.annotations.clone(),
+        runtime_handler: r.runtime_handler.clone(),
+    }
+}
+
+fn to_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
+    cri::PodSandboxStatus {
+        id: r.id.clone(),
+        metadata: r.config.metadata.clone(),
+        state: state_of(r),
+        created_at: r.created_at_ns,
+        // Pod IPs come with CNI; until then a pod has loopback only.
+        network: Some(cri::PodSandboxNetworkStatus::default()),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace {
+                options: Some(r.namespace_options()),
+            }),
+        }),
+        labels: r.config.labels.clone(),
+        annotations: r.config.annotations.clone(),
+        runtime_handler: r.runtime_handler.clone(),
+    }
+}
+
+fn matches(r: &SandboxRecord, f: &cri::PodSandboxFilter) -> bool {
+    (f.id.is_empty() || r.id.starts_with(&f.id))
+        && f.state.as_ref().is_none_or(|s| s.state == state_of(r))
+        && f.label_selector
+            .iter()
+            .all(|(k, v)| r.config.labels.get(k) == Some(v))
+}
 
 fn unimplemented<T>(method: &str) -> Result<Response<T>, Status> {
     Err(Status::unimplemented(format!(
@@ -119,12 +177,86 @@ impl RuntimeService for RuntimeServiceImpl {
         unimplemented("get_container_events")
     }
 
+    async fn run_pod_sandbox(
+        &self,
+        req: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let req = req.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("RunPodSandbox needs a pod sandbox config"))?;
+        let id = self.sandboxes.run(config, &req.runtime_handler).await?;
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        req: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        self.sandboxes.stop(&req.get_ref().pod_sandbox_id).await?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        req: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        self.sandboxes.remove(&req.get_ref().pod_sandbox_id).await?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        req: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let req = req.into_inner();
+        let r = self.sandboxes.get(&req.pod_sandbox_id)?;
+        let mut info = std::collections::HashMap::new();
+        if req.verbose {
+            let pins: std::collections::HashMap<String, String> = r
+                .pins
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        p.file_name()?.to_string_lossy().into_owned(),
+                        p.display().to_string(),
+                    ))
+                })
+                .collect();
+            let detail = serde_json::json!({
+                "hostname": r.hostname,
+                "namespaces": pins,
+                "filesDir": self.sandboxes.files_dir(&r.id),
+                "config": r.config,
+            });
+            info.insert("info".to_owned(), detail.to_string());
+        }
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(to_status(&r)),
+            info,
+            containers_statuses: vec![],
+            timestamp: crate::sandbox::now_ns(),
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        req: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let items = self
+            .sandboxes
+            .list()?
+            .iter()
+            .filter(|r| matches(r, &filter))
+            .map(to_pod_sandbox)
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
     not_yet! {
-        run_pod_sandbox(cri::RunPodSandboxRequest) -> cri::RunPodSandboxResponse;
-        stop_pod_sandbox(cri::StopPodSandboxRequest) -> cri::StopPodSandboxResponse;
-        remove_pod_sandbox(cri::RemovePodSandboxRequest) -> cri::RemovePodSandboxResponse;
-        pod_sandbox_status(cri::PodSandboxStatusRequest) -> cri::PodSandboxStatusResponse;
-        list_pod_sandbox(cri::ListPodSandboxRequest) -> cri::ListPodSandboxResponse;
         create_container(cri::CreateContainerRequest) -> cri::CreateContainerResponse;
         start_container(cri::StartContainerRequest) -> cri::StartContainerResponse;
         stop_container(cri::StopContainerRequest) -> cri::StopContainerResponse;

@@ -22,6 +22,7 @@ use crate::config::{Config, SnapshotterKind};
 use crate::image::ImageManager;
 use crate::image_service::ImageServiceImpl;
 use crate::runtime_service::RuntimeServiceImpl;
+use crate::sandbox::SandboxManager;
 
 /// Where berthd keeps things; all are flags so tests run many daemons side by side.
 #[derive(Debug, Clone)]
@@ -42,8 +43,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // The socket first: a second daemon pointed at a live one stops before touching storage.
     let listener = bind(&paths.listen)?;
-    let images = match open_images(&paths, config).await {
-        Ok(i) => Arc::new(i),
+    let (images, sandboxes) = match open_core(&paths, config).await {
+        Ok((i, s)) => (Arc::new(i), Arc::new(s)),
         Err(e) => {
             let _ = std::fs::remove_file(&paths.listen);
             return Err(e);
@@ -55,7 +56,9 @@ pub async fn run(
         .map(|conn| conn.map(AuthorityFix::new));
     let result = tonic::transport::Server::builder()
         .layer(RequestSpanLayer)
-        .add_service(RuntimeServiceServer::new(RuntimeServiceImpl))
+        .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(
+            sandboxes,
+        )))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(images)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
@@ -64,7 +67,10 @@ pub async fn run(
     result
 }
 
-async fn open_images(paths: &Paths, config: Config) -> anyhow::Result<ImageManager> {
+async fn open_core(
+    paths: &Paths,
+    config: Config,
+) -> anyhow::Result<(ImageManager, SandboxManager)> {
     let paths = paths.clone();
     tokio::task::spawn_blocking(move || {
         for dir in [&paths.root, &paths.state] {
@@ -100,8 +106,9 @@ async fn open_images(paths: &Paths, config: Config) -> anyhow::Result<ImageManag
                 db.clone(),
             )?)
         };
-        let images = ImageManager::new(db, content, snaps, Arc::new(config))?;
-        anyhow::Ok(images)
+        let images = ImageManager::new(db.clone(), content, snaps, Arc::new(config))?;
+        let sandboxes = SandboxManager::new(db, &paths.state)?;
+        anyhow::Ok((images, sandboxes))
     })
     .await?
 }

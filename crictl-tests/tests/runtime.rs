@@ -50,9 +50,9 @@ async fn version_status_and_runtime_config() {
 
     // Not built yet: UNIMPLEMENTED, never a fake success.
     let err = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+        .create_container(cri::CreateContainerRequest::default())
         .await
-        .expect_err("run pod sandbox is not built");
+        .expect_err("containers are not built yet");
     assert_eq!(err.code(), Code::Unimplemented);
     let err = rt
         .list_containers(cri::ListContainersRequest::default())

@@ -1,0 +1,540 @@
+//! Pod sandboxes: pinned namespaces, the pod's hostname/hosts/resolv.conf files, and their
+//! records. A sandbox has no process of its own.
+//!
+//! Crash safety: a sandbox is recorded as `Creating` before anything is made for it and becomes
+//! `Ready` only when everything exists; at start, `Creating` records are rolled back, and
+//! `Ready` ones whose pins vanished (the state dir is a tmpfs) become `NotReady`.
+
+pub mod ns_linux;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use api::cri;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// sandbox id → JSON [`SandboxRecord`].
+const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
+/// `name_namespace_uid_attempt` → sandbox id: the names kubelet may not reuse.
+const NAMES: TableDefinition<&str, &str> = TableDefinition::new("sandbox_names");
+
+/// Lifecycle of a sandbox record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    /// Being set up; never shown to clients.
+    Creating,
+    /// Namespaces pinned, ready for containers.
+    Ready,
+    /// Stopped: network torn down, containers stopped.
+    NotReady,
+}
+
+/// What berthd knows of a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// 64 hex digits.
+    pub id: String,
+    /// The config kubelet gave.
+    pub config: cri::PodSandboxConfig,
+    /// Runtime handler asked for.
+    pub runtime_handler: String,
+    /// Lifecycle state.
+    pub state: State,
+    /// Creation time, ns since the epoch.
+    pub created_at_ns: i64,
+    /// Pinned namespace files (net, ipc, uts that are not the host's).
+    pub pins: Vec<PathBuf>,
+    /// The pod's hostname.
+    pub hostname: String,
+}
+
+impl SandboxRecord {
+    fn name_key(&self) -> String {
+        name_key(self.config.metadata.as_ref())
+    }
+
+    /// Namespace options, defaulted as CRI defines them (everything POD).
+    pub fn namespace_options(&self) -> cri::NamespaceOption {
+        namespace_options(&self.config)
+    }
+
+    /// Path of the pinned namespace of `kind` (`net`, `ipc`, `uts`), if the pod has its own.
+    pub fn ns_path(&self, kind: &str) -> Option<&Path> {
+        self.pins
+            .iter()
+            .map(PathBuf::as_path)
+            .find(|p| p.file_name().is_some_and(|n| n == kind))
+    }
+}
+
+fn namespace_options(c: &cri::PodSandboxConfig) -> cri::NamespaceOption {
+    c.linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default()
+}
+
+fn name_key(m: Option<&cri::PodSandboxMetadata>) -> String {
+    let m = m.cloned().unwrap_or_default();
+    format!("{}_{}_{}_{}", m.name, m.namespace, m.uid, m.attempt)
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn is_node(mode: i32) -> bool {
+    mode == cri::NamespaceMode::Node as i32
+}
+
+/// Pod sandboxes and their records.
+pub struct SandboxManager {
+    db: Arc<Database>,
+    state_dir: PathBuf,
+    /// One lock per sandbox id: stop/remove of one pod never interleave.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl SandboxManager {
+    /// Opens the records and reconciles them with what survived a crash or reboot.
+    pub fn new(db: Arc<Database>, state_dir: &Path) -> Result<Self> {
+        let tx = db.begin_write()?;
+        tx.open_table(SANDBOXES)?;
+        tx.open_table(NAMES)?;
+        tx.commit()?;
+        let m = SandboxManager {
+            db,
+            state_dir: state_dir.to_owned(),
+            locks: Mutex::default(),
+        };
+        m.recover()?;
+        Ok(m)
+    }
+
+    fn recover(&self) -> Result<()> {
+        for r in self.all()? {
+            match r.state {
+                State::Creating => {
+                    tracing::info!(sandbox_id = %r.id, "rolling back a sandbox a crash left half-created");
+                    self.teardown(&r);
+                    self.delete_record(&r)?;
+                }
+                State::Ready if !r.pins.iter().all(|p| ns_linux::is_pinned(p)) => {
+                    tracing::warn!(sandbox_id = %r.id, "sandbox namespaces are gone (reboot?): marking it not ready");
+                    let _ = ns_linux::unpin(&r.pins);
+                    self.put(&SandboxRecord {
+                        state: State::NotReady,
+                        pins: vec![],
+                        ..r
+                    })?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("sandboxes").join(id)
+    }
+
+    fn ns_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("ns").join(id)
+    }
+
+    /// Where the pod's `hostname`, `hosts` and `resolv.conf` files live.
+    pub fn files_dir(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id)
+    }
+
+    fn all(&self) -> Result<Vec<SandboxRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SANDBOXES)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (id, v) = e?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| {
+                Error::Internal(format!("sandbox record {} is corrupt: {e}", id.value()))
+            })?);
+        }
+        Ok(out)
+    }
+
+    fn put(&self, r: &SandboxRecord) -> Result<()> {
+        let json = serde_json::to_vec(r).map_err(|e| Error::internal("encode sandbox", e))?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(SANDBOXES)?
+            .insert(r.id.as_str(), json.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a new sandbox under its name, atomically: AlreadyExists if the name is taken.
+    fn reserve(&self, r: &SandboxRecord) -> Result<()> {
+        let json = serde_json::to_vec(r).map_err(|e| Error::internal("encode sandbox", e))?;
+        let key = r.name_key();
+        let tx = self.db.begin_write()?;
+        {
+            let mut names = tx.open_table(NAMES)?;
+            if let Some(other) = names.get(key.as_str())? {
+                return Err(Error::AlreadyExists(format!(
+                    "pod sandbox name {key:?} is reserved for {}",
+                    other.value()
+                )));
+            }
+            names.insert(key.as_str(), r.id.as_str())?;
+            tx.open_table(SANDBOXES)?
+                .insert(r.id.as_str(), json.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn delete_record(&self, r: &SandboxRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            tx.open_table(SANDBOXES)?.remove(r.id.as_str())?;
+            let mut names = tx.open_table(NAMES)?;
+            let key = r.name_key();
+            let ours = names.get(key.as_str())?.is_some_and(|v| v.value() == r.id);
+            if ours {
+                names.remove(key.as_str())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The sandbox `id` names: a full id or a unique prefix of one. Creating ones are invisible.
+    pub fn get(&self, id: &str) -> Result<SandboxRecord> {
+        if id.is_empty() {
+            return Err(Error::InvalidArgument("pod sandbox id is required".into()));
+        }
+        let mut found: Vec<SandboxRecord> = self
+            .all()?
+            .into_iter()
+            .filter(|r| r.state != State::Creating && r.id.starts_with(id))
+            .collect();
+        match found.len() {
+            0 => Err(Error::NotFound(format!("pod sandbox {id:?} not found"))),
+            1 => Ok(found.remove(0)),
+            _ => Err(Error::InvalidArgument(format!(
+                "pod sandbox id prefix {id:?} is ambiguous"
+            ))),
+        }
+    }
+
+    /// Creates a sandbox: namespaces pinned, pod files written. Rolled back fully on failure.
+    pub async fn run(
+        &self,
+        config: cri::PodSandboxConfig,
+        runtime_handler: &str,
+    ) -> Result<String> {
+        let meta = config
+            .metadata
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("pod sandbox config needs metadata".into()))?;
+        if meta.name.is_empty() || meta.uid.is_empty() || meta.namespace.is_empty() {
+            return Err(Error::InvalidArgument(
+                "pod sandbox metadata needs name, uid and namespace".into(),
+            ));
+        }
+        if !runtime_handler.is_empty() && runtime_handler != "berth" {
+            return Err(Error::InvalidArgument(format!(
+                "unknown runtime handler {runtime_handler:?}: berth has only the default handler"
+            )));
+        }
+        let ns = namespace_options(&config);
+        if ns.network == cri::NamespaceMode::Target as i32
+            || ns.ipc == cri::NamespaceMode::Target as i32
+        {
+            return Err(Error::InvalidArgument(
+                "TARGET namespace mode applies to pid only".into(),
+            ));
+        }
+        let sysctls = checked_sysctls(&config, &ns)?;
+        let id = hex::encode(rand::random::<[u8; 32]>());
+        let host_net = is_node(ns.network);
+        let hostname = if host_net {
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .map_err(|e| Error::internal("read host name", std::io::Error::from(e)))?
+        } else if !config.hostname.is_empty() {
+            config.hostname.clone()
+        } else {
+            meta.name.clone()
+        };
+        let mut record = SandboxRecord {
+            id: id.clone(),
+            config,
+            runtime_handler: runtime_handler.to_owned(),
+            state: State::Creating,
+            created_at_ns: now_ns(),
+            pins: vec![],
+            hostname,
+        };
+        self.reserve(&record)?;
+        let lock = self.lock(&id);
+        let _held = lock.lock().await;
+
+        let setup = {
+            let files_dir = self.sandbox_dir(&id);
+            let ns_dir = self.ns_dir(&id);
+            let req = ns_linux::NsRequest {
+                net: !host_net,
+                ipc: !is_node(ns.ipc),
+                uts: !host_net,
+                hostname: Some(record.hostname.clone()),
+                sysctls,
+            };
+            let record = record.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<PathBuf>> {
+                write_pod_files(&files_dir, &record, host_net)?;
+                ns_linux::pin(&ns_dir, &req).map_err(Error::Internal)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("sandbox setup thread: {e}")))?
+        };
+        // The network of the pod is set up here once CNI exists; loopback is up already.
+        match setup {
+            Ok(pins) => {
+                record.pins = pins;
+                record.state = State::Ready;
+                if let Err(e) = self.put(&record) {
+                    self.teardown(&record);
+                    let _ = self.delete_record(&record);
+                    return Err(e);
+                }
+                tracing::info!(sandbox_id = %id, "pod sandbox ready");
+                Ok(id)
+            }
+            Err(e) => {
+                self.teardown(&record);
+                self.delete_record(&record)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Releases what a sandbox holds on the host: pins and its files. Safe to call twice; logs
+    /// what it could not undo.
+    fn teardown(&self, r: &SandboxRecord) {
+        let pins: Vec<PathBuf> = ns_linux::KINDS
+            .iter()
+            .map(|k| self.ns_dir(&r.id).join(k))
+            .collect();
+        if let Err(e) = ns_linux::unpin(&pins) {
+            tracing::warn!(sandbox_id = %r.id, error = %e, "unpin namespaces");
+        }
+        for dir in [self.ns_dir(&r.id), self.sandbox_dir(&r.id)] {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(sandbox_id = %r.id, error = %e, path = %dir.display(), "remove sandbox dir")
+                }
+            }
+        }
+    }
+
+    /// Stops a sandbox: its network goes, it becomes NotReady. Stopping a stopped sandbox
+    /// succeeds; an unknown id is NotFound.
+    pub async fn stop(&self, id: &str) -> Result<()> {
+        let r = self.get(id)?;
+        let lock = self.lock(&r.id);
+        let _held = lock.lock().await;
+        let r = self.get(&r.id)?;
+        if r.state == State::NotReady {
+            return Ok(());
+        }
+        // Containers are stopped and the CNI network torn down here once they exist. The
+        // network namespace goes with the network, as in containerd.
+        let net: Vec<PathBuf> = r
+            .ns_path("net")
+            .map(Path::to_path_buf)
+            .into_iter()
+            .collect();
+        ns_linux::unpin(&net).map_err(Error::Internal)?;
+        let pins = r
+            .pins
+            .iter()
+            .filter(|p| !net.contains(p))
+            .cloned()
+            .collect();
+        self.put(&SandboxRecord {
+            state: State::NotReady,
+            pins,
+            ..r
+        })?;
+        tracing::info!(sandbox_id = %id, "pod sandbox stopped");
+        Ok(())
+    }
+
+    /// Removes a sandbox, stopping it first if needed. Removing an unknown sandbox succeeds.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let r = match self.get(id) {
+            Ok(r) => r,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if r.state == State::Ready {
+            self.stop(&r.id).await?;
+        }
+        let lock = self.lock(&r.id);
+        let _held = lock.lock().await;
+        let r = match self.get(&r.id) {
+            Ok(r) => r,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.teardown(&r);
+        self.delete_record(&r)?;
+        tracing::info!(sandbox_id = %r.id, "pod sandbox removed");
+        Ok(())
+    }
+
+    /// Every visible sandbox.
+    pub fn list(&self) -> Result<Vec<SandboxRecord>> {
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter(|r| r.state != State::Creating)
+            .collect())
+    }
+}
+
+/// Namespaced sysctls only, and only for namespaces the pod owns: anything else would change
+/// the host.
+fn checked_sysctls(
+    config: &cri::PodSandboxConfig,
+    ns: &cri::NamespaceOption,
+) -> Result<Vec<(String, String)>> {
+    let Some(linux) = &config.linux else {
+        return Ok(vec![]);
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (k, v) in &linux.sysctls {
+        let net = k.starts_with("net.");
+        let ipc = k.starts_with("kernel.shm")
+            || k.starts_with("kernel.msg")
+            || k == "kernel.sem"
+            || k.starts_with("fs.mqueue.");
+        let ok = (net && !is_node(ns.network)) || (ipc && !is_node(ns.ipc));
+        if !ok || k.contains('/') || k.contains("..") {
+            return Err(Error::InvalidArgument(format!(
+                "sysctl {k:?} is not namespaced in this pod (only net.* without host network and IPC sysctls without host IPC)"
+            )));
+        }
+        out.push((k.clone(), v.clone()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+const DEFAULT_HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nff00::1\tip6-allnodes\nff00::2\tip6-allrouters\n";
+
+/// Writes `hostname`, `hosts` and `resolv.conf` for the pod's containers to bind-mount.
+fn write_pod_files(dir: &Path, r: &SandboxRecord, host_net: bool) -> Result<()> {
+    let io = |what: &str, e: std::io::Error| Error::internal(what, e);
+    std::fs::create_dir_all(dir).map_err(|e| io("create sandbox dir", e))?;
+    std::fs::write(dir.join("hostname"), format!("{}\n", r.hostname))
+        .map_err(|e| io("write hostname", e))?;
+    let hosts = if host_net {
+        std::fs::read_to_string("/etc/hosts").unwrap_or_else(|_| DEFAULT_HOSTS.to_owned())
+    } else {
+        DEFAULT_HOSTS.to_owned()
+    };
+    std::fs::write(dir.join("hosts"), hosts).map_err(|e| io("write hosts", e))?;
+    let resolv = match &r.config.dns_config {
+        Some(d) if !(d.servers.is_empty() && d.searches.is_empty() && d.options.is_empty()) => {
+            let mut s = String::new();
+            if !d.searches.is_empty() {
+                s.push_str(&format!("search {}\n", d.searches.join(" ")));
+            }
+            for server in &d.servers {
+                s.push_str(&format!("nameserver {server}\n"));
+            }
+            if !d.options.is_empty() {
+                s.push_str(&format!("options {}\n", d.options.join(" ")));
+            }
+            s
+        }
+        // As containerd: without DNS config the pod gets the host's resolver.
+        _ => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    };
+    std::fs::write(dir.join("resolv.conf"), resolv).map_err(|e| io("write resolv.conf", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(sysctls: &[(&str, &str)], network: cri::NamespaceMode) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            linux: Some(cri::LinuxPodSandboxConfig {
+                sysctls: sysctls
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: network as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_namespaced_sysctls_pass() {
+        let c = config(
+            &[("net.ipv4.ip_forward", "1"), ("kernel.shmmax", "1024")],
+            cri::NamespaceMode::Pod,
+        );
+        let ok = checked_sysctls(&c, &namespace_options(&c)).expect("namespaced");
+        assert_eq!(ok.len(), 2);
+        for bad in ["kernel.panic", "vm.swappiness", "net/../../kernel/panic"] {
+            let c = config(&[(bad, "1")], cri::NamespaceMode::Pod);
+            assert!(
+                checked_sysctls(&c, &namespace_options(&c)).is_err(),
+                "{bad}"
+            );
+        }
+        let host = config(&[("net.ipv4.ip_forward", "1")], cri::NamespaceMode::Node);
+        assert!(
+            checked_sysctls(&host, &namespace_options(&host)).is_err(),
+            "host network"
+        );
+    }
+
+    #[test]
+    fn name_key_has_every_part() {
+        let m = cri::PodSandboxMetadata {
+            name: "n".into(),
+            uid: "u".into(),
+            namespace: "ns".into(),
+            attempt: 2,
+        };
+        assert_eq!(name_key(Some(&m)), "n_ns_u_2");
+    }
+}
