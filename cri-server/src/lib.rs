@@ -12,3 +12,4 @@ pub mod image_service;
 pub mod runtime_service;
 pub mod sandbox;
 pub mod server;
+pub mod spec;
