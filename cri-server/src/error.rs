@@ -25,6 +25,9 @@ pub enum Error {
     /// Content failed verification or is hostile (digest mismatch, unsafe layer, truncated).
     #[error("{0}")]
     BadContent(String),
+    /// A remote (registry) answered with an error that fits no other variant.
+    #[error("{0}")]
+    Remote(String),
     /// Not built yet.
     #[error("{0} is not implemented by berth yet")]
     Unimplemented(&'static str),
@@ -69,6 +72,7 @@ impl From<Error> for tonic::Status {
             Error::Unavailable(_) => tonic::Status::unavailable(msg),
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
             Error::BadContent(_) => tonic::Status::data_loss(msg),
+            Error::Remote(_) => tonic::Status::unknown(msg),
             Error::Unimplemented(_) => tonic::Status::unimplemented(msg),
             Error::Internal(_) => tonic::Status::internal(msg),
         }

@@ -53,6 +53,15 @@ fn to_cri(i: &NamedImage) -> cri::Image {
     }
 }
 
+/// Runs a metadata read on a blocking thread: the store is a file on disk.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Status> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("worker thread failed: {e}")))??)
+}
+
 fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -67,10 +76,15 @@ impl ImageService for ImageServiceImpl {
         req: Request<cri::ListImagesRequest>,
     ) -> Result<Response<cri::ListImagesResponse>, Status> {
         let filter = req.get_ref().filter.as_ref().and_then(|f| f.image.as_ref());
-        let images = match filter.map(|s| s.image.as_str()).filter(|s| !s.is_empty()) {
-            Some(name) => self.images.resolve(name)?.into_iter().collect(),
-            None => self.images.list()?,
-        };
+        let name = filter
+            .map(|s| s.image.clone())
+            .filter(|s| !s.trim().is_empty());
+        let images = self.images.clone();
+        let images = blocking(move || match name {
+            Some(name) => Ok(images.resolve(&name)?.into_iter().collect()),
+            None => images.list(),
+        })
+        .await?;
         Ok(Response::new(cri::ListImagesResponse {
             images: images.iter().map(to_cri).collect(),
         }))
@@ -81,27 +95,32 @@ impl ImageService for ImageServiceImpl {
         req: Request<cri::ImageStatusRequest>,
     ) -> Result<Response<cri::ImageStatusResponse>, Status> {
         let req = req.into_inner();
-        let name = spec_image(req.image.as_ref())?;
-        let Some(found) = self.images.resolve(name)? else {
-            // Absent is an answer, not an error: kubelet pulls when it sees no image.
-            return Ok(Response::new(cri::ImageStatusResponse::default()));
-        };
-        let mut info = HashMap::new();
-        if req.verbose {
-            let detail = serde_json::json!({
-                "chainID": found.record.chain_ids.last(),
-                "manifestDigest": found.record.manifest_digest,
-                "manifestMediaType": found.record.manifest_media_type,
-                "indexDigest": found.record.index_digest,
-                "layers": found.record.layers,
-                "imageSpec": self.images.config_json(&found)?,
-            });
-            info.insert("info".to_owned(), detail.to_string());
-        }
-        Ok(Response::new(cri::ImageStatusResponse {
-            image: Some(to_cri(&found)),
-            info,
-        }))
+        let name = spec_image(req.image.as_ref())?.to_owned();
+        let images = self.images.clone();
+        let resp = blocking(move || {
+            // An unknown or unparsable name is absent: kubelet pulls when it sees no image.
+            let Some(found) = images.resolve(&name)? else {
+                return Ok(cri::ImageStatusResponse::default());
+            };
+            let mut info = HashMap::new();
+            if req.verbose {
+                let detail = serde_json::json!({
+                    "chainID": found.record.chain_ids.last(),
+                    "manifestDigest": found.record.manifest_digest,
+                    "manifestMediaType": found.record.manifest_media_type,
+                    "indexDigest": found.record.index_digest,
+                    "layers": found.record.layers,
+                    "imageSpec": images.config_json(&found)?,
+                });
+                info.insert("info".to_owned(), detail.to_string());
+            }
+            Ok(cri::ImageStatusResponse {
+                image: Some(to_cri(&found)),
+                info,
+            })
+        })
+        .await?;
+        Ok(Response::new(resp))
     }
 
     async fn pull_image(

@@ -300,6 +300,20 @@ async fn pull_docker_schema2_by_digest_and_tag_plus_digest() {
         images[0].repo_tags,
         vec![format!("{}/team/app:v1", reg.addr())]
     );
+    // Three pulls of one image: the config and every layer came from the registry once.
+    let log = std::fs::read_to_string(reg.log_path()).expect("registry log");
+    for digest in img
+        .layers
+        .iter()
+        .map(|l| l.digest.as_str())
+        .chain([img.config_digest.as_str()])
+    {
+        assert_eq!(
+            blob_gets(&log, "team/app", digest),
+            1,
+            "blob {digest} fetched more than once"
+        );
+    }
     // A wrong digest is NotFound, not a different image.
     let wrong = format!("{}/team/app@sha256:{}", reg.addr(), "0".repeat(64));
     assert_eq!(
@@ -425,14 +439,18 @@ async fn concurrent_pulls_fetch_each_layer_once() {
     assert_eq!(snapshot_dirs(&d).len(), 3);
     let log = std::fs::read_to_string(reg.log_path()).expect("registry log");
     for l in &img.layers {
-        let gets = log
-            .lines()
-            // Access-log lines only: the registry also logs "response completed" per request.
-            .filter(|line| line.contains(&format!("\"GET /v2/busybox/blobs/{}", l.digest)))
-            .count();
+        let gets = blob_gets(&log, "busybox", &l.digest);
         assert_eq!(gets, 1, "layer {} fetched {gets} times", l.digest);
     }
     assert_no_panic(&d);
+}
+
+/// How many times the registry served `GET /v2/<repo>/blobs/<digest>`, from its access log.
+fn blob_gets(log: &str, repo: &str, digest: &str) -> usize {
+    log.lines()
+        // Access-log lines only: the registry also logs "response completed" per request.
+        .filter(|line| line.contains(&format!("\"GET /v2/{repo}/blobs/{digest}")))
+        .count()
 }
 
 async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
@@ -487,6 +505,7 @@ async fn multi_platform_index_selects_the_host_and_refuses_foreign_only() {
         let i = &list(&d).await[0];
         // The repo digest is the index's, as the tag resolved to it.
         assert_eq!(i.repo_digests, vec![format!("{name}@{}", index.digest)]);
+        assert!(blobs(&d).contains(&index.digest), "index blob stored");
         let marker = find_in_snapshots(&d, "etc/berth-platform").expect("platform marker");
         assert_eq!(
             std::fs::read_to_string(marker).expect("read").trim(),
@@ -698,12 +717,18 @@ async fn hostile_layers_are_refused_and_leave_nothing() {
     assert_no_panic(&d);
 }
 
-async fn wait_until(mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
+async fn wait_until(f: impl FnMut() -> bool) {
+    wait_until_every(std::time::Duration::from_millis(25), f).await;
+}
+
+/// Polls `f` every `period` for 5 s at most.
+async fn wait_until_every(period: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
         if f() {
             return;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        tokio::time::sleep(period).await;
     }
     assert!(f(), "condition not reached within 5 s");
 }
@@ -857,6 +882,7 @@ async fn kill_during_pull_then_restart_recovers() {
         .await
         .expect("pull small");
     let small_snaps = snapshot_dirs(&d);
+    let small_blobs = blobs(&d);
 
     // Kill at several points of a big pull: as soon as data lands, and a little later.
     for delay_ms in [0u64, 150, 400] {
@@ -876,7 +902,11 @@ async fn kill_during_pull_then_restart_recovers() {
         let ingest = d.root().join("content/ingest");
         let snaps = d.root().join("snapshots");
         let started = snapshot_dirs(&d).len();
-        wait_until(|| dir_entries(&ingest) > 0 || snapshot_dirs_in(&snaps) > started).await;
+        // Polled tightly: the first iteration must kill the pull before it can finish.
+        wait_until_every(std::time::Duration::from_millis(1), || {
+            dir_entries(&ingest) > 0 || snapshot_dirs_in(&snaps) > started
+        })
+        .await;
         tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
         d.kill9().await.expect("kill");
         let _ = pulling.await;
@@ -888,11 +918,21 @@ async fn kill_during_pull_then_restart_recovers() {
             "small image lost"
         );
         let big_present = images.iter().any(|i| i.id == big.config_digest);
+        if delay_ms == 0 {
+            // Killed as the first byte landed: this iteration really interrupts a pull, so
+            // the test cannot pass by only ever killing after the pull finished.
+            assert!(!big_present, "the big pull finished before the kill");
+        }
         if !big_present {
             assert_eq!(
                 snapshot_dirs(&d),
                 small_snaps,
                 "half-pulled layers left after restart"
+            );
+            assert_eq!(
+                blobs(&d),
+                small_blobs,
+                "half-pulled blobs left after restart"
             );
         }
         assert_eq!(dir_entries(&ingest), 0, "ingest left after restart");
@@ -978,4 +1018,396 @@ fn walk(dir: &Path) -> Vec<std::fs::Metadata> {
         out.push(md);
     }
     out
+}
+
+/// What the fake registry sends for one request.
+#[derive(Clone)]
+struct Answer {
+    status: u16,
+    body: Body,
+    /// Whether to send Content-Length; without it the body ends when the connection closes.
+    content_length: bool,
+}
+
+#[derive(Clone)]
+enum Body {
+    Bytes(Vec<u8>),
+    /// That many spaces, written as they go: never held in memory.
+    Spaces(usize),
+}
+
+impl Answer {
+    fn ok(body: &[u8]) -> Answer {
+        Answer {
+            status: 200,
+            body: Body::Bytes(body.to_vec()),
+            content_length: true,
+        }
+    }
+}
+
+/// A tiny HTTP/1.1 "registry" on 127.0.0.1: one request per connection, answered by a function
+/// of the request path. Counts requests. Stops when dropped.
+struct FakeRegistry {
+    addr: String,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeRegistry {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeRegistry {
+    async fn start(answer: impl Fn(&str) -> Answer + Send + Sync + 'static) -> FakeRegistry {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let answer = Arc::new(answer);
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let _ = serve_one(conn, &*answer).await;
+                });
+            }
+        });
+        FakeRegistry { addr, hits, task }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn serve_one(
+    mut conn: tokio::net::TcpStream,
+    answer: &(dyn Fn(&str) -> Answer + Send + Sync),
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 << 10 {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let a = answer(&path);
+    let len = match &a.body {
+        Body::Bytes(b) => b.len(),
+        Body::Spaces(n) => *n,
+    };
+    let mut out = format!(
+        "HTTP/1.1 {} X\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+         Connection: close\r\n",
+        a.status
+    );
+    if a.content_length {
+        out.push_str(&format!("Content-Length: {len}\r\n"));
+    }
+    out.push_str("\r\n");
+    conn.write_all(out.as_bytes()).await?;
+    match &a.body {
+        Body::Bytes(b) => conn.write_all(b).await?,
+        Body::Spaces(n) => {
+            let chunk = vec![b' '; 64 << 10];
+            let mut left = *n;
+            while left > 0 {
+                let k = left.min(chunk.len());
+                conn.write_all(&chunk[..k]).await?;
+                left -= k;
+            }
+        }
+    }
+    conn.shutdown().await
+}
+
+/// berthd's peak resident memory so far (VmHWM), in KiB: what it held at its worst, not what
+/// it kept.
+fn peak_rss_kib(d: &Daemon) -> u64 {
+    let pid = d.pid().expect("berthd runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_manifests_and_error_bodies_are_not_read() {
+    require_root();
+    const HUGE: usize = 64 << 20;
+    let fake = FakeRegistry::start(|path| match path {
+        "/v2/" => Answer::ok(b""),
+        p if p.starts_with("/v2/sized/manifests/") => Answer {
+            status: 200,
+            body: Body::Spaces(HUGE),
+            content_length: true,
+        },
+        p if p.starts_with("/v2/unsized/manifests/") => Answer {
+            status: 200,
+            body: Body::Spaces(HUGE),
+            content_length: false,
+        },
+        _ => Answer {
+            status: 404,
+            body: Body::Spaces(HUGE),
+            content_length: false,
+        },
+    })
+    .await;
+    let d = Daemon::start().await.expect("daemon");
+    for repo in ["sized", "unsized"] {
+        let started = std::time::Instant::now();
+        let err = pull(&d, &format!("{}/{repo}:latest", fake.addr))
+            .await
+            .expect_err(repo);
+        assert_eq!(err.code(), Code::DataLoss, "{repo}: {err:?}");
+        assert!(err.message().contains("larger than"), "{}", err.message());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{repo}: took {:?}",
+            started.elapsed()
+        );
+    }
+    // A 404 with a giant body: the status is the answer, the body is not read.
+    let err = pull(&d, &format!("{}/missing:latest", fake.addr))
+        .await
+        .expect_err("missing");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let rss = peak_rss_kib(&d);
+    eprintln!("berthd peak RSS {rss} KiB");
+    assert!(
+        rss < 64 << 10,
+        "berthd VmHWM {rss} KiB after 64 MiB answers"
+    );
+    assert!(list(&d).await.is_empty());
+    assert_no_leftovers(&d);
+    assert_no_panic(&d);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blobs_longer_than_their_descriptors_are_refused() {
+    require_root();
+    let reg = Registry::start().await.expect("registry");
+    let d = Daemon::start().await.expect("daemon");
+    // Each image has blobs of its own: the registry stores blobs once for all repositories.
+    let layer_img = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new()
+                .file("/f", &vec![3u8; 50_000], 0o644)
+                .build(Compression::Gzip)
+                .expect("l"),
+        )
+        .label("case", "long-layer")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    let config_img = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new()
+                .file("/g", b"g", 0o644)
+                .build(Compression::Gzip)
+                .expect("l"),
+        )
+        .label("case", "long-config")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    for (repo, img, blob) in [
+        ("longlayer", &layer_img, &layer_img.layers[0].digest),
+        ("longconfig", &config_img, &config_img.config_digest),
+    ] {
+        image::push_image(&reg.addr(), repo, "latest", img)
+            .await
+            .expect("push");
+        // The registry serves what its storage holds: a blob with bytes past its descriptor.
+        let path = registry_blob(&reg, blob);
+        let mut bytes = std::fs::read(&path).expect("blob");
+        bytes.extend_from_slice(&[0u8; 4096]);
+        std::fs::write(&path, &bytes).expect("lengthen");
+        let err = pull(&d, &format!("{}/{repo}", reg.addr()))
+            .await
+            .expect_err(repo);
+        assert_eq!(err.code(), Code::DataLoss, "{repo}: {err:?}");
+        assert!(
+            err.message().contains("longer than"),
+            "{repo}: {}",
+            err.message()
+        );
+    }
+    assert!(list(&d).await.is_empty());
+    wait_until(|| snapshot_dirs(&d).is_empty() && blobs(&d).is_empty()).await;
+    assert_no_leftovers(&d);
+    assert_no_panic(&d);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusing_mirror_falls_back_to_the_registry() {
+    require_root();
+    let img = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    let reg = registry_with("busybox", "latest", &img).await;
+    let refusals = [
+        (
+            429,
+            r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}"#,
+        ),
+        (
+            403,
+            r#"{"errors":[{"code":"DENIED","message":"not for you"}]}"#,
+        ),
+        (400, "what?"),
+    ];
+    for (status, body) in refusals {
+        let mirror = FakeRegistry::start(move |_| Answer {
+            status,
+            body: Body::Bytes(body.as_bytes().to_vec()),
+            content_length: true,
+        })
+        .await;
+        let config = format!(
+            "[registry.\"{}\"]\nmirrors = [\"http://{}\"]\n",
+            reg.addr(),
+            mirror.addr
+        );
+        let d = Daemon::start_with_config(&config).await.expect("daemon");
+        assert_eq!(
+            pull(&d, &format!("{}/busybox", reg.addr()))
+                .await
+                .unwrap_or_else(|e| panic!("mirror answering {status}: {e:?}")),
+            img.config_digest
+        );
+        assert!(mirror.hits() > 0, "the mirror was not asked first");
+        assert_no_panic(&d);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_ids_and_unparsable_names() {
+    require_root();
+    let img = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    let reg = registry_with("busybox", "latest", &img).await;
+    let d = Daemon::start().await.expect("daemon");
+    pull(&d, &format!("{}/busybox", reg.addr()))
+        .await
+        .expect("pull");
+    let hex = img.config_digest.trim_start_matches("sha256:");
+    for by in [
+        hex[..12].to_owned(),
+        hex[..3].to_owned(),
+        format!("sha256:{}", &hex[..8]),
+    ] {
+        let s = status(&d, &by, false).await;
+        assert_eq!(
+            s.image.map(|i| i.id),
+            Some(img.config_digest.clone()),
+            "status by {by}"
+        );
+    }
+    assert!(
+        status(&d, &hex[..2], false).await.image.is_none(),
+        "too short"
+    );
+    // Unparsable names are absent, not errors, as in containerd.
+    assert!(status(&d, "Not A Reference", false).await.image.is_none());
+    d.remove_image("Not A Reference")
+        .await
+        .expect("remove unparsable");
+    assert_eq!(list(&d).await.len(), 1);
+    // PullImage still refuses them.
+    assert_eq!(
+        pull(&d, "Not A Reference").await.expect_err("pull").code(),
+        Code::InvalidArgument
+    );
+    d.remove_image(&hex[..5]).await.expect("remove by prefix");
+    assert!(list(&d).await.is_empty());
+    assert_no_leftovers(&d);
+    assert_no_panic(&d);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_entries_without_platform_and_foreign_manifests() {
+    require_root();
+    let reg = Registry::start().await.expect("registry");
+    let foreign = image::platform_image(&image::foreign_platform())
+        .expect("foreign")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    let host = image::platform_image(&image::Platform::host())
+        .expect("host")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    let unlabelled = |i: &Image| {
+        let mut d = i.descriptor();
+        d.as_object_mut().expect("object").remove("platform");
+        d
+    };
+    // No entry says its platform: the configs decide, the foreign one first in the index.
+    let index = image::Index::from_descriptors(
+        ManifestFormat::Oci,
+        vec![unlabelled(&foreign), unlabelled(&host)],
+    );
+    image::push_index(
+        &reg.addr(),
+        "noplatform",
+        "latest",
+        &index,
+        &[foreign.clone(), host.clone()],
+    )
+    .await
+    .expect("push");
+    let only_foreign =
+        image::Index::from_descriptors(ManifestFormat::Oci, vec![unlabelled(&foreign)]);
+    image::push_index(
+        &reg.addr(),
+        "noplatform-foreign",
+        "latest",
+        &only_foreign,
+        std::slice::from_ref(&foreign),
+    )
+    .await
+    .expect("push");
+    // A plain manifest for another platform, no index at all.
+    image::push_image(&reg.addr(), "foreign", "latest", &foreign)
+        .await
+        .expect("push");
+
+    let d = Daemon::start().await.expect("daemon");
+    assert_eq!(
+        pull(&d, &format!("{}/noplatform", reg.addr()))
+            .await
+            .expect("pull unlabelled index"),
+        host.config_digest
+    );
+    for repo in ["noplatform-foreign", "foreign"] {
+        let err = pull(&d, &format!("{}/{repo}", reg.addr()))
+            .await
+            .expect_err(repo);
+        assert_eq!(err.code(), Code::NotFound, "{repo}: {err:?}");
+        assert!(
+            err.message()
+                .contains(&image::foreign_platform().architecture),
+            "{repo}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(list(&d).await.len(), 1);
+    assert_no_panic(&d);
 }

@@ -1,15 +1,22 @@
 //! Talking to registries: which endpoints to try (mirrors, plain HTTP), credentials, manifest
-//! resolution to this host's platform, and blob streams. Built on `oci-client`.
+//! resolution to this host's platform, and blob streams.
+//!
+//! `oci-client` does the authentication (the `/v2/` challenge and the bearer-token flow); the
+//! requests themselves are ours, so that no response body is ever read without a bound: a
+//! hostile registry can answer anything, as long as it likes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use api::Digest;
 use base64::Engine;
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use oci_client::RegistryOperation;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
+use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
+use reqwest::StatusCode;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
@@ -28,6 +35,11 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 /// Manifests and configs are small; anything bigger is hostile.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// How much of an error response is read: enough for any registry's error document.
+const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+const USER_AGENT: &str = concat!("berth/", env!("CARGO_PKG_VERSION"));
 
 /// One place to fetch from: a mirror or the registry itself.
 #[derive(Clone)]
@@ -36,18 +48,26 @@ pub struct Endpoint {
     pub host: String,
     /// Plain HTTP.
     pub plain_http: bool,
-    client: Arc<oci_client::Client>,
+    /// Authentication only: the `/v2/` challenge and the token flow.
+    auth_client: Arc<oci_client::Client>,
+    /// Every manifest and blob request.
+    http: reqwest::Client,
+    /// Credentials that worked, by repository, for the life of this endpoint (one pull).
+    creds: Arc<tokio::sync::Mutex<HashMap<String, Credential>>>,
 }
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}://{}",
-            if self.plain_http { "http" } else { "https" },
-            self.host
-        )
+        write!(f, "{}://{}", self.scheme(), self.host)
     }
+}
+
+/// What a request to an endpoint carries.
+#[derive(Clone, Debug)]
+enum Credential {
+    Anonymous,
+    Bearer(String),
+    Basic(String, String),
 }
 
 /// Whether docker would talk plain HTTP to this host without being told: loopback.
@@ -63,7 +83,7 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 /// The endpoints to try for `registry`, in order: configured mirrors, then the registry.
-pub fn endpoints(config: &Config, registry: &str) -> Vec<Endpoint> {
+pub fn endpoints(config: &Config, registry: &str) -> Result<Vec<Endpoint>> {
     let rc = config.registry.get(registry).cloned().unwrap_or_default();
     let mut out = Vec::new();
     for m in &rc.mirrors {
@@ -76,35 +96,227 @@ pub fn endpoints(config: &Config, registry: &str) -> Vec<Endpoint> {
         out.push(endpoint(
             host,
             plain || is_loopback_host(host) && !m.starts_with("https://"),
-        ));
+        )?);
     }
-    // The registry client itself maps the default registry to its API host.
     out.push(endpoint(
         registry,
         rc.insecure || is_loopback_host(registry),
-    ));
-    out
+    )?);
+    Ok(out)
 }
 
-fn endpoint(host: &str, plain_http: bool) -> Endpoint {
+fn endpoint(host: &str, plain_http: bool) -> Result<Endpoint> {
     let protocol = if plain_http {
         ClientProtocol::Http
     } else {
         ClientProtocol::Https
     };
-    let client = oci_client::Client::new(ClientConfig {
+    let auth_client = oci_client::Client::new(ClientConfig {
         protocol,
         platform_resolver: None,
-        connect_timeout: Some(std::time::Duration::from_secs(10)),
-        read_timeout: Some(std::time::Duration::from_secs(60)),
-        user_agent: concat!("berth/", env!("CARGO_PKG_VERSION")),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        read_timeout: Some(READ_TIMEOUT),
+        user_agent: USER_AGENT,
         ..Default::default()
     });
-    Endpoint {
+    let http = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT)
+        .user_agent(USER_AGENT)
+        .build()
+        .map_err(|e| Error::internal("build HTTP client", e))?;
+    Ok(Endpoint {
         host: host.to_owned(),
         plain_http,
-        client: Arc::new(client),
+        auth_client: Arc::new(auth_client),
+        http,
+        creds: Arc::default(),
+    })
+}
+
+impl Endpoint {
+    fn scheme(&self) -> &'static str {
+        if self.plain_http { "http" } else { "https" }
     }
+
+    /// `scheme://host/v2/<repository>/`, with the default registry's API host, as the
+    /// authentication client addresses it.
+    fn repo_url(&self, r: &Reference) -> String {
+        let host = match self.host.as_str() {
+            "docker.io" => "index.docker.io",
+            h => h,
+        };
+        format!("{}://{host}/v2/{}/", self.scheme(), r.repository)
+    }
+
+    /// The credential for `r`'s repository: the bearer token of the registry's token flow, or
+    /// none; Basic credentials are added when the registry asks for them (see [`Self::get`]).
+    async fn credential(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        fresh: bool,
+    ) -> Result<Credential> {
+        let mut creds = self.creds.lock().await;
+        if !fresh && let Some(c) = creds.get(&r.repository) {
+            return Ok(c.clone());
+        }
+        let oref = oci_client::Reference::with_tag(
+            self.host.clone(),
+            r.repository.clone(),
+            "latest".to_owned(),
+        );
+        let c = match self
+            .auth_client
+            .auth(&oref, auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| map_err(self, "authentication", e))?
+        {
+            Some(token) => Credential::Bearer(token),
+            None => Credential::Anonymous,
+        };
+        creds.insert(r.repository.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// `GET <repo_url><path>` with credentials; a `401` is answered once, by sending Basic
+    /// credentials if we have them, or by fetching a fresh token. Errors unless the answer is
+    /// `200 OK`; an error body is read only up to [`MAX_ERROR_BODY_BYTES`].
+    async fn get(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        path: &str,
+        accept: Option<&str>,
+        what: &str,
+    ) -> Result<reqwest::Response> {
+        let url = format!("{}{path}", self.repo_url(r));
+        let mut cred = self.credential(r, auth, false).await?;
+        let mut retried = false;
+        loop {
+            let mut req = self.http.get(&url);
+            if let Some(a) = accept {
+                req = req.header(reqwest::header::ACCEPT, a);
+            }
+            req = match &cred {
+                Credential::Anonymous => req,
+                Credential::Bearer(t) => req.bearer_auth(t),
+                Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
+            };
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| Error::Unavailable(format!("{what} from {self:?}: {}", chain(&e))))?;
+            let status = resp.status();
+            if status == StatusCode::OK {
+                return Ok(resp);
+            }
+            if status == StatusCode::UNAUTHORIZED && !retried {
+                retried = true;
+                let next = match (&cred, auth) {
+                    (Credential::Anonymous, RegistryAuth::Basic(u, p)) => {
+                        Some(Credential::Basic(u.clone(), p.clone()))
+                    }
+                    // Tokens expire; a long pull may outlive one.
+                    (Credential::Bearer(_), _) => Some(self.credential(r, auth, true).await?),
+                    _ => None,
+                };
+                if let Some(next) = next {
+                    self.creds
+                        .lock()
+                        .await
+                        .insert(r.repository.clone(), next.clone());
+                    cred = next;
+                    continue;
+                }
+            }
+            let body = read_capped(resp, MAX_ERROR_BODY_BYTES)
+                .await
+                .unwrap_or_default();
+            return Err(status_error(self, what, status, &body));
+        }
+    }
+}
+
+/// The body, cut at `cap` bytes: for error messages, where the rest does not matter.
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> reqwest::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = cap - buf.len();
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() == cap {
+            break;
+        }
+    }
+    Ok(buf)
+}
+
+/// The body, or BadContent as soon as it is known to be longer than `cap` (by its
+/// Content-Length or by what arrived). Never holds more than `cap` bytes (plus one chunk).
+async fn read_bounded(
+    ep: &Endpoint,
+    what: &str,
+    mut resp: reqwest::Response,
+    cap: usize,
+) -> Result<Vec<u8>> {
+    let too_big = || Error::BadContent(format!("{what} from {ep:?}: larger than {cap} bytes"));
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(too_big());
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| Error::Unavailable(format!("{what} from {ep:?}: {}", chain(&e))))?
+    {
+        if chunk.len() > cap - buf.len() {
+            return Err(too_big());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+/// The error for a registry's non-`200` answer. Only content checks give BadContent: a status
+/// is never the content's fault.
+fn status_error(ep: &Endpoint, what: &str, status: StatusCode, body: &[u8]) -> Error {
+    let envelope = serde_json::from_slice::<OciEnvelope>(body).ok();
+    let detail = match &envelope {
+        Some(env) => env.to_string(),
+        None => String::from_utf8_lossy(body)
+            .trim()
+            .chars()
+            .take(512)
+            .collect(),
+    };
+    let msg = format!("{what} from {ep:?}: HTTP {status}: {detail}");
+    let has = |f: fn(&OciErrorCode) -> bool| {
+        envelope
+            .as_ref()
+            .is_some_and(|env| env.errors.iter().any(|e| f(&e.code)))
+    };
+    match status.as_u16() {
+        401 | 403 => Error::Unauthenticated(msg),
+        404 => Error::NotFound(msg),
+        429 => Error::Unavailable(msg),
+        500.. => Error::Unavailable(msg),
+        400..500 if has(|c| matches!(c, OciErrorCode::Toomanyrequests)) => Error::Unavailable(msg),
+        400..500 if has(|c| matches!(c, OciErrorCode::Denied | OciErrorCode::Unauthorized)) => {
+            Error::Unauthenticated(msg)
+        }
+        400..500 if has(is_not_found) => Error::NotFound(msg),
+        _ => Error::Remote(msg),
+    }
+}
+
+fn is_not_found(c: &OciErrorCode) -> bool {
+    matches!(
+        c,
+        OciErrorCode::ManifestUnknown
+            | OciErrorCode::NameUnknown
+            | OciErrorCode::BlobUnknown
+            | OciErrorCode::NotFound
+    )
 }
 
 /// CRI credentials as the registry client takes them.
@@ -138,45 +350,35 @@ pub fn auth_from_cri(auth: Option<&api::cri::AuthConfig>) -> Result<RegistryAuth
     Ok(RegistryAuth::Anonymous)
 }
 
-/// The reference as the registry client wants it, aimed at `ep`.
-fn oci_ref(ep: &Endpoint, r: &Reference, target: &Target) -> oci_client::Reference {
-    match target {
-        Target::Tag(t) => {
-            oci_client::Reference::with_tag(ep.host.clone(), r.repository.clone(), t.clone())
-        }
-        Target::Digest(d) => {
-            oci_client::Reference::with_digest(ep.host.clone(), r.repository.clone(), d.to_string())
-        }
-    }
-}
-
-/// Maps a registry client error to the core's error, naming the registry.
+/// Maps an authentication failure of the registry client to the core's error, naming the
+/// registry.
 pub fn map_err(ep: &Endpoint, what: &str, e: OciDistributionError) -> Error {
     use OciDistributionError as O;
     let msg = format!("{what} from {ep:?}: {}", chain(&e));
     match &e {
-        O::ImageManifestNotFoundError(_) => Error::NotFound(msg),
-        O::RegistryError { envelope, .. }
-            if envelope.errors.iter().any(|x| {
-                use oci_client::errors::OciErrorCode as C;
-                matches!(
-                    x.code,
-                    C::ManifestUnknown | C::NameUnknown | C::BlobUnknown | C::NotFound
-                )
-            }) =>
-        {
-            Error::NotFound(msg)
+        O::RegistryError { envelope, .. } => {
+            let has = |f: fn(&OciErrorCode) -> bool| envelope.errors.iter().any(|x| f(&x.code));
+            if has(|c| matches!(c, OciErrorCode::Toomanyrequests)) {
+                Error::Unavailable(msg)
+            } else if has(|c| matches!(c, OciErrorCode::Denied | OciErrorCode::Unauthorized)) {
+                Error::Unauthenticated(msg)
+            } else if has(is_not_found) {
+                Error::NotFound(msg)
+            } else {
+                Error::Remote(msg)
+            }
         }
-        O::ServerError { code: 404, .. } => Error::NotFound(msg),
-        O::AuthenticationFailure(_) | O::UnauthorizedError { .. } => Error::Unauthenticated(msg),
-        O::ServerError {
+        O::ImageManifestNotFoundError(_) | O::ServerError { code: 404, .. } => Error::NotFound(msg),
+        O::AuthenticationFailure(_)
+        | O::UnauthorizedError { .. }
+        | O::ServerError {
             code: 401 | 403, ..
         } => Error::Unauthenticated(msg),
-        O::RequestError(r) if r.is_connect() || r.is_timeout() => Error::Unavailable(msg),
-        O::RequestError(_) | O::IoError(_) => Error::Unavailable(msg),
+        O::ServerError { code: 429, .. } => Error::Unavailable(msg),
         O::ServerError { code, .. } if *code >= 500 => Error::Unavailable(msg),
+        O::RequestError(_) | O::IoError(_) => Error::Unavailable(msg),
         O::DigestError(_) => Error::BadContent(msg),
-        _ => Error::BadContent(msg),
+        _ => Error::Remote(msg),
     }
 }
 
@@ -229,8 +431,10 @@ fn classify(bytes: &[u8]) -> std::result::Result<String, String> {
 }
 
 /// Fetches the manifest `target` of `r` from the first endpoint that answers, returning the
-/// endpoint used (so blobs come from the same place). NotFound from every endpoint is NotFound;
-/// otherwise the last endpoint's error is returned.
+/// endpoint used (so blobs come from the same place). Any failure of an endpoint (down, rate
+/// limited, refusing, not having it) moves on to the next: a mirror must never block the
+/// registry. Content that fails verification stops the pull. NotFound from every endpoint is
+/// NotFound; otherwise the registry's own (last) error is returned.
 pub async fn fetch_manifest(
     eps: &[Endpoint],
     r: &Reference,
@@ -253,7 +457,8 @@ pub async fn fetch_manifest(
     Err(last.unwrap_or_else(|| Error::Internal("no registry endpoint".into())))
 }
 
-/// Fetches a manifest from one endpoint, verifying its digest and media type.
+/// Fetches a manifest from one endpoint, reading at most [`MAX_MANIFEST_BYTES`], and verifies
+/// its digest and media type.
 pub async fn fetch_manifest_at(
     ep: &Endpoint,
     r: &Reference,
@@ -261,16 +466,14 @@ pub async fn fetch_manifest_at(
     auth: &RegistryAuth,
 ) -> Result<Fetched> {
     let what = format!("manifest {}", r.with_target(target));
-    let (bytes, _) = ep
-        .client
-        .pull_manifest_raw(&oci_ref(ep, r, target), auth, ACCEPT)
-        .await
-        .map_err(|e| map_err(ep, &what, e))?;
-    if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(Error::BadContent(format!(
-            "{what}: larger than {MAX_MANIFEST_BYTES} bytes"
-        )));
-    }
+    let path = match target {
+        Target::Tag(t) => format!("manifests/{t}"),
+        Target::Digest(d) => format!("manifests/{d}"),
+    };
+    let resp = ep
+        .get(r, auth, &path, Some(&ACCEPT.join(", ")), &what)
+        .await?;
+    let bytes = Bytes::from(read_bounded(ep, &what, resp, MAX_MANIFEST_BYTES).await?);
     let digest = sha256(&bytes);
     if let Target::Digest(want) = target
         && &digest != want
@@ -287,19 +490,28 @@ pub async fn fetch_manifest_at(
     })
 }
 
-/// Streams a blob from `ep`.
+/// Streams a blob from `ep`: its Content-Length, if sent, and its bytes as they arrive. The
+/// caller verifies size and digest.
 pub async fn blob_stream(
     ep: &Endpoint,
     r: &Reference,
     digest: &Digest,
+    auth: &RegistryAuth,
 ) -> Result<(Option<u64>, BoxStream<'static, std::io::Result<Bytes>>)> {
-    let target = Target::Digest(digest.clone());
-    let s = ep
-        .client
-        .pull_blob_stream(&oci_ref(ep, r, &target), digest.as_str())
-        .await
-        .map_err(|e| map_err(ep, &format!("blob {digest}"), e))?;
-    Ok((s.content_length, s.stream))
+    let what = format!("blob {digest}");
+    let resp = ep
+        .get(r, auth, &format!("blobs/{digest}"), None, &what)
+        .await?;
+    let len = resp.content_length();
+    let stream = futures::stream::unfold(Some(resp), |resp| async move {
+        let mut resp = resp?;
+        match resp.chunk().await {
+            Ok(Some(b)) => Some((Ok(b), Some(resp))),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e)), None)),
+        }
+    });
+    Ok((len, Box::pin(stream)))
 }
 
 /// The `os/arch` of this host, in OCI terms.
@@ -364,7 +576,7 @@ mod tests {
                 insecure: true,
             },
         );
-        let eps = endpoints(&config, "docker.io");
+        let eps = endpoints(&config, "docker.io").expect("endpoints");
         let got: Vec<(String, bool)> = eps.iter().map(|e| (e.host.clone(), e.plain_http)).collect();
         assert_eq!(
             got,
@@ -375,16 +587,66 @@ mod tests {
             ]
         );
         assert!(
-            endpoints(&config, "10.1.2.3:5000")[0].plain_http,
+            endpoints(&config, "10.1.2.3:5000").expect("endpoints")[0].plain_http,
             "insecure"
         );
         assert!(
-            endpoints(&config, "localhost:5000")[0].plain_http,
+            endpoints(&config, "localhost:5000").expect("endpoints")[0].plain_http,
             "loopback needs no config"
         );
-        assert!(endpoints(&config, "127.0.0.9:80")[0].plain_http);
-        assert!(endpoints(&config, "[::1]:5000")[0].plain_http);
-        assert!(!endpoints(&config, "registry.example:5000")[0].plain_http);
+        assert!(endpoints(&config, "127.0.0.9:80").expect("endpoints")[0].plain_http);
+        assert!(endpoints(&config, "[::1]:5000").expect("endpoints")[0].plain_http);
+        assert!(!endpoints(&config, "registry.example:5000").expect("endpoints")[0].plain_http);
+    }
+
+    #[test]
+    fn registry_answers_map_to_codes() {
+        let ep = endpoint("registry.example", false).expect("endpoint");
+        let env = |code: &str| format!(r#"{{"errors":[{{"code":"{code}","message":"m"}}]}}"#);
+        let map = |status: u16, body: &str| {
+            status_error(
+                &ep,
+                "manifest x",
+                StatusCode::from_u16(status).expect("status"),
+                body.as_bytes(),
+            )
+        };
+        assert!(matches!(map(401, ""), Error::Unauthenticated(_)));
+        assert!(matches!(
+            map(403, &env("DENIED")),
+            Error::Unauthenticated(_)
+        ));
+        assert!(matches!(
+            map(400, &env("DENIED")),
+            Error::Unauthenticated(_)
+        ));
+        assert!(matches!(
+            map(400, &env("UNAUTHORIZED")),
+            Error::Unauthenticated(_)
+        ));
+        assert!(matches!(map(404, "gone"), Error::NotFound(_)));
+        assert!(matches!(
+            map(400, &env("MANIFEST_UNKNOWN")),
+            Error::NotFound(_)
+        ));
+        assert!(matches!(map(429, ""), Error::Unavailable(_)));
+        assert!(matches!(
+            map(400, &env("TOOMANYREQUESTS")),
+            Error::Unavailable(_)
+        ));
+        assert!(matches!(map(503, ""), Error::Unavailable(_)));
+        // Nothing a status says is the content's fault.
+        assert!(matches!(
+            map(400, &env("MANIFEST_INVALID")),
+            Error::Remote(_)
+        ));
+        assert!(matches!(map(418, "teapot"), Error::Remote(_)));
+        assert!(matches!(map(302, ""), Error::Remote(_)));
+        let msg = map(404, "no such thing").to_string();
+        assert!(
+            msg.contains("https://registry.example") && msg.contains("no such thing"),
+            "{msg}"
+        );
     }
 
     #[test]
