@@ -1,0 +1,671 @@
+//! The long-lived monitor: one poll loop over the SIGCHLD signalfd, the protocol socket, its
+//! connections and the container's output.
+//!
+//! No async runtime: a poll loop is a few hundred lines and keeps the process far below its
+//! 2 MiB RSS budget. libcontainer is only ever called in helper children ([`crate::runtime`]).
+
+use std::fs::File;
+use std::io::{ErrorKind, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use api::shim::{
+    Created, EXIT_FILE_NAME, ExitStatus, PID_FILE_NAME, Request, Response, SOCKET_NAME, Status,
+};
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::crilog::{CriLog, LineSplitter, now_ns};
+use crate::runtime::{self, InitStdio};
+use crate::{Args, Error, Result};
+
+/// The console socket libcontainer's init sends the pty master to (`--tty`).
+const CONSOLE_SOCKET_NAME: &str = "console.sock";
+/// A request line longer than this closes the connection.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// The monitor of one container.
+#[derive(Debug)]
+pub struct Monitor {
+    id: String,
+    bundle: PathBuf,
+    pid: i32,
+    status: Status,
+    started_at_ns: Option<i64>,
+    exit: Option<ExitStatus>,
+    oom_file: Option<PathBuf>,
+    log: CriLog,
+    outputs: Vec<Output>,
+    /// The write end of the container's stdin (`--stdin` without `--tty`), held for attach.
+    #[allow(dead_code)]
+    stdin: Option<OwnedFd>,
+    signals: SignalFd,
+    listener: UnixListener,
+    conns: Vec<Conn>,
+    shutdown: bool,
+}
+
+/// One output stream of the container (a pipe, or the pty master with `--tty`).
+#[derive(Debug)]
+struct Output {
+    file: File,
+    split: LineSplitter,
+    /// End of stream seen; removed at the end of the loop iteration.
+    eof: bool,
+}
+
+/// A protocol connection: JSON lines in, JSON lines out, in order.
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    /// A `Wait` is pending: later requests queue behind it.
+    waiting: bool,
+    /// The peer stopped sending (or broke the connection).
+    eof: bool,
+}
+
+impl Monitor {
+    /// Creates the container in the *created* state and the monitor's socket. On error nothing
+    /// is left: no container state, no cgroup, no process.
+    pub fn create(args: &Args) -> Result<Monitor> {
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGCHLD);
+        let setup = |what, e: nix::Error| Error::Setup {
+            what,
+            source: e.into(),
+        };
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+            .map_err(|e| setup("signal mask", e))?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| setup("signalfd", e))?;
+        let log = CriLog::open(&args.log).map_err(|source| Error::Open {
+            path: args.log.clone(),
+            source,
+        })?;
+
+        let console_path = args.bundle.join(CONSOLE_SOCKET_NAME);
+        let mut init_stdio = InitStdio::default();
+        let mut outputs = Vec::new();
+        let mut stdin = None;
+        let mut console = None;
+        if args.tty {
+            let _ = std::fs::remove_file(&console_path);
+            let l = UnixListener::bind(CONSOLE_SOCKET_NAME).map_err(|source| Error::Setup {
+                what: "console socket",
+                source,
+            })?;
+            console = Some(l);
+            init_stdio.console_socket = Some(console_path.clone());
+        } else {
+            let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| setup("stdio pipe", e));
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            outputs.push(Output::new(out_r, "stdout"));
+            outputs.push(Output::new(err_r, "stderr"));
+            init_stdio.stdout = Some(out_w);
+            init_stdio.stderr = Some(err_w);
+            if args.stdin {
+                let (in_r, in_w) = pipe()?;
+                init_stdio.stdin = Some(in_r);
+                stdin = Some(in_w);
+            }
+        }
+
+        let created = runtime::create(&args.id, &args.bundle, init_stdio);
+        if args.tty {
+            let _ = std::fs::remove_file(&console_path);
+        }
+        let created = match created {
+            Ok(c) => c,
+            Err(msg) => {
+                // libcontainer cleaned its state and cgroups; collect what is left of its
+                // processes (an init that failed re-parents to us) and our own files.
+                reap_leftovers();
+                let _ = std::fs::remove_dir(runtime::state_root(&args.bundle));
+                let _ = std::fs::remove_file(args.bundle.join(PID_FILE_NAME));
+                return Err(Error::Create(msg));
+            }
+        };
+        let delete_on_error = |e: Error| {
+            if let Err(msg) = runtime::delete(&args.id, &args.bundle) {
+                tracing::error!(container_id = %args.id, error = %msg, "delete after failed setup");
+            }
+            reap_leftovers();
+            let _ = std::fs::remove_file(args.bundle.join(PID_FILE_NAME));
+            e
+        };
+        if let Some(console) = console {
+            let master = receive_pty_master(&console).map_err(|source| {
+                delete_on_error(Error::Setup {
+                    what: "pty master",
+                    source,
+                })
+            })?;
+            outputs.push(Output::new(master, "stdout"));
+        }
+        // Relative to the bundle, the shim's working dir: socket paths are limited to 108
+        // bytes, which a long state dir plus a 64-digit container id can exceed.
+        let listener = bind_socket(std::path::Path::new(SOCKET_NAME)).map_err(|source| {
+            delete_on_error(Error::Setup {
+                what: "shim socket",
+                source,
+            })
+        })?;
+        Ok(Monitor {
+            id: args.id.clone(),
+            bundle: args.bundle.clone(),
+            pid: created.pid,
+            status: Status::Created,
+            started_at_ns: None,
+            exit: None,
+            oom_file: created.oom_file,
+            log,
+            outputs,
+            stdin,
+            signals,
+            listener,
+            conns: Vec::new(),
+            shutdown: false,
+        })
+    }
+
+    /// The report for berthd.
+    pub fn created(&self) -> Created {
+        Created {
+            shim_pid: std::process::id().try_into().unwrap_or(i32::MAX),
+            pid: self.pid,
+        }
+    }
+
+    /// The init's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Serves until a `Shutdown` has been answered.
+    pub fn run(&mut self) {
+        // What ran to create the container is not needed any more.
+        crate::footprint::drop_clean_file_pages();
+        // The init may have exited before the signalfd was polled the first time.
+        self.reap();
+        while !self.shutdown {
+            let revents = match self.poll() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "poll");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let mut it = revents.into_iter();
+            if it.next().is_some_and(|r| !r.is_empty()) {
+                while let Ok(Some(_)) = self.signals.read_signal() {}
+                self.reap();
+            }
+            if it.next().is_some_and(|r| !r.is_empty()) {
+                self.accept();
+            }
+            let out_events: Vec<PollFlags> = it.by_ref().take(self.outputs.len()).collect();
+            for (i, r) in out_events.into_iter().enumerate() {
+                if !r.is_empty() {
+                    self.read_output(i, false);
+                }
+            }
+            let conn_events: Vec<PollFlags> = it.collect();
+            for i in (0..conn_events.len()).rev() {
+                if !conn_events[i].is_empty() {
+                    self.serve(i, conn_events[i]);
+                }
+            }
+            self.outputs.retain(|o| !o.eof);
+            // Half-closed connections whose last answer went out on exit.
+            self.conns
+                .retain(|c| !(c.eof && c.wbuf.is_empty() && !c.waiting));
+        }
+        let _ = std::fs::remove_file(self.bundle.join(SOCKET_NAME));
+        let _ = std::fs::remove_file(self.bundle.join(PID_FILE_NAME));
+    }
+
+    /// Polls every fd; returns revents in the order signalfd, listener, outputs, connections.
+    fn poll(&self) -> nix::Result<Vec<PollFlags>> {
+        let mut fds = vec![
+            PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+        ];
+        fds.extend(
+            self.outputs
+                .iter()
+                .map(|o| PollFd::new(o.file.as_fd(), PollFlags::POLLIN)),
+        );
+        fds.extend(self.conns.iter().map(|c| {
+            let mut ev = PollFlags::empty();
+            if !c.eof {
+                ev |= PollFlags::POLLIN;
+            }
+            if !c.wbuf.is_empty() {
+                ev |= PollFlags::POLLOUT;
+            }
+            PollFd::new(c.stream.as_fd(), ev)
+        }));
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+                Ok(_) => break,
+            }
+        }
+        Ok(fds
+            .iter()
+            .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+            .collect())
+    }
+
+    /// Reaps every exited child; only the container's init counts.
+    fn reap(&mut self) {
+        loop {
+            let (pid, code, signal) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, code, None),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, 128 + sig as i32, Some(sig as i32)),
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => return,
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "waitpid");
+                    return;
+                }
+            };
+            if pid.as_raw() == self.pid && self.exit.is_none() {
+                self.init_exited(code, signal);
+            }
+        }
+    }
+
+    /// Records the exit on disk, then answers whoever waits for it.
+    fn init_exited(&mut self, code: i32, signal: Option<i32>) {
+        let exited_at_ns = now_ns();
+        // What the container wrote before it exited is in the pipes already: log it first, so
+        // the log is complete when berthd learns about the exit.
+        for i in 0..self.outputs.len() {
+            self.read_output(i, true);
+        }
+        let exit = ExitStatus {
+            code,
+            signal,
+            exited_at_ns,
+            oom_killed: self.oom_file.as_deref().is_some_and(oom_killed),
+        };
+        if let Err(e) = write_exit_file(&self.bundle, &exit) {
+            tracing::error!(container_id = %self.id, error = %e, "write exit file");
+        }
+        tracing::info!(container_id = %self.id, code, ?signal, oom_killed = exit.oom_killed, "container exited");
+        self.exit = Some(exit);
+        self.status = Status::Stopped;
+        for i in 0..self.conns.len() {
+            if self.conns[i].waiting {
+                self.conns[i].waiting = false;
+                let r = self.state();
+                self.conns[i].push(&r);
+                self.process(i);
+                self.conns[i].flush();
+            }
+        }
+    }
+
+    /// Reads what output is available; `drain` reads until nothing is left. At end of stream
+    /// the splitter's tail is logged and the output marked for removal.
+    fn read_output(&mut self, i: usize, drain: bool) {
+        let mut buf = [0u8; 16 * 1024];
+        while !self.outputs[i].eof {
+            let out = &mut self.outputs[i];
+            match out.file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if let Err(e) = out.split.feed(&mut self.log, &buf[..n]) {
+                        tracing::warn!(container_id = %self.id, error = %e, "write container log");
+                    }
+                    if !drain {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                // EIO: the pty's last slave fd closed.
+                Err(_) => break,
+            }
+        }
+        let out = &mut self.outputs[i];
+        if !out.eof {
+            out.eof = true;
+            if let Err(e) = out.split.finish(&mut self.log) {
+                tracing::warn!(container_id = %self.id, error = %e, "write container log");
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_ok() {
+                        self.conns.push(Conn {
+                            stream,
+                            rbuf: Vec::new(),
+                            wbuf: Vec::new(),
+                            waiting: false,
+                            eof: false,
+                        });
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Reads, handles and answers what connection `i` sent; drops it when it is done or the
+    /// peer is gone (POLLHUP is reported even when not asked for, so keeping it would spin).
+    fn serve(&mut self, i: usize, revents: PollFlags) {
+        self.conns[i].read();
+        self.process(i);
+        self.conns[i].flush();
+        let c = &self.conns[i];
+        let hangup = revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR);
+        if hangup || (c.eof && c.wbuf.is_empty() && !c.waiting) {
+            self.conns.remove(i);
+        }
+    }
+
+    /// Handles complete request lines of connection `i` until one must wait.
+    fn process(&mut self, i: usize) {
+        while !self.conns[i].waiting && !self.shutdown {
+            let Some(nl) = self.conns[i].rbuf.iter().position(|&b| b == b'\n') else {
+                if self.conns[i].rbuf.len() > MAX_REQUEST {
+                    self.conns[i].rbuf.clear();
+                    self.conns[i].eof = true;
+                }
+                return;
+            };
+            let line: Vec<u8> = self.conns[i].rbuf.drain(..=nl).collect();
+            let response = match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => {
+                    tracing::debug!(container_id = %self.id, request = ?req, "request");
+                    self.handle(req)
+                }
+                Err(e) => Some(error(format!("bad request: {e}"))),
+            };
+            match response {
+                Some(r) => self.conns[i].push(&r),
+                None => self.conns[i].waiting = true,
+            }
+            if self.shutdown {
+                self.conns[i].flush_blocking();
+            }
+        }
+    }
+
+    /// Answers one request; `None` means "answer when the container has exited".
+    fn handle(&mut self, req: Request) -> Option<Response> {
+        Some(match req {
+            Request::State => self.state(),
+            Request::Wait if self.status == Status::Stopped => self.state(),
+            Request::Wait => return None,
+            Request::Start => self.start(),
+            Request::Kill { signal, all } => self.kill(signal, all),
+            Request::ReopenLog => match self.log.reopen() {
+                Ok(()) => Response::Ok,
+                Err(e) => error(format!("reopen log: {e}")),
+            },
+            Request::Shutdown => self.delete(),
+        })
+    }
+
+    fn state(&self) -> Response {
+        Response::State {
+            status: self.status,
+            pid: self.pid,
+            started_at_ns: self.started_at_ns,
+            exit: self.exit.clone(),
+        }
+    }
+
+    fn start(&mut self) -> Response {
+        if self.status != Status::Created || self.started_at_ns.is_some() {
+            return error(format!(
+                "cannot start a container in state {:?}",
+                self.status
+            ));
+        }
+        match runtime::start(&self.id, &self.bundle) {
+            Ok(()) => {
+                self.started_at_ns = Some(now_ns());
+                self.status = Status::Running;
+                tracing::info!(container_id = %self.id, "container started");
+                // It may have exited already; the SIGCHLD is pending then.
+                self.reap();
+                Response::Ok
+            }
+            Err(msg) => error(format!("start: {msg}")),
+        }
+    }
+
+    fn kill(&mut self, signal: i32, all: bool) -> Response {
+        if Signal::try_from(signal).is_err()
+            && !(libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&signal)
+        {
+            return error(format!("invalid signal {signal}"));
+        }
+        if all {
+            // Also after the init exited: without a pid namespace its children may live on.
+            return match runtime::kill_all(&self.id, &self.bundle, signal) {
+                Ok(()) => Response::Ok,
+                Err(_) if self.status == Status::Stopped => Response::Ok,
+                Err(msg) => error(format!("kill: {msg}")),
+            };
+        }
+        if self.status == Status::Stopped {
+            return Response::Ok;
+        }
+        // SAFETY: kill(2) has no memory effects; the init is our child and not reaped yet
+        // (status is not stopped), so the pid cannot have been reused.
+        match unsafe { libc::kill(self.pid, signal) } {
+            0 => Response::Ok,
+            _ => error(format!("kill: {}", std::io::Error::last_os_error())),
+        }
+    }
+
+    fn delete(&mut self) -> Response {
+        if self.status == Status::Running {
+            return error("cannot delete a running container".to_owned());
+        }
+        match runtime::delete(&self.id, &self.bundle) {
+            Ok(()) => {
+                self.shutdown = true;
+                tracing::info!(container_id = %self.id, "container deleted");
+                Response::Ok
+            }
+            Err(msg) => error(format!("delete: {msg}")),
+        }
+    }
+}
+
+impl Output {
+    fn new(fd: OwnedFd, stream: &'static str) -> Output {
+        let _ = fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+        Output {
+            file: File::from(fd),
+            split: LineSplitter::new(stream),
+            eof: false,
+        }
+    }
+}
+
+impl Conn {
+    fn read(&mut self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => {
+                    self.eof = true;
+                    return;
+                }
+                Ok(n) => self.rbuf.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.eof = true;
+                    self.wbuf.clear();
+                    self.rbuf.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, r: &Response) {
+        match serde_json::to_vec(r) {
+            Ok(v) => self.wbuf.extend_from_slice(&v),
+            Err(e) => tracing::error!(error = %e, "encode response"),
+        }
+        self.wbuf.push(b'\n');
+    }
+
+    /// Writes what the socket takes now.
+    fn flush(&mut self) {
+        while !self.wbuf.is_empty() {
+            match self.stream.write(&self.wbuf) {
+                Ok(n) => {
+                    self.wbuf.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.wbuf.clear();
+                    self.eof = true;
+                    self.rbuf.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The last answer before the shim exits: wait until it is written.
+    fn flush_blocking(&mut self) {
+        let _ = self.stream.set_nonblocking(false);
+        let _ = self.stream.write_all(&self.wbuf);
+        self.wbuf.clear();
+    }
+}
+
+fn error(message: String) -> Response {
+    Response::Error { message }
+}
+
+/// Binds the protocol socket, 0660 (root-owned, like berthd's).
+fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Accepts libcontainer's connection on the console socket and takes the pty master from it.
+/// The init sent it before it reported ready, so it is queued by now.
+fn receive_pty_master(console: &UnixListener) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    console.set_nonblocking(true)?;
+    let (conn, _) = console.accept()?;
+    let mut byte = [0u8; 64];
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg
+            && let Some(&fd) = fds.first()
+        {
+            // SAFETY: the kernel just installed this fd in our table for us alone.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    Err(std::io::Error::new(
+        ErrorKind::InvalidData,
+        "no pty master on the console socket",
+    ))
+}
+
+/// `oom_kill N` with N > 0 in a cgroup's `memory.oom_control` (v1) or `memory.events` (v2).
+fn oom_killed(file: &Path) -> bool {
+    std::fs::read_to_string(file).is_ok_and(|text| {
+        text.lines().any(|l| {
+            l.strip_prefix("oom_kill ")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+    })
+}
+
+/// `<bundle>/exit.json`, atomically: temp file, fsync, rename, fsync of the dir.
+fn write_exit_file(bundle: &Path, exit: &ExitStatus) -> std::io::Result<()> {
+    let tmp = bundle.join(".exit.json.tmp");
+    let json = serde_json::to_vec(exit).map_err(std::io::Error::other)?;
+    let mut f = File::create(&tmp)?;
+    f.write_all(&json)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, bundle.join(EXIT_FILE_NAME))?;
+    File::open(bundle)?.sync_all()
+}
+
+/// Reaps children left by a failed creation, waiting up to a second for them to exit.
+fn reap_leftovers() {
+    for _ in 0..100 {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(nix::errno::Errno::ECHILD) => return,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_oom_counters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("memory.oom_control");
+        std::fs::write(&f, "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n").expect("write");
+        assert!(!oom_killed(&f));
+        std::fs::write(&f, "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n").expect("write");
+        assert!(oom_killed(&f));
+        assert!(!oom_killed(&dir.path().join("missing")));
+    }
+
+    #[test]
+    fn exit_file_is_json() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = ExitStatus {
+            code: 137,
+            signal: Some(9),
+            exited_at_ns: 5,
+            oom_killed: false,
+        };
+        write_exit_file(dir.path(), &e).expect("write");
+        let back: ExitStatus =
+            serde_json::from_slice(&std::fs::read(dir.path().join(EXIT_FILE_NAME)).expect("read"))
+                .expect("parse");
+        assert_eq!(back, e);
+    }
+}

@@ -1,0 +1,246 @@
+//! libcontainer operations, each run in a short-lived forked child ("helper").
+//!
+//! `build()` forks and blocks, and every libcontainer call pulls its code and its heap into the
+//! calling process. Running them in a child keeps the long-lived monitor small: the monitor only
+//! forks, waits for the helper and reads its one-line answer from a pipe.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::signal::Signal;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::fcntl::OFlag;
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal as NixSignal};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid};
+
+/// Longest helper answer; one `write` under `PIPE_BUF` is atomic and never blocks on an empty
+/// pipe.
+const MAX_ANSWER: usize = 4000;
+
+/// Where libcontainer keeps this container's state: `<bundle>/runtime` (one root per container).
+pub fn state_root(bundle: &Path) -> PathBuf {
+    bundle.join("runtime")
+}
+
+/// What the creating helper reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedInit {
+    /// The init's pid in the host pid namespace.
+    pub pid: i32,
+    /// The file whose `oom_kill` counter tells whether the OOM killer hit the container
+    /// (`memory.oom_control` on cgroup v1, `memory.events` on v2), if there is one.
+    pub oom_file: Option<PathBuf>,
+}
+
+/// The container-side ends of stdio, handed to the container's init.
+#[derive(Debug, Default)]
+pub struct InitStdio {
+    /// stdin (None: /dev/null, the shim's own stdin).
+    pub stdin: Option<OwnedFd>,
+    /// stdout.
+    pub stdout: Option<OwnedFd>,
+    /// stderr.
+    pub stderr: Option<OwnedFd>,
+    /// Console socket path, for `--tty`: the init sends its pty master there.
+    pub console_socket: Option<PathBuf>,
+}
+
+/// Creates the container (state *created*) with libcontainer in a helper child. Every fd of the
+/// monitor except `stdio` is closed in the helper, so the container's processes hold none of
+/// them.
+pub fn create(id: &str, bundle: &Path, stdio: InitStdio) -> Result<CreatedInit, String> {
+    let keep: Vec<RawFd> = [&stdio.stdin, &stdio.stdout, &stdio.stderr]
+        .into_iter()
+        .flatten()
+        .map(|f| f.as_raw_fd())
+        .collect();
+    let answer = in_helper(&keep, || {
+        let mut builder = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+            .with_root_path(state_root(bundle))
+            .map_err(|e| chain(&e))?
+            .with_console_socket(stdio.console_socket.as_ref());
+        if let Some(fd) = stdio.stdin {
+            builder = builder.with_stdin(fd);
+        }
+        if let Some(fd) = stdio.stdout {
+            builder = builder.with_stdout(fd);
+        }
+        if let Some(fd) = stdio.stderr {
+            builder = builder.with_stderr(fd);
+        }
+        let container = builder
+            .as_init(bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| chain(&e))?;
+        let pid = container
+            .pid()
+            .ok_or_else(|| "container created without an init pid".to_owned())?;
+        let oom = oom_file(pid.as_raw()).unwrap_or_default();
+        Ok(format!("{pid}\n{}", oom.display()))
+    })?;
+    let (pid, oom) = answer.split_once('\n').unwrap_or((&answer, ""));
+    Ok(CreatedInit {
+        pid: pid
+            .parse()
+            .map_err(|_| format!("bad answer from the create helper: {answer:?}"))?,
+        oom_file: (!oom.is_empty()).then(|| PathBuf::from(oom)),
+    })
+}
+
+/// Runs the user process of the created container.
+pub fn start(id: &str, bundle: &Path) -> Result<(), String> {
+    in_helper(&[], || {
+        load(id, bundle)?.start().map_err(|e| chain(&e))?;
+        Ok(String::new())
+    })
+    .map(drop)
+}
+
+/// Sends `signal` to every process of the container (its cgroup).
+///
+/// libcontainer marks the container stopped after any `kill`, even a harmless signal; the
+/// monitor keeps its own state, so that only matters for a later `start` (refused).
+pub fn kill_all(id: &str, bundle: &Path, signal: i32) -> Result<(), String> {
+    in_helper(&[], || {
+        let signal = Signal::try_from(signal).map_err(|e| chain(&e))?;
+        load(id, bundle)?
+            .kill(signal, true)
+            .map_err(|e| chain(&e))?;
+        Ok(String::new())
+    })
+    .map(drop)
+}
+
+/// Deletes the container: kills what is left in its cgroup, removes the cgroups and
+/// libcontainer's state dir.
+pub fn delete(id: &str, bundle: &Path) -> Result<(), String> {
+    in_helper(&[], || {
+        load(id, bundle)?.delete(true).map_err(|e| chain(&e))?;
+        // The per-container root is ours; it is empty now.
+        let _ = std::fs::remove_dir(state_root(bundle));
+        Ok(String::new())
+    })
+    .map(drop)
+}
+
+fn load(id: &str, bundle: &Path) -> Result<Container, String> {
+    Container::load(state_root(bundle).join(id)).map_err(|e| chain(&e))
+}
+
+/// The error and its sources, `: `-separated (the helper's error crosses a process boundary as
+/// text).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.ends_with(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// The OOM counter file of `pid`'s memory cgroup, from `/proc/<pid>/cgroup`.
+fn oom_file(pid: i32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let mut v2 = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            return Some(
+                Path::new("/sys/fs/cgroup/memory")
+                    .join(path)
+                    .join("memory.oom_control"),
+            );
+        }
+        if controllers.is_empty() {
+            v2 = Some(Path::new("/sys/fs/cgroup").join(path).join("memory.events"));
+        }
+    }
+    v2.filter(|p| p.exists())
+}
+
+/// Forks a helper that runs `f` and reports its answer through a pipe; waits for it.
+///
+/// The helper closes every fd ≥ 3 but `keep` and its answer pipe, and restores the default
+/// signal mask and SIGPIPE disposition (which the container's processes inherit).
+fn in_helper(keep: &[RawFd], f: impl FnOnce() -> Result<String, String>) -> Result<String, String> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: the monitor is single-threaded, so the child may run any code after fork.
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork helper: {e}"))? {
+        ForkResult::Child => {
+            drop(r);
+            let mut keep = keep.to_vec();
+            keep.push(w.as_raw_fd());
+            close_fds_except(&mut keep);
+            let _ = nix::sys::signal::sigprocmask(
+                SigmaskHow::SIG_SETMASK,
+                Some(&SigSet::empty()),
+                None,
+            );
+            // SAFETY: restoring a default disposition installs no handler.
+            let _ = unsafe { nix::sys::signal::signal(NixSignal::SIGPIPE, SigHandler::SigDfl) };
+            let (code, msg) = match f() {
+                Ok(m) => (0, m),
+                Err(m) => (1, m),
+            };
+            let msg = &msg.as_bytes()[..msg.len().min(MAX_ANSWER)];
+            let _ = nix::unistd::write(&w, msg);
+            // SAFETY: _exit skips atexit handlers and destructors that belong to the monitor.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            drop(w);
+            let status = wait_for(child);
+            // Other processes (the container's init) may still hold the write end, so read only
+            // what is there instead of waiting for EOF.
+            let mut answer = String::new();
+            let mut file = std::fs::File::from(r);
+            let _ = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+            let _ = file.read_to_string(&mut answer);
+            match status {
+                Ok(WaitStatus::Exited(_, 0)) => Ok(answer),
+                Ok(WaitStatus::Exited(_, _)) if !answer.is_empty() => Err(answer),
+                other => Err(format!("helper died: {other:?}")),
+            }
+        }
+    }
+}
+
+fn wait_for(pid: Pid) -> nix::Result<WaitStatus> {
+    loop {
+        match waitpid(pid, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Closes every fd ≥ 3 that is not in `keep`.
+pub fn close_fds_except(keep: &mut [RawFd]) {
+    keep.sort_unstable();
+    let mut lo: u32 = 3;
+    for &fd in keep.iter() {
+        let Ok(fd) = u32::try_from(fd) else { continue };
+        if fd >= lo {
+            if fd > lo {
+                // SAFETY: close_range only closes descriptors; none in this range is in use.
+                unsafe { libc::close_range(lo, fd - 1, 0) };
+            }
+            lo = fd + 1;
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::close_range(lo, u32::MAX, 0) };
+}
