@@ -6,6 +6,7 @@
 
 pub mod authority;
 pub mod config;
+pub mod container;
 pub mod error;
 pub mod image;
 pub mod image_service;

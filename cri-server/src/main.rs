@@ -20,6 +20,9 @@ struct Flags {
     /// Volatile state: sockets, bundles, namespace pins.
     #[arg(long, default_value = "/run/berth")]
     state: PathBuf,
+    /// The per-container shim binary [default: berth-shim next to berthd].
+    #[arg(long)]
+    shim: Option<PathBuf>,
     /// TOML config file; a missing file means every default.
     #[arg(long, default_value = "/etc/berth/config.toml")]
     config: PathBuf,
@@ -45,10 +48,17 @@ fn main() -> anyhow::Result<()> {
         builder.init();
     }
     let config = Config::load(&flags.config)?;
+    let shim = match flags.shim {
+        Some(s) => s,
+        None => std::env::current_exe()
+            .context("find berthd's own path")?
+            .with_file_name("berth-shim"),
+    };
     let paths = Paths {
         listen: flags.listen,
         root: flags.root,
         state: flags.state,
+        shim,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -8,6 +8,7 @@ use api::cri;
 use api::cri::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
+use crate::container::{ContainerManager, Observed};
 use crate::sandbox::{SandboxManager, SandboxRecord, State};
 
 /// The name and version berthd reports.
@@ -18,12 +19,45 @@ pub const CRI_VERSION: &str = "v1";
 /// Answers the runtime calls by translating them into calls on the core managers.
 pub struct RuntimeServiceImpl {
     sandboxes: Arc<SandboxManager>,
+    containers: Arc<ContainerManager>,
 }
 
 impl RuntimeServiceImpl {
     /// Serves the given core.
-    pub fn new(sandboxes: Arc<SandboxManager>) -> Self {
-        RuntimeServiceImpl { sandboxes }
+    pub fn new(sandboxes: Arc<SandboxManager>, containers: Arc<ContainerManager>) -> Self {
+        RuntimeServiceImpl {
+            sandboxes,
+            containers,
+        }
+    }
+}
+
+fn container_matches(o: &Observed, f: &cri::ContainerFilter) -> bool {
+    let r = &o.record;
+    (f.id.is_empty() || r.id.starts_with(&f.id))
+        && (f.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&f.pod_sandbox_id))
+        && f.state.as_ref().is_none_or(|s| s.state == o.state as i32)
+        && f.label_selector
+            .iter()
+            .all(|(k, v)| r.config.labels.get(k) == Some(v))
+}
+
+fn to_container(o: &Observed) -> cri::Container {
+    let r = &o.record;
+    cri::Container {
+        id: r.id.clone(),
+        pod_sandbox_id: r.sandbox_id.clone(),
+        metadata: r.config.metadata.clone(),
+        image: Some(cri::ImageSpec {
+            image: r.image_name.clone(),
+            ..Default::default()
+        }),
+        image_ref: r.image_id.clone(),
+        state: o.state as i32,
+        created_at: r.created_at_ns,
+        labels: r.config.labels.clone(),
+        annotations: r.config.annotations.clone(),
+        image_id: r.image_id.clone(),
     }
 }
 
@@ -195,7 +229,9 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         req: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
-        self.sandboxes.stop(&req.get_ref().pod_sandbox_id).await?;
+        self.containers
+            .stop_sandbox(&req.get_ref().pod_sandbox_id)
+            .await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
@@ -203,7 +239,9 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         req: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
-        self.sandboxes.remove(&req.get_ref().pod_sandbox_id).await?;
+        self.containers
+            .remove_sandbox(&req.get_ref().pod_sandbox_id)
+            .await?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
 
@@ -256,13 +294,77 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::ListPodSandboxResponse { items }))
     }
 
+    async fn create_container(
+        &self,
+        req: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let req = req.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("CreateContainer needs a container config"))?;
+        let id = self
+            .containers
+            .create(&req.pod_sandbox_id, config, req.sandbox_config)
+            .await?;
+        Ok(Response::new(cri::CreateContainerResponse {
+            container_id: id,
+        }))
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        self.containers.start(&req.get_ref().container_id).await?;
+        Ok(Response::new(cri::StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        req: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let req = req.into_inner();
+        let timeout = std::time::Duration::from_secs(req.timeout.max(0) as u64);
+        self.containers.stop(&req.container_id, timeout).await?;
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        self.containers.remove(&req.get_ref().container_id).await?;
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn list_containers(
+        &self,
+        req: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let containers = self
+            .containers
+            .list()
+            .await?
+            .iter()
+            .filter(|o| container_matches(o, &filter))
+            .map(to_container)
+            .collect();
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
+    async fn container_status(
+        &self,
+        req: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let status = self.containers.status(&req.get_ref().container_id).await?;
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(status),
+            info: Default::default(),
+        }))
+    }
+
     not_yet! {
-        create_container(cri::CreateContainerRequest) -> cri::CreateContainerResponse;
-        start_container(cri::StartContainerRequest) -> cri::StartContainerResponse;
-        stop_container(cri::StopContainerRequest) -> cri::StopContainerResponse;
-        remove_container(cri::RemoveContainerRequest) -> cri::RemoveContainerResponse;
-        list_containers(cri::ListContainersRequest) -> cri::ListContainersResponse;
-        container_status(cri::ContainerStatusRequest) -> cri::ContainerStatusResponse;
         update_container_resources(cri::UpdateContainerResourcesRequest) -> cri::UpdateContainerResourcesResponse;
         reopen_container_log(cri::ReopenContainerLogRequest) -> cri::ReopenContainerLogResponse;
         exec_sync(cri::ExecSyncRequest) -> cri::ExecSyncResponse;

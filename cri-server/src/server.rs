@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::authority::AuthorityFix;
 use crate::config::{Config, SnapshotterKind};
+use crate::container::ContainerManager;
 use crate::image::ImageManager;
 use crate::image_service::ImageServiceImpl;
 use crate::runtime_service::RuntimeServiceImpl;
@@ -33,6 +34,8 @@ pub struct Paths {
     pub root: PathBuf,
     /// Volatile state (`/run/berth`).
     pub state: PathBuf,
+    /// The `berth-shim` binary.
+    pub shim: PathBuf,
 }
 
 /// Opens storage, recovers from any crash, binds the socket and serves until `shutdown`.
@@ -43,8 +46,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // The socket first: a second daemon pointed at a live one stops before touching storage.
     let listener = bind(&paths.listen)?;
-    let (images, sandboxes) = match open_core(&paths, config).await {
-        Ok((i, s)) => (Arc::new(i), Arc::new(s)),
+    let (images, sandboxes, containers) = match open_core(&paths, config).await {
+        Ok(core) => core,
         Err(e) => {
             let _ = std::fs::remove_file(&paths.listen);
             return Err(e);
@@ -57,7 +60,7 @@ pub async fn run(
     let result = tonic::transport::Server::builder()
         .layer(RequestSpanLayer)
         .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(
-            sandboxes,
+            sandboxes, containers,
         )))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(images)))
         .serve_with_incoming_shutdown(incoming, shutdown)
@@ -67,10 +70,14 @@ pub async fn run(
     result
 }
 
-async fn open_core(
-    paths: &Paths,
-    config: Config,
-) -> anyhow::Result<(ImageManager, SandboxManager)> {
+/// The core managers: images, pod sandboxes, containers.
+type Core = (
+    Arc<ImageManager>,
+    Arc<SandboxManager>,
+    Arc<ContainerManager>,
+);
+
+async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
     let paths = paths.clone();
     tokio::task::spawn_blocking(move || {
         for dir in [&paths.root, &paths.state] {
@@ -106,9 +113,22 @@ async fn open_core(
                 db.clone(),
             )?)
         };
-        let images = ImageManager::new(db.clone(), content, snaps, Arc::new(config))?;
-        let sandboxes = SandboxManager::new(db, &paths.state)?;
-        anyhow::Ok((images, sandboxes))
+        let images = Arc::new(ImageManager::new(
+            db.clone(),
+            content,
+            snaps.clone(),
+            Arc::new(config),
+        )?);
+        let sandboxes = Arc::new(SandboxManager::new(db.clone(), &paths.state)?);
+        let containers = Arc::new(ContainerManager::new(
+            db,
+            &paths.state,
+            paths.shim.clone(),
+            images.clone(),
+            sandboxes.clone(),
+            snaps,
+        )?);
+        anyhow::Ok((images, sandboxes, containers))
     })
     .await?
 }

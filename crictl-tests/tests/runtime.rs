@@ -50,12 +50,12 @@ async fn version_status_and_runtime_config() {
 
     // Not built yet: UNIMPLEMENTED, never a fake success.
     let err = rt
-        .create_container(cri::CreateContainerRequest::default())
+        .exec_sync(cri::ExecSyncRequest::default())
         .await
-        .expect_err("containers are not built yet");
+        .expect_err("exec is not built yet");
     assert_eq!(err.code(), Code::Unimplemented);
     let err = rt
-        .list_containers(cri::ListContainersRequest::default())
+        .container_stats(cri::ContainerStatsRequest::default())
         .await
         .expect_err("unbuilt");
     assert_eq!(err.code(), Code::Unimplemented);

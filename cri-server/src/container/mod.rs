@@ -1,0 +1,807 @@
+//! Containers: each one an active snapshot mounted as its rootfs, an OCI bundle, and a
+//! `berth-shim` process that owns its life. berthd holds records; the shim holds the truth of a
+//! live container (and its exit record once it stops).
+//!
+//! Crash safety: a container is recorded as `Creating` before anything is made for it; at start,
+//! `Creating` records are rolled back (shim killed, rootfs unmounted, snapshot and bundle
+//! removed). Created ones are reattached through their shim's socket or exit record.
+
+pub mod shim_client;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use api::cri;
+use api::shim::{ExitStatus, Request, Response, Status};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use snapshotter::Snapshotter;
+
+use self::shim_client::{ShimClient, ShimLaunch};
+use crate::error::{Error, Result};
+use crate::image::ImageManager;
+use crate::sandbox::{SandboxManager, SandboxRecord, State as SandboxState, now_ns};
+use crate::spec::{self, HostInfo, SandboxFiles, SandboxNamespaces, SpecInput};
+
+/// container id → JSON [`ContainerRecord`].
+const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
+/// `name_attempt_<sandbox id>` → container id.
+const NAMES: TableDefinition<&str, &str> = TableDefinition::new("container_names");
+/// Prefix of container rootfs snapshot keys.
+const SNAPSHOT_PREFIX: &str = "ctr-";
+/// Exit code berth reports when a container's shim vanished without recording an exit.
+const LOST_EXIT_CODE: i32 = 255;
+
+/// Lifecycle of a container record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Being set up; invisible to clients.
+    Creating,
+    /// Its shim exists; the live state comes from the shim.
+    Created,
+}
+
+/// What berthd records of a container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// 64 hex digits.
+    pub id: String,
+    /// Its pod.
+    pub sandbox_id: String,
+    /// The config kubelet gave.
+    pub config: cri::ContainerConfig,
+    /// Image id (config digest).
+    pub image_id: String,
+    /// The image as the request named it.
+    pub image_name: String,
+    /// Creation time.
+    pub created_at_ns: i64,
+    /// CRI log file.
+    pub log_path: PathBuf,
+    /// Lifecycle phase of the record.
+    pub phase: Phase,
+    /// Start time once started (learned from the shim).
+    pub started_at_ns: Option<i64>,
+    /// Exit, once known (from the shim or its exit record).
+    pub exit: Option<ExitStatus>,
+    /// Why the container ended, when berth decided it (e.g. its shim died).
+    pub reason: Option<String>,
+}
+
+/// The live view of a container.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// The record.
+    pub record: ContainerRecord,
+    /// CRI state.
+    pub state: cri::ContainerState,
+}
+
+fn name_key(c: &cri::ContainerConfig, sandbox_id: &str) -> String {
+    let m = c.metadata.clone().unwrap_or_default();
+    format!("{}_{}_{sandbox_id}", m.name, m.attempt)
+}
+
+/// Containers, their shims and their root filesystems.
+pub struct ContainerManager {
+    db: Arc<Database>,
+    state_dir: PathBuf,
+    shim_binary: PathBuf,
+    images: Arc<ImageManager>,
+    sandboxes: Arc<SandboxManager>,
+    snapshots: Arc<dyn Snapshotter>,
+    host: HostInfo,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ContainerManager {
+    /// Opens the records and rolls back containers a crash left half-created.
+    pub fn new(
+        db: Arc<Database>,
+        state_dir: &Path,
+        shim_binary: PathBuf,
+        images: Arc<ImageManager>,
+        sandboxes: Arc<SandboxManager>,
+        snapshots: Arc<dyn Snapshotter>,
+    ) -> Result<Self> {
+        let tx = db.begin_write()?;
+        tx.open_table(CONTAINERS)?;
+        tx.open_table(NAMES)?;
+        tx.commit()?;
+        let m = ContainerManager {
+            db,
+            state_dir: state_dir.to_owned(),
+            shim_binary,
+            images,
+            sandboxes,
+            snapshots,
+            host: HostInfo::probe(),
+            locks: Mutex::default(),
+        };
+        for r in m.all()? {
+            if r.phase == Phase::Creating {
+                tracing::info!(container_id = %r.id, "rolling back a container a crash left half-created");
+                m.teardown_sync(&r);
+                m.delete_record(&r)?;
+            }
+        }
+        Ok(m)
+    }
+
+    fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.state_dir.join("containers").join(id)
+    }
+
+    fn all(&self) -> Result<Vec<ContainerRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(CONTAINERS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (id, v) = e?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| {
+                Error::Internal(format!("container record {} is corrupt: {e}", id.value()))
+            })?);
+        }
+        Ok(out)
+    }
+
+    fn put(&self, r: &ContainerRecord) -> Result<()> {
+        let json = serde_json::to_vec(r).map_err(|e| Error::internal("encode container", e))?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(CONTAINERS)?
+            .insert(r.id.as_str(), json.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn reserve(&self, r: &ContainerRecord) -> Result<()> {
+        let json = serde_json::to_vec(r).map_err(|e| Error::internal("encode container", e))?;
+        let key = name_key(&r.config, &r.sandbox_id);
+        let tx = self.db.begin_write()?;
+        {
+            let mut names = tx.open_table(NAMES)?;
+            if let Some(other) = names.get(key.as_str())? {
+                return Err(Error::AlreadyExists(format!(
+                    "container name {key:?} is reserved for {}",
+                    other.value()
+                )));
+            }
+            names.insert(key.as_str(), r.id.as_str())?;
+            tx.open_table(CONTAINERS)?
+                .insert(r.id.as_str(), json.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn delete_record(&self, r: &ContainerRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            tx.open_table(CONTAINERS)?.remove(r.id.as_str())?;
+            let mut names = tx.open_table(NAMES)?;
+            let key = name_key(&r.config, &r.sandbox_id);
+            let ours = names.get(key.as_str())?.is_some_and(|v| v.value() == r.id);
+            if ours {
+                names.remove(key.as_str())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The container `id` names (full id or unique prefix); Creating ones are invisible.
+    pub fn get(&self, id: &str) -> Result<ContainerRecord> {
+        if id.is_empty() {
+            return Err(Error::InvalidArgument("container id is required".into()));
+        }
+        let mut found: Vec<ContainerRecord> = self
+            .all()?
+            .into_iter()
+            .filter(|r| r.phase != Phase::Creating && r.id.starts_with(id))
+            .collect();
+        match found.len() {
+            0 => Err(Error::NotFound(format!("container {id:?} not found"))),
+            1 => Ok(found.remove(0)),
+            _ => Err(Error::InvalidArgument(format!(
+                "container id prefix {id:?} is ambiguous"
+            ))),
+        }
+    }
+
+    /// Creates a container in a ready pod: rootfs snapshot mounted, OCI spec written, shim
+    /// started with the container created but not running. Rolled back fully on failure.
+    pub async fn create(
+        &self,
+        sandbox_id: &str,
+        config: cri::ContainerConfig,
+        sandbox_config: Option<cri::PodSandboxConfig>,
+    ) -> Result<String> {
+        let meta = config
+            .metadata
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("container config needs metadata".into()))?;
+        if meta.name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "container metadata needs a name".into(),
+            ));
+        }
+        let sandbox = self.sandboxes.get(sandbox_id)?;
+        if sandbox.state != SandboxState::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} is not ready: cannot create containers in it",
+                sandbox.id
+            )));
+        }
+        let image_name = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| Error::InvalidArgument("container config needs an image".into()))?;
+        let image = self.images.resolve(&image_name)?.ok_or_else(|| {
+            Error::NotFound(format!("image {image_name:?} not found: pull it first"))
+        })?;
+        let image_config = self.images.config_json(&image)?;
+        let top = image
+            .record
+            .chain_ids
+            .last()
+            .ok_or_else(|| Error::FailedPrecondition(format!("image {image_name} has no layers")))?
+            .to_string();
+
+        let id = hex::encode(rand::random::<[u8; 32]>());
+        let log_dir = sandbox_config
+            .as_ref()
+            .map(|c| c.log_directory.clone())
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| sandbox.config.log_directory.clone());
+        let log_path = if log_dir.is_empty() || config.log_path.is_empty() {
+            self.bundle(&id).join("container.log")
+        } else {
+            Path::new(&log_dir).join(&config.log_path)
+        };
+        let record = ContainerRecord {
+            id: id.clone(),
+            sandbox_id: sandbox.id.clone(),
+            config,
+            image_id: image.record.id.to_string(),
+            image_name,
+            created_at_ns: now_ns(),
+            log_path,
+            phase: Phase::Creating,
+            started_at_ns: None,
+            exit: None,
+            reason: None,
+        };
+        self.reserve(&record)?;
+        let lock = self.lock(&id);
+        let _held = lock.lock().await;
+        match self.build(&record, &sandbox, &top, &image_config).await {
+            Ok(()) => {
+                let record = ContainerRecord {
+                    phase: Phase::Created,
+                    ..record
+                };
+                if let Err(e) = self.put(&record) {
+                    self.teardown(&record).await;
+                    let _ = self.delete_record(&record);
+                    return Err(e);
+                }
+                tracing::info!(container_id = %id, sandbox_id = %sandbox.id, "container created");
+                Ok(id)
+            }
+            Err(e) => {
+                self.teardown(&record).await;
+                self.delete_record(&record)?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(
+        &self,
+        r: &ContainerRecord,
+        sandbox: &SandboxRecord,
+        top_layer: &str,
+        image_config: &serde_json::Value,
+    ) -> Result<()> {
+        let bundle = self.bundle(&r.id);
+        let rootfs = bundle.join("rootfs");
+        let snapshots = self.snapshots.clone();
+        let key = format!("{SNAPSHOT_PREFIX}{}", r.id);
+        let top = top_layer.to_owned();
+        let (b, rf) = (bundle.clone(), rootfs.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            std::fs::create_dir_all(&rf).map_err(|e| Error::internal("create bundle", e))?;
+            let mounts = snapshots.prepare(&key, Some(&top))?;
+            mount_all(&mounts, &rf)?;
+            let _ = b;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("rootfs thread: {e}")))??;
+
+        let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).ok();
+        let group = std::fs::read_to_string(rootfs.join("etc/group")).ok();
+        let files = self.sandboxes.files_dir(&sandbox.id);
+        let (hostname, hosts, resolv) = (
+            files.join("hostname"),
+            files.join("hosts"),
+            files.join("resolv.conf"),
+        );
+        let cgroup_parent = pod_cgroup_parent(sandbox);
+        let input = SpecInput {
+            container_id: &r.id,
+            sandbox_id: &sandbox.id,
+            image_name: &r.image_name,
+            image_config,
+            rootfs: &rootfs,
+            image_passwd: passwd.as_deref(),
+            image_group: group.as_deref(),
+            config: &r.config,
+            sandbox: &sandbox.config,
+            namespaces: SandboxNamespaces {
+                network: sandbox.ns_path("net"),
+                ipc: sandbox.ns_path("ipc"),
+                uts: sandbox.ns_path("uts"),
+                pid: None,
+                target_pid: None,
+            },
+            cgroup_parent: &cgroup_parent,
+            host: &self.host,
+            sandbox_files: SandboxFiles {
+                hostname: Some(&hostname),
+                hosts: Some(&hosts),
+                resolv_conf: Some(&resolv),
+                shm: None,
+            },
+        };
+        let (mut oci, clamped) = spec::generate(&input)?;
+        for c in clamped {
+            tracing::warn!(container_id = %r.id, clamped = %c, "not granted on this host");
+        }
+        // The shim runs in the bundle dir: a relative root keeps config.json portable.
+        if let Some(root) = oci.root_mut() {
+            root.set_path(PathBuf::from("rootfs"));
+        }
+        oci.save(bundle.join("config.json"))
+            .map_err(|e| Error::Internal(format!("write config.json: {e}")))?;
+        if let Some(dir) = r.log_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::internal("create log dir", e))?;
+        }
+        shim_client::launch(&ShimLaunch {
+            binary: self.shim_binary.clone(),
+            id: r.id.clone(),
+            bundle,
+            log: r.log_path.clone(),
+            stdin: r.config.stdin,
+            tty: r.config.tty,
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Undoes everything a container holds: its shim (killed), rootfs mount, snapshot and
+    /// bundle. Safe to call twice; logs what it could not undo.
+    async fn teardown(&self, r: &ContainerRecord) {
+        let client = ShimClient::new(&self.bundle(&r.id));
+        if client
+            .call(&Request::State, Some(Duration::from_secs(2)))
+            .await
+            .is_ok()
+        {
+            let _ = client
+                .call(
+                    &Request::Kill {
+                        signal: libc::SIGKILL,
+                        all: true,
+                    },
+                    Some(Duration::from_secs(5)),
+                )
+                .await;
+            let _ = client
+                .call(&Request::Wait, Some(Duration::from_secs(10)))
+                .await;
+            let _ = client
+                .call(&Request::Shutdown, Some(Duration::from_secs(10)))
+                .await;
+        }
+        let this_bundle = self.bundle(&r.id);
+        let snapshots = self.snapshots.clone();
+        let id = r.id.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            release_storage(&this_bundle, snapshots.as_ref(), &id)
+        })
+        .await;
+    }
+
+    /// Teardown for startup, before any runtime tasks: kills a shim by its pid file.
+    fn teardown_sync(&self, r: &ContainerRecord) {
+        let bundle = self.bundle(&r.id);
+        if let Some(pid) = std::fs::read_to_string(bundle.join(api::shim::PID_FILE_NAME))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        release_storage(&bundle, self.snapshots.as_ref(), &r.id);
+    }
+
+    /// Starts a created container.
+    pub async fn start(&self, id: &str) -> Result<()> {
+        let r = self.get(id)?;
+        let lock = self.lock(&r.id);
+        let _held = lock.lock().await;
+        let sandbox = self.sandboxes.get(&r.sandbox_id)?;
+        if sandbox.state != SandboxState::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                sandbox.id
+            )));
+        }
+        let client = ShimClient::new(&self.bundle(&r.id));
+        client
+            .call(&Request::Start, Some(Duration::from_secs(30)))
+            .await?;
+        tracing::info!(container_id = %r.id, "container started");
+        Ok(())
+    }
+
+    /// Stops a container: its stop signal (the image's STOPSIGNAL or SIGTERM), then SIGKILL
+    /// after `timeout`. Stopping a stopped container succeeds.
+    pub async fn stop(&self, id: &str, timeout: Duration) -> Result<()> {
+        let r = self.get(id)?;
+        let lock = self.lock(&r.id);
+        let _held = lock.lock().await;
+        self.stop_locked(&r, timeout).await
+    }
+
+    async fn stop_locked(&self, r: &ContainerRecord, timeout: Duration) -> Result<()> {
+        let observed = self.observe(r.clone()).await;
+        if observed.state != cri::ContainerState::ContainerRunning {
+            return Ok(());
+        }
+        let client = ShimClient::new(&self.bundle(&r.id));
+        if !timeout.is_zero() {
+            let signal = self.stop_signal(r);
+            client
+                .call(
+                    &Request::Kill { signal, all: false },
+                    Some(Duration::from_secs(5)),
+                )
+                .await?;
+            if client.call(&Request::Wait, Some(timeout)).await.is_ok() {
+                return Ok(());
+            }
+            tracing::info!(container_id = %r.id, "stop signal timed out: killing");
+        }
+        client
+            .call(
+                &Request::Kill {
+                    signal: libc::SIGKILL,
+                    all: true,
+                },
+                Some(Duration::from_secs(5)),
+            )
+            .await?;
+        client
+            .call(&Request::Wait, Some(Duration::from_secs(30)))
+            .await?;
+        Ok(())
+    }
+
+    fn stop_signal(&self, r: &ContainerRecord) -> i32 {
+        let from_image = self
+            .images
+            .resolve(&r.image_id)
+            .ok()
+            .flatten()
+            .and_then(|i| self.images.config_json(&i).ok())
+            .and_then(|c| c["config"]["StopSignal"].as_str().map(str::to_owned));
+        from_image
+            .and_then(|s| parse_signal(&s))
+            .unwrap_or(libc::SIGTERM)
+    }
+
+    /// Removes a container, killing it if it still runs. Removing an unknown container succeeds.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let r = match self.get(id) {
+            Ok(r) => r,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let lock = self.lock(&r.id);
+        let _held = lock.lock().await;
+        let Ok(r) = self.get(&r.id) else {
+            return Ok(());
+        };
+        self.teardown(&r).await;
+        self.delete_record(&r)?;
+        tracing::info!(container_id = %r.id, "container removed");
+        Ok(())
+    }
+
+    /// The live state of a container: asks its shim; without a shim, its exit record; without
+    /// either, exited with [`LOST_EXIT_CODE`].
+    pub async fn observe(&self, mut r: ContainerRecord) -> Observed {
+        let client = ShimClient::new(&self.bundle(&r.id));
+        let state = match client
+            .call(&Request::State, Some(Duration::from_secs(5)))
+            .await
+        {
+            Ok(Response::State {
+                status,
+                started_at_ns,
+                exit,
+                ..
+            }) => {
+                r.started_at_ns = started_at_ns.or(r.started_at_ns);
+                r.exit = exit.or(r.exit);
+                match status {
+                    Status::Created => cri::ContainerState::ContainerCreated,
+                    Status::Running => cri::ContainerState::ContainerRunning,
+                    Status::Stopped => cri::ContainerState::ContainerExited,
+                }
+            }
+            _ => {
+                if r.exit.is_none() {
+                    r.exit = client.exit_record();
+                }
+                if r.exit.is_none() {
+                    r.reason = Some("ShimDied".into());
+                    r.exit = Some(ExitStatus {
+                        code: LOST_EXIT_CODE,
+                        signal: None,
+                        exited_at_ns: now_ns(),
+                        oom_killed: false,
+                    });
+                }
+                // Remember it: the answer must not change if the bundle goes away later.
+                let _ = self.put(&r);
+                cri::ContainerState::ContainerExited
+            }
+        };
+        Observed { record: r, state }
+    }
+
+    /// Every visible container with its live state.
+    pub async fn list(&self) -> Result<Vec<Observed>> {
+        let mut out = Vec::new();
+        for r in self
+            .all()?
+            .into_iter()
+            .filter(|r| r.phase != Phase::Creating)
+        {
+            out.push(self.observe(r).await);
+        }
+        Ok(out)
+    }
+
+    /// Stops every container of a pod, then the pod. Idempotent.
+    pub async fn stop_sandbox(&self, sandbox_id: &str) -> Result<()> {
+        let sandbox = self.sandboxes.get(sandbox_id)?;
+        for r in self
+            .all()?
+            .into_iter()
+            .filter(|r| r.sandbox_id == sandbox.id && r.phase == Phase::Created)
+        {
+            let lock = self.lock(&r.id);
+            let _held = lock.lock().await;
+            self.stop_locked(&r, Duration::ZERO).await?;
+        }
+        self.sandboxes.stop(&sandbox.id).await
+    }
+
+    /// Removes every container of a pod, then the pod. Removing an unknown pod succeeds.
+    pub async fn remove_sandbox(&self, sandbox_id: &str) -> Result<()> {
+        let sandbox = match self.sandboxes.get(sandbox_id) {
+            Ok(s) => s,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for r in self
+            .all()?
+            .into_iter()
+            .filter(|r| r.sandbox_id == sandbox.id)
+        {
+            self.remove(&r.id).await?;
+        }
+        self.sandboxes.remove(&sandbox.id).await?;
+        // The pod cgroup is berth's only when berth chose it; kubelet's parents are kubelet's.
+        if pod_cgroup_parent(&sandbox) == default_cgroup_parent(&sandbox.id) {
+            remove_cgroup_dirs(&default_cgroup_parent(&sandbox.id));
+        }
+        Ok(())
+    }
+
+    /// CRI status of one container.
+    pub async fn status(&self, id: &str) -> Result<cri::ContainerStatus> {
+        let r = self.get(id)?;
+        Ok(to_status(&self.observe(r).await))
+    }
+}
+
+/// The cgroup berth gives a pod when kubelet names none.
+fn default_cgroup_parent(sandbox_id: &str) -> String {
+    format!("/berth/{sandbox_id}")
+}
+
+/// The cgroupfs parent of a pod's containers.
+fn pod_cgroup_parent(sandbox: &SandboxRecord) -> String {
+    sandbox
+        .config
+        .linux
+        .as_ref()
+        .map(|l| l.cgroup_parent.clone())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| default_cgroup_parent(&sandbox.id))
+}
+
+/// Removes an (empty) cgroup from every hierarchy mounted under /sys/fs/cgroup: v1
+/// controllers, the hybrid unified mount, or a pure v2 root.
+fn remove_cgroup_dirs(cgroup: &str) {
+    let rel = cgroup.trim_start_matches('/');
+    let mut dirs = vec![Path::new("/sys/fs/cgroup").join(rel)];
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        dirs.extend(rd.filter_map(|e| e.ok()).map(|e| e.path().join(rel)));
+    }
+    for d in dirs {
+        match std::fs::remove_dir(&d) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) => {}
+            Err(e) => tracing::warn!(cgroup = %d.display(), error = %e, "remove pod cgroup"),
+        }
+    }
+}
+
+/// Unmounts the rootfs, removes the container's snapshot and its bundle dir.
+fn release_storage(bundle: &Path, snapshots: &dyn Snapshotter, id: &str) {
+    let rootfs = bundle.join("rootfs");
+    match nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => tracing::warn!(container_id = %id, error = %e, "unmount rootfs"),
+    }
+    let key = format!("{SNAPSHOT_PREFIX}{id}");
+    match snapshots.remove(&key) {
+        Ok(()) | Err(snapshotter::Error::NotFound { .. }) => {}
+        Err(e) => tracing::warn!(container_id = %id, error = %e, "remove rootfs snapshot"),
+    }
+    match std::fs::remove_dir_all(bundle) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(container_id = %id, error = %e, "remove bundle"),
+    }
+}
+
+/// Mounts what a snapshotter described at `target`.
+fn mount_all(mounts: &[api::Mount], target: &Path) -> Result<()> {
+    use nix::mount::MsFlags;
+    for m in mounts {
+        let (fstype, mut flags) = if m.fstype == "bind" {
+            (None, MsFlags::MS_BIND | MsFlags::MS_REC)
+        } else {
+            (Some(m.fstype.as_str()), MsFlags::empty())
+        };
+        let data: Vec<&str> = m
+            .options
+            .iter()
+            .map(String::as_str)
+            .filter(|o| match *o {
+                "ro" => {
+                    flags |= MsFlags::MS_RDONLY;
+                    false
+                }
+                "rw" | "rbind" | "bind" => false,
+                _ => true,
+            })
+            .collect();
+        let data = data.join(",");
+        nix::mount::mount(
+            Some(m.source.as_str()),
+            target,
+            fstype,
+            flags,
+            if data.is_empty() {
+                None
+            } else {
+                Some(data.as_str())
+            },
+        )
+        .map_err(|e| Error::Internal(format!("mount rootfs at {}: {e}", target.display())))?;
+    }
+    Ok(())
+}
+
+fn parse_signal(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Some(n);
+    }
+    let name = s.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    nix::sys::signal::Signal::iterator()
+        .find(|sig| sig.as_str().trim_start_matches("SIG") == name)
+        .map(|sig| sig as i32)
+}
+
+/// The CRI status of an observed container.
+pub fn to_status(o: &Observed) -> cri::ContainerStatus {
+    let r = &o.record;
+    let (exit_code, finished_at, reason, message) = match (&r.exit, o.state) {
+        (Some(e), cri::ContainerState::ContainerExited) => {
+            let reason = if let Some(reason) = &r.reason {
+                reason.clone()
+            } else if e.oom_killed {
+                "OOMKilled".to_owned()
+            } else if e.code == 0 {
+                "Completed".to_owned()
+            } else {
+                "Error".to_owned()
+            };
+            let message = match &r.reason {
+                Some(_) => "the container's shim exited without recording an exit".to_owned(),
+                None => String::new(),
+            };
+            (e.code, e.exited_at_ns, reason, message)
+        }
+        _ => (0, 0, String::new(), String::new()),
+    };
+    cri::ContainerStatus {
+        id: r.id.clone(),
+        metadata: r.config.metadata.clone(),
+        state: o.state as i32,
+        created_at: r.created_at_ns,
+        started_at: r.started_at_ns.unwrap_or(0),
+        finished_at,
+        exit_code,
+        image: Some(cri::ImageSpec {
+            image: r.image_name.clone(),
+            ..Default::default()
+        }),
+        image_ref: r.image_id.clone(),
+        reason,
+        message,
+        labels: r.config.labels.clone(),
+        annotations: r.config.annotations.clone(),
+        mounts: r.config.mounts.clone(),
+        log_path: r.log_path.display().to_string(),
+        resources: r
+            .config
+            .linux
+            .as_ref()
+            .and_then(|l| l.resources.clone())
+            .map(|linux| cri::ContainerResources {
+                linux: Some(linux),
+                windows: None,
+            }),
+        image_id: r.image_id.clone(),
+        user: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(parse_signal("SIGQUIT"), Some(libc::SIGQUIT));
+        assert_eq!(parse_signal("usr1"), Some(libc::SIGUSR1));
+        assert_eq!(parse_signal("9"), Some(9));
+        assert_eq!(parse_signal("SIGNOPE"), None);
+    }
+}

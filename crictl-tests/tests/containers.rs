@@ -1,0 +1,443 @@
+//! Container lifecycle end to end: real pods, real shims, real overlay rootfs, CRI logs.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use api::cri;
+use crictl_tests::daemon::{Daemon, require_root};
+use crictl_tests::image::{self, ManifestFormat, busybox_image};
+use crictl_tests::registry::Registry;
+use tonic::Code;
+
+struct Env {
+    d: Daemon,
+    _reg: Registry,
+    image: String,
+    logs: tempfile::TempDir,
+}
+
+async fn env() -> Env {
+    require_root();
+    let img = busybox_image()
+        .expect("image")
+        .build(ManifestFormat::Oci)
+        .expect("build");
+    let reg = Registry::start().await.expect("registry");
+    image::push_image(&reg.addr(), "busybox", "latest", &img)
+        .await
+        .expect("push");
+    let d = Daemon::start().await.expect("daemon");
+    let image = format!("{}/busybox:latest", reg.addr());
+    d.pull_image(&image, None).await.expect("pull");
+    Env {
+        d,
+        _reg: reg,
+        image,
+        logs: tempfile::tempdir().expect("log dir"),
+    }
+}
+
+fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: env.logs.path().display().to_string(),
+        ..Default::default()
+    }
+}
+
+fn ctr_config(env: &Env, name: &str, cmd: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: env.image.clone(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        labels: [("c".to_owned(), name.to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(env: &Env, name: &str) -> (String, cri::PodSandboxConfig) {
+    let cfg = pod_config(env, name);
+    let mut rt = env.d.runtime().await.expect("client");
+    let id = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("run pod")
+        .into_inner()
+        .pod_sandbox_id;
+    (id, cfg)
+}
+
+async fn create(
+    env: &Env,
+    pod: &(String, cri::PodSandboxConfig),
+    cfg: cri::ContainerConfig,
+) -> Result<String, tonic::Status> {
+    let mut rt = env.d.runtime().await.expect("client");
+    rt.create_container(cri::CreateContainerRequest {
+        pod_sandbox_id: pod.0.clone(),
+        config: Some(cfg),
+        sandbox_config: Some(pod.1.clone()),
+    })
+    .await
+    .map(|r| r.into_inner().container_id)
+}
+
+async fn start(env: &Env, id: &str) {
+    let mut rt = env.d.runtime().await.expect("client");
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .expect("start");
+}
+
+async fn status(env: &Env, id: &str) -> Result<cri::ContainerStatus, tonic::Status> {
+    let mut rt = env.d.runtime().await.expect("client");
+    rt.container_status(cri::ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .map(|r| r.into_inner().status.expect("status"))
+}
+
+async fn wait_exited(env: &Env, id: &str) -> cri::ContainerStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(env, id).await.expect("status");
+        if s.state == cri::ContainerState::ContainerExited as i32 {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container {id} did not exit: {s:?}\n{}",
+            env.d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reassembled content of a CRI log file per stream, checking every line's format.
+fn read_cri_log(path: &Path) -> (String, String) {
+    let text = std::fs::read_to_string(path).expect("log file");
+    let (mut out, mut err) = (String::new(), String::new());
+    for line in text.lines() {
+        let mut parts = line.splitn(4, ' ');
+        let ts = parts.next().expect("timestamp");
+        let stream = parts.next().expect("stream");
+        let tag = parts.next().expect("tag");
+        let msg = parts.next().unwrap_or("");
+        assert!(
+            ts.ends_with('Z') && ts.contains('T') && ts.contains('.'),
+            "RFC3339Nano timestamp: {line}"
+        );
+        assert!(tag == "F" || tag == "P", "tag: {line}");
+        let buf = match stream {
+            "stdout" => &mut out,
+            "stderr" => &mut err,
+            other => panic!("stream {other}: {line}"),
+        };
+        buf.push_str(msg);
+        if tag == "F" {
+            buf.push('\n');
+        }
+    }
+    (out, err)
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect()
+}
+
+async fn remove_pod(env: &Env, id: &str) {
+    let mut rt = env.d.runtime().await.expect("client");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    })
+    .await
+    .expect("remove pod");
+    let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .expect("cgroup root")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("berth").join(id))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(left.is_empty(), "pod cgroups left: {left:?}");
+}
+
+fn assert_clean(env: &Env) {
+    assert!(
+        mounts_under(&env.d.state()).is_empty(),
+        "mounts left: {:?}",
+        mounts_under(&env.d.state())
+    );
+    let shims = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("berth-shim --id .* --bundle {}", env.d.state().display()),
+        ])
+        .output()
+        .expect("pgrep");
+    assert!(
+        shims.stdout.is_empty(),
+        "shims left: {}",
+        String::from_utf8_lossy(&shims.stdout)
+    );
+    assert!(!env.d.log().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_a_container_to_completion() {
+    let env = env().await;
+    let pod = run_pod(&env, "runner").await;
+    let script = "echo hello; echo oops >&2; id -u; hostname; printf tail; exit 3";
+    let id = create(
+        &env,
+        &pod,
+        ctr_config(&env, "job", &["/bin/sh", "-c", script]),
+    )
+    .await
+    .expect("create");
+    let s = status(&env, &id).await.expect("status");
+    assert_eq!(s.state, cri::ContainerState::ContainerCreated as i32);
+    assert!(s.created_at > 0 && s.started_at == 0);
+    start(&env, &id).await;
+    let s = wait_exited(&env, &id).await;
+    assert_eq!(s.exit_code, 3);
+    assert_eq!(s.reason, "Error");
+    assert!(
+        s.started_at >= s.created_at && s.finished_at >= s.started_at,
+        "{s:?}"
+    );
+    assert_eq!(s.image_ref, s.image_id);
+    assert!(s.image_ref.starts_with("sha256:"));
+    assert_eq!(s.labels["c"], "job");
+    let log = env.logs.path().join("job.log");
+    assert_eq!(s.log_path, log.display().to_string());
+    let (out, err) = read_cri_log(&log);
+    // The image's USER app is uid 1000; the pod's hostname is the container's.
+    assert_eq!(out, "hello\n1000\nrunner\ntail\n", "stdout");
+    assert_eq!(err, "oops\n");
+
+    let mut rt = env.d.runtime().await.expect("client");
+    let all = rt
+        .list_containers(cri::ListContainersRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(all.containers.len(), 1);
+    assert_eq!(all.containers[0].pod_sandbox_id, pod.0);
+    let exited = cri::ContainerFilter {
+        state: Some(cri::ContainerStateValue {
+            state: cri::ContainerState::ContainerExited as i32,
+        }),
+        ..Default::default()
+    };
+    let filtered = rt
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(exited),
+        })
+        .await
+        .expect("list");
+    assert_eq!(filtered.into_inner().containers.len(), 1);
+
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("remove");
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("remove again");
+    assert_eq!(
+        status(&env, &id).await.expect_err("gone").code(),
+        Code::NotFound
+    );
+    remove_pod(&env, &pod.0).await;
+    assert_clean(&env);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_with_signal_then_kill() {
+    let env = env().await;
+    let pod = run_pod(&env, "stopper").await;
+    // Handles SIGTERM: stops at once with its own exit code.
+    let polite = [
+        "/bin/sh",
+        "-c",
+        "trap 'exit 0' TERM; while true; do sleep 0.05; done",
+    ];
+    let a = create(&env, &pod, ctr_config(&env, "polite", &polite))
+        .await
+        .expect("create");
+    // PID 1 with no handler ignores SIGTERM: only the SIGKILL after the timeout stops it.
+    let b = create(
+        &env,
+        &pod,
+        ctr_config(&env, "stubborn", &["/bin/sleep", "1000"]),
+    )
+    .await
+    .expect("create");
+    start(&env, &a).await;
+    start(&env, &b).await;
+    for id in [&a, &b] {
+        assert_eq!(
+            status(&env, id).await.expect("status").state,
+            cri::ContainerState::ContainerRunning as i32
+        );
+    }
+    let mut rt = env.d.runtime().await.expect("client");
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: a.clone(),
+        timeout: 10,
+    })
+    .await
+    .expect("stop");
+    let s = status(&env, &a).await.expect("status");
+    assert_eq!(
+        (s.state, s.exit_code, s.reason.as_str()),
+        (cri::ContainerState::ContainerExited as i32, 0, "Completed")
+    );
+
+    let t = Instant::now();
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: b.clone(),
+        timeout: 1,
+    })
+    .await
+    .expect("stop");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "waited for the timeout"
+    );
+    let s = status(&env, &b).await.expect("status");
+    assert_eq!((s.exit_code, s.reason.as_str()), (137, "Error"));
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: b.clone(),
+        timeout: 1,
+    })
+    .await
+    .expect("stop again");
+
+    // Stopping the pod stops what runs in it; removing the pod removes its containers.
+    let c = create(
+        &env,
+        &pod,
+        ctr_config(&env, "third", &["/bin/sleep", "1000"]),
+    )
+    .await
+    .expect("create");
+    start(&env, &c).await;
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.0.clone(),
+    })
+    .await
+    .expect("stop pod");
+    assert_eq!(
+        status(&env, &c).await.expect("status").state,
+        cri::ContainerState::ContainerExited as i32
+    );
+    let err = create(&env, &pod, ctr_config(&env, "late", &["true"]))
+        .await
+        .expect_err("stopped pod");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    remove_pod(&env, &pod.0).await;
+    let left = rt
+        .list_containers(cri::ListContainersRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(left.containers.is_empty());
+    assert_clean(&env);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_container_requests() {
+    let env = env().await;
+    let pod = run_pod(&env, "bad").await;
+    let mut missing = ctr_config(&env, "noimage", &["true"]);
+    missing.image = Some(cri::ImageSpec {
+        image: "127.0.0.1:1/none:latest".into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        create(&env, &pod, missing)
+            .await
+            .expect_err("no image")
+            .code(),
+        Code::NotFound
+    );
+    let nopod = (String::from("0123456789abcdef"), pod.1.clone());
+    assert_eq!(
+        create(&env, &nopod, ctr_config(&env, "x", &["true"]))
+            .await
+            .expect_err("no pod")
+            .code(),
+        Code::NotFound
+    );
+    let mut bad_mount = ctr_config(&env, "mnt", &["true"]);
+    bad_mount.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: "/nonexistent/berth/source".into(),
+        ..Default::default()
+    }];
+    let err = create(&env, &pod, bad_mount).await.expect_err("bad mount");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let ok = create(&env, &pod, ctr_config(&env, "dup", &["true"]))
+        .await
+        .expect("create");
+    let dup = create(&env, &pod, ctr_config(&env, "dup", &["true"]))
+        .await
+        .expect_err("duplicate");
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    assert_eq!(
+        status(&env, "feedface").await.expect_err("unknown").code(),
+        Code::NotFound
+    );
+    let mut rt = env.d.runtime().await.expect("client");
+    let err = rt
+        .start_container(cri::StartContainerRequest {
+            container_id: "feedface".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    // Only the good container exists; failed creations left nothing.
+    let all = rt
+        .list_containers(cri::ListContainersRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        all.containers
+            .iter()
+            .map(|c| c.id.clone())
+            .collect::<Vec<_>>(),
+        vec![ok]
+    );
+    remove_pod(&env, &pod.0).await;
+    assert_clean(&env);
+}
