@@ -441,3 +441,109 @@ async fn bad_container_requests() {
     remove_pod(&env, &pod.0).await;
     assert_clean(&env);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn berth_cri_run_shows_output_and_exit_code() {
+    // What the README's demo does: run a command in a fresh pod and print its output.
+    let env = env().await;
+    let out = tokio::process::Command::new(crictl_tests::daemon::bin_dir().join("berth-cri"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", env.d.socket.display()))
+        .args([
+            "run",
+            &env.image,
+            "/bin/sh",
+            "-c",
+            "echo hello from berth; echo to stderr >&2; exit 4",
+        ])
+        .output()
+        .await
+        .expect("run berth-cri");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from berth\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to stderr\n");
+    // The image's own entrypoint and cmd when no command is given.
+    let out = tokio::process::Command::new(crictl_tests::daemon::bin_dir().join("berth-cri"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", env.d.socket.display()))
+        .args(["run", &env.image])
+        .output()
+        .await
+        .expect("run berth-cri");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    let mut rt = env.d.runtime().await.expect("client");
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(pods.items.is_empty(), "run removed its pod");
+    assert_clean(&env);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_survive_berthd_kill_9_and_a_dead_shim_is_reported() {
+    let mut env = env().await;
+    let pod = run_pod(&env, "survive").await;
+    let a = create(&env, &pod, ctr_config(&env, "a", &["/bin/sleep", "1000"]))
+        .await
+        .expect("create");
+    let b = create(&env, &pod, ctr_config(&env, "b", &["/bin/sleep", "1000"]))
+        .await
+        .expect("create");
+    start(&env, &a).await;
+    start(&env, &b).await;
+    env.d.kill9().await.expect("kill berthd");
+    env.d.restart().await.expect("restart");
+    for id in [&a, &b] {
+        let s = status(&env, id).await.expect("status after restart");
+        assert_eq!(
+            s.state,
+            cri::ContainerState::ContainerRunning as i32,
+            "{id} still runs"
+        );
+    }
+    // kill -9 of one shim: its container is reported exited with a clear reason; the other is
+    // untouched.
+    let pid: i32 =
+        std::fs::read_to_string(env.d.state().join("containers").join(&a).join("shim.pid"))
+            .expect("shim pid")
+            .trim()
+            .parse()
+            .expect("pid");
+    nix_kill(pid);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = status(&env, &a).await.expect("status");
+    assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
+    assert_eq!(s.reason, "ShimDied");
+    assert!(!s.message.is_empty());
+    assert_eq!(
+        status(&env, &b).await.expect("status").state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    remove_pod(&env, &pod.0).await;
+    // The container whose shim died must not outlive its removal.
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 1000"])
+        .output()
+        .expect("pgrep");
+    assert!(
+        left.stdout.is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    assert_clean(&env);
+}
+
+fn nix_kill(pid: i32) {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}

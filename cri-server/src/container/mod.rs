@@ -414,10 +414,19 @@ impl ContainerManager {
                 .call(&Request::Shutdown, Some(Duration::from_secs(10)))
                 .await;
         }
+        // Whatever the shim could not clean up (it died, or never answered): kill what is left
+        // in the container's cgroup and remove it.
+        let parent = match self.sandboxes.get(&r.sandbox_id) {
+            Ok(s) => pod_cgroup_parent(&s),
+            Err(_) => default_cgroup_parent(&r.sandbox_id),
+        };
+        let cgroup = format!("{parent}/{}", r.id);
         let this_bundle = self.bundle(&r.id);
         let snapshots = self.snapshots.clone();
         let id = r.id.clone();
         let _ = tokio::task::spawn_blocking(move || {
+            kill_cgroup(&cgroup);
+            remove_cgroup_dirs(&cgroup);
             release_storage(&this_bundle, snapshots.as_ref(), &id)
         })
         .await;
@@ -666,6 +675,41 @@ fn remove_cgroup_dirs(cgroup: &str) {
                 ) => {}
             Err(e) => tracing::warn!(cgroup = %d.display(), error = %e, "remove pod cgroup"),
         }
+    }
+}
+
+/// SIGKILLs every process in `cgroup` (in whichever hierarchy lists them) until none is left,
+/// for up to two seconds.
+fn kill_cgroup(cgroup: &str) {
+    let rel = cgroup.trim_start_matches('/');
+    let procs_files: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join(rel).join("cgroup.procs"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let pids: Vec<i32> = procs_files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        if pids.is_empty() || std::time::Instant::now() > deadline {
+            return;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

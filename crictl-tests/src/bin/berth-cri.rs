@@ -38,6 +38,14 @@ enum Cmd {
     Rmi { image: String },
     /// Image filesystem usage.
     Imagefsinfo,
+    /// Run a command in a new pod and container, print its output, remove both; exits with the
+    /// container's exit code.
+    Run {
+        image: String,
+        /// The command and its arguments (default: the image's entrypoint and cmd).
+        #[arg(trailing_var_arg = true)]
+        command: Vec<String>,
+    },
     /// Build berth's busybox test image from host binaries and push it to a registry.
     PushTestImage {
         /// `host:port` of a plain-HTTP registry.
@@ -198,7 +206,109 @@ async fn main() -> anyhow::Result<()> {
                 .into_inner();
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
+        Cmd::Run { image, command } => {
+            let code = run(&mut rt, &image, command).await?;
+            std::io::Write::flush(&mut std::io::stdout())?;
+            std::process::exit(code);
+        }
         Cmd::PushTestImage { .. } => unreachable!("handled above"),
     }
     Ok(())
+}
+
+/// runp → create → start → wait → print log → remove pod.
+async fn run(
+    rt: &mut cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    image: &str,
+    command: Vec<String>,
+) -> anyhow::Result<i32> {
+    let logs = tempfile::tempdir()?;
+    let name = format!("berth-cri-run-{}", std::process::id());
+    let pod = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.clone(),
+            uid: name.clone(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "berth".into(),
+        log_directory: logs.path().display().to_string(),
+        ..Default::default()
+    };
+    let pod_id = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .context("run pod sandbox")?
+        .into_inner()
+        .pod_sandbox_id;
+    let result = async {
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: "run".into(),
+                attempt: 0,
+            }),
+            image: spec(image),
+            command,
+            log_path: "run.log".into(),
+            ..Default::default()
+        };
+        let id = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod_id.clone(),
+                config: Some(config),
+                sandbox_config: Some(pod),
+            })
+            .await
+            .context("create container")?
+            .into_inner()
+            .container_id;
+        rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .context("start container")?;
+        let status = loop {
+            let s = rt
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                })
+                .await?
+                .into_inner()
+                .status
+                .context("no status")?;
+            if s.state == cri::ContainerState::ContainerExited as i32 {
+                break s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        // CRI log records: `<time> <stream> <P|F> <text>`; print the text as the process wrote it.
+        let log = std::fs::read_to_string(&status.log_path).unwrap_or_default();
+        for line in log.lines() {
+            let mut parts = line.splitn(4, ' ');
+            let (_, stream, tag, text) = (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next().unwrap_or(""),
+            );
+            let end = if tag == Some("F") { "\n" } else { "" };
+            if stream == Some("stderr") {
+                eprint!("{text}{end}");
+            } else {
+                print!("{text}{end}");
+            }
+        }
+        anyhow::Ok(status.exit_code)
+    }
+    .await;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod_id,
+    })
+    .await
+    .context("remove pod sandbox")?;
+    result
 }
