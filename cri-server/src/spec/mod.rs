@@ -903,8 +903,13 @@ pub fn generate(input: &SpecInput) -> Result<(Spec, Vec<Clamped>), SpecError> {
         "env": env,
         "cwd": cwd,
         "capabilities": cap_sets.to_json(),
-        "noNewPrivileges": sc.no_new_privs,
     });
+    // Only when asked for: libcontainer loads a seccomp filter before dropping capabilities
+    // only when the field is absent; an explicit `false` makes it load the filter afterwards,
+    // without CAP_SYS_ADMIN or no_new_privs, and the kernel refuses it.
+    if sc.no_new_privs {
+        process["noNewPrivileges"] = json!(true);
+    }
     let res = input
         .config
         .linux
