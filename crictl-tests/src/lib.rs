@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod image;
+pub mod pods;
 pub mod rawh2;
 pub mod registry;
 pub mod token;

@@ -1,41 +1,10 @@
 //! Container lifecycle end to end: real pods, real shims, real overlay rootfs, CRI logs.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use api::cri;
-use crictl_tests::daemon::{Daemon, require_root};
-use crictl_tests::image::{self, ManifestFormat, busybox_image};
-use crictl_tests::registry::Registry;
+use crictl_tests::pods::{Env, assert_clean, create, env, read_cri_log, remove_pod, status};
 use tonic::Code;
-
-struct Env {
-    d: Daemon,
-    _reg: Registry,
-    image: String,
-    logs: tempfile::TempDir,
-}
-
-async fn env() -> Env {
-    require_root();
-    let img = busybox_image()
-        .expect("image")
-        .build(ManifestFormat::Oci)
-        .expect("build");
-    let reg = Registry::start().await.expect("registry");
-    image::push_image(&reg.addr(), "busybox", "latest", &img)
-        .await
-        .expect("push");
-    let d = Daemon::start().await.expect("daemon");
-    let image = format!("{}/busybox:latest", reg.addr());
-    d.pull_image(&image, None).await.expect("pull");
-    Env {
-        d,
-        _reg: reg,
-        image,
-        logs: tempfile::tempdir().expect("log dir"),
-    }
-}
 
 fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
@@ -83,21 +52,6 @@ async fn run_pod(env: &Env, name: &str) -> (String, cri::PodSandboxConfig) {
     (id, cfg)
 }
 
-async fn create(
-    env: &Env,
-    pod: &(String, cri::PodSandboxConfig),
-    cfg: cri::ContainerConfig,
-) -> Result<String, tonic::Status> {
-    let mut rt = env.d.runtime().await.expect("client");
-    rt.create_container(cri::CreateContainerRequest {
-        pod_sandbox_id: pod.0.clone(),
-        config: Some(cfg),
-        sandbox_config: Some(pod.1.clone()),
-    })
-    .await
-    .map(|r| r.into_inner().container_id)
-}
-
 async fn start(env: &Env, id: &str) {
     let mut rt = env.d.runtime().await.expect("client");
     rt.start_container(cri::StartContainerRequest {
@@ -105,16 +59,6 @@ async fn start(env: &Env, id: &str) {
     })
     .await
     .expect("start");
-}
-
-async fn status(env: &Env, id: &str) -> Result<cri::ContainerStatus, tonic::Status> {
-    let mut rt = env.d.runtime().await.expect("client");
-    rt.container_status(cri::ContainerStatusRequest {
-        container_id: id.into(),
-        verbose: false,
-    })
-    .await
-    .map(|r| r.into_inner().status.expect("status"))
 }
 
 async fn wait_exited(env: &Env, id: &str) -> cri::ContainerStatus {
@@ -131,80 +75,6 @@ async fn wait_exited(env: &Env, id: &str) -> cri::ContainerStatus {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Reassembled content of a CRI log file per stream, checking every line's format.
-fn read_cri_log(path: &Path) -> (String, String) {
-    let text = std::fs::read_to_string(path).expect("log file");
-    let (mut out, mut err) = (String::new(), String::new());
-    for line in text.lines() {
-        let mut parts = line.splitn(4, ' ');
-        let ts = parts.next().expect("timestamp");
-        let stream = parts.next().expect("stream");
-        let tag = parts.next().expect("tag");
-        let msg = parts.next().unwrap_or("");
-        assert!(
-            ts.ends_with('Z') && ts.contains('T') && ts.contains('.'),
-            "RFC3339Nano timestamp: {line}"
-        );
-        assert!(tag == "F" || tag == "P", "tag: {line}");
-        let buf = match stream {
-            "stdout" => &mut out,
-            "stderr" => &mut err,
-            other => panic!("stream {other}: {line}"),
-        };
-        buf.push_str(msg);
-        if tag == "F" {
-            buf.push('\n');
-        }
-    }
-    (out, err)
-}
-
-fn mounts_under(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|m| Path::new(m).starts_with(dir))
-        .collect()
-}
-
-async fn remove_pod(env: &Env, id: &str) {
-    let mut rt = env.d.runtime().await.expect("client");
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: id.into(),
-    })
-    .await
-    .expect("remove pod");
-    let left: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
-        .expect("cgroup root")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("berth").join(id))
-        .filter(|p| p.exists())
-        .collect();
-    assert!(left.is_empty(), "pod cgroups left: {left:?}");
-}
-
-fn assert_clean(env: &Env) {
-    assert!(
-        mounts_under(&env.d.state()).is_empty(),
-        "mounts left: {:?}",
-        mounts_under(&env.d.state())
-    );
-    let shims = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            &format!("berth-shim --id .* --bundle {}", env.d.state().display()),
-        ])
-        .output()
-        .expect("pgrep");
-    assert!(
-        shims.stdout.is_empty(),
-        "shims left: {}",
-        String::from_utf8_lossy(&shims.stdout)
-    );
-    assert!(!env.d.log().contains("panicked"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

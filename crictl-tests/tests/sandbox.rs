@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use api::cri;
 use crictl_tests::daemon::{Daemon, require_root};
+use crictl_tests::pods::mounts_under;
 use tonic::Code;
 
 fn pod(name: &str, attempt: u32) -> cri::PodSandboxConfig {
@@ -102,16 +103,6 @@ fn pins(d: &Daemon, id: &str) -> Vec<PathBuf> {
     ["net", "ipc", "uts"]
         .iter()
         .map(|k| d.state().join("ns").join(id).join(k))
-        .collect()
-}
-
-/// Mount points below the daemon's dirs.
-fn mounts_under(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|m| Path::new(m).starts_with(dir))
         .collect()
 }
 
