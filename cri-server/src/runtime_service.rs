@@ -364,9 +364,31 @@ impl RuntimeService for RuntimeServiceImpl {
         }))
     }
 
+    async fn update_container_resources(
+        &self,
+        req: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        let req = req.into_inner();
+        let linux = req.linux.ok_or_else(|| {
+            Status::invalid_argument("UpdateContainerResources needs linux resources")
+        })?;
+        self.containers
+            .update_resources(&req.container_id, linux)
+            .await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        req: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        self.containers
+            .reopen_log(&req.get_ref().container_id)
+            .await?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
+    }
+
     not_yet! {
-        update_container_resources(cri::UpdateContainerResourcesRequest) -> cri::UpdateContainerResourcesResponse;
-        reopen_container_log(cri::ReopenContainerLogRequest) -> cri::ReopenContainerLogResponse;
         exec_sync(cri::ExecSyncRequest) -> cri::ExecSyncResponse;
         exec(cri::ExecRequest) -> cri::ExecResponse;
         attach(cri::AttachRequest) -> cri::AttachResponse;

@@ -1,5 +1,6 @@
 //! Container lifecycle end to end: real pods, real shims, real overlay rootfs, CRI logs.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use api::cri;
@@ -416,4 +417,126 @@ fn nix_kill(pid: i32) {
         .status()
         .expect("kill");
     assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn update_resources_and_reopen_log_of_a_running_container() {
+    let env = env().await;
+    let pod = run_pod(&env, "tune").await;
+    let mut cfg = ctr_config(
+        &env,
+        "tuned",
+        &[
+            "/bin/sh",
+            "-c",
+            "trap 'echo after-rotate; exit 0' TERM; echo before-rotate; while true; do sleep 0.05; done",
+        ],
+    );
+    cfg.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            cpu_shares: 512,
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = create(&env, &pod, cfg).await.expect("create");
+    start(&env, &id).await;
+    let cg = |controller: &str, file: &str| {
+        let p = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join("berth")
+            .join(&pod.0)
+            .join(&id)
+            .join(file);
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(cg("cpu", "cpu.shares"), "512");
+    assert_eq!(
+        cg("memory", "memory.limit_in_bytes"),
+        (64u64 << 20).to_string()
+    );
+
+    let mut rt = env.d.runtime().await.expect("client");
+    let new = cri::LinuxContainerResources {
+        cpu_shares: 1024,
+        cpu_period: 100_000,
+        cpu_quota: 20_000,
+        memory_limit_in_bytes: 128 << 20,
+        ..Default::default()
+    };
+    rt.update_container_resources(cri::UpdateContainerResourcesRequest {
+        container_id: id.clone(),
+        linux: Some(new.clone()),
+        ..Default::default()
+    })
+    .await
+    .expect("update");
+    assert_eq!(cg("cpu", "cpu.shares"), "1024");
+    assert_eq!(cg("cpu", "cpu.cfs_quota_us"), "20000");
+    assert_eq!(
+        cg("memory", "memory.limit_in_bytes"),
+        (128u64 << 20).to_string()
+    );
+    let s = status(&env, &id).await.expect("status");
+    assert_eq!(
+        s.resources
+            .and_then(|r| r.linux)
+            .map(|l| l.memory_limit_in_bytes),
+        Some(128 << 20)
+    );
+
+    // Log rotation: rename the file, reopen, and the next lines land in a new file.
+    let log = env.logs.path().join("tuned.log");
+    let rotated = env.logs.path().join("tuned.log.1");
+    wait_for_file_containing(&log, "before-rotate").await;
+    std::fs::rename(&log, &rotated).expect("rotate");
+    rt.reopen_container_log(cri::ReopenContainerLogRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("reopen");
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: id.clone(),
+        timeout: 10,
+    })
+    .await
+    .expect("stop");
+    let (new_out, _) = read_cri_log(&log);
+    assert_eq!(new_out, "after-rotate\n");
+    let (old_out, _) = read_cri_log(&rotated);
+    assert_eq!(old_out, "before-rotate\n");
+
+    // Neither works on an exited container.
+    let err = rt
+        .update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(new),
+            ..Default::default()
+        })
+        .await
+        .expect_err("exited");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = rt
+        .reopen_container_log(cri::ReopenContainerLogRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect_err("exited");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    remove_pod(&env, &pod.0).await;
+    assert_clean(&env);
+}
+
+async fn wait_for_file_containing(path: &Path, text: &str) {
+    for _ in 0..500 {
+        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} never contained {text:?}", path.display());
 }

@@ -6,6 +6,7 @@
 //! `Creating` records are rolled back (shim killed, rootfs unmounted, snapshot and bundle
 //! removed). Created ones are reattached through their shim's socket or exit record.
 
+pub mod resources;
 pub mod shim_client;
 
 use std::collections::HashMap;
@@ -631,6 +632,55 @@ impl ContainerManager {
         if pod_cgroup_parent(&sandbox) == default_cgroup_parent(&sandbox.id) {
             remove_cgroup_dirs(&default_cgroup_parent(&sandbox.id));
         }
+        Ok(())
+    }
+
+    /// Applies new resources to a created or running container and records them.
+    pub async fn update_resources(
+        &self,
+        id: &str,
+        resources: cri::LinuxContainerResources,
+    ) -> Result<()> {
+        let r = self.get(id)?;
+        let lock = self.lock(&r.id);
+        let _held = lock.lock().await;
+        let observed = self.observe(r.clone()).await;
+        if observed.state == cri::ContainerState::ContainerExited {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} has exited",
+                r.id
+            )));
+        }
+        let parent = pod_cgroup_parent(&self.sandboxes.get(&r.sandbox_id)?);
+        let cgroup = format!("{parent}/{}", r.id);
+        let res = resources.clone();
+        tokio::task::spawn_blocking(move || resources::apply(&cgroup, &res))
+            .await
+            .map_err(|e| Error::Internal(format!("cgroup update thread: {e}")))??;
+        let mut updated = observed.record;
+        updated
+            .config
+            .linux
+            .get_or_insert_with(Default::default)
+            .resources = Some(resources);
+        self.put(&updated)?;
+        tracing::info!(container_id = %r.id, "container resources updated");
+        Ok(())
+    }
+
+    /// Asks a running container's shim to reopen its log file (after rotation).
+    pub async fn reopen_log(&self, id: &str) -> Result<()> {
+        let r = self.get(id)?;
+        let observed = self.observe(r.clone()).await;
+        if observed.state != cri::ContainerState::ContainerRunning {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                r.id
+            )));
+        }
+        ShimClient::new(&self.bundle(&r.id))
+            .call(&Request::ReopenLog, Some(Duration::from_secs(5)))
+            .await?;
         Ok(())
     }
 

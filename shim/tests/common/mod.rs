@@ -20,6 +20,7 @@ pub fn require_root() {
 }
 
 /// The parent of every test container's cgroup.
+/// Prefix of each test's own top-level cgroup.
 pub const CGROUP_PARENT: &str = "berth-test";
 
 /// A bundle with a busybox rootfs and a shim for it; dropping it kills and removes everything.
@@ -78,7 +79,9 @@ impl Bundle {
         std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")
             .expect("passwd");
         std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").expect("group");
-        let cgroup = format!("{CGROUP_PARENT}/{unique}");
+        // A top-level cgroup per test: tests run in parallel, and a shared parent removed by
+        // one test's cleanup races another test creating a child in it.
+        let cgroup = format!("{CGROUP_PARENT}-{unique}");
         let mut spec = spec(args, tty, &cgroup);
         edit(&mut spec);
         std::fs::write(
@@ -228,10 +231,6 @@ impl Drop for Bundle {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-        }
-        for r in cgroup_roots() {
-            // Fails while another test's container lives there; the last one removes it.
-            let _ = std::fs::remove_dir(r.join(CGROUP_PARENT));
         }
     }
 }
