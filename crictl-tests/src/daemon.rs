@@ -255,7 +255,89 @@ impl Drop for Daemon {
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
             }
         }
+        // Shims outlive berthd by design: a test that failed half-way leaves them, their
+        // containers and the pods' cgroups behind unless the fixture removes them.
+        kill_shims_under(&self.state());
+        if let Ok(rd) = std::fs::read_dir(self.state().join("sandboxes")) {
+            for e in rd.flatten() {
+                remove_cgroup_tree(&format!("berth/{}", e.file_name().to_string_lossy()));
+            }
+        }
         unmount_under(self.dir.path());
+    }
+}
+
+/// SIGKILLs every `berth-shim` whose bundle lies under `state`.
+fn kill_shims_under(state: &Path) {
+    let needle = format!("--bundle {}", state.join("containers").display());
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd)
+            .replace('\0', " ")
+            .contains(&needle)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Kills every process in the cgroup `rel` and its children, in every hierarchy under
+/// /sys/fs/cgroup, then removes the cgroups, deepest first.
+pub fn remove_cgroup_tree(rel: &str) {
+    let Ok(roots) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut dirs = Vec::new();
+    for root in roots.flatten() {
+        collect_dirs(&root.path().join(rel), &mut dirs);
+    }
+    for _ in 0..100 {
+        let mut alive = false;
+        for d in &dirs {
+            for pid in std::fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+            {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    alive = true;
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        if !alive {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        let _ = std::fs::remove_dir(&d);
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    if !dir.is_dir() {
+        return;
+    }
+    out.push(dir.to_path_buf());
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_dirs(&e.path(), out);
+            }
+        }
     }
 }
 

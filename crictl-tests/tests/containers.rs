@@ -540,3 +540,42 @@ async fn wait_for_file_containing(path: &Path, text: &str) {
     }
     panic!("{} never contained {text:?}", path.display());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_test_leaves_nothing_behind() {
+    // Dropping the fixture mid-test, as a panic would, with a pod and a running container.
+    let env = env().await;
+    let pod = run_pod(&env, "abandoned").await;
+    let id = create(
+        &env,
+        &pod,
+        ctr_config(&env, "left", &["/bin/sleep", "1000"]),
+    )
+    .await
+    .expect("create");
+    start(&env, &id).await;
+    let state = env.d.state();
+    let shim_pid: i32 =
+        std::fs::read_to_string(state.join("containers").join(&id).join("shim.pid"))
+            .expect("shim pid")
+            .trim()
+            .parse()
+            .expect("pid");
+    drop(env);
+    assert!(
+        !Path::new(&format!("/proc/{shim_pid}")).exists() || is_zombie(shim_pid),
+        "shim left"
+    );
+    let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .expect("cgroup root")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("berth").join(&pod.0))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(cgroups.is_empty(), "pod cgroups left: {cgroups:?}");
+    assert!(crictl_tests::pods::mounts_under(&state).is_empty());
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
