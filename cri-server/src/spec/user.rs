@@ -22,18 +22,22 @@ pub(crate) struct GroupEntry {
 }
 
 /// Lines that do not parse (comments, NIS `+` entries, short lines) are skipped, as libc does.
+/// The `:`-separated fields of each line with at least `min` fields, skipping blank lines and
+/// comments: the shape shared by /etc/passwd and /etc/group.
+fn colon_records(content: &str, min: usize) -> impl Iterator<Item = Vec<&str>> {
+    content.lines().filter_map(move |line| {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            return None;
+        }
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() >= min).then_some(f)
+    })
+}
+
 pub(crate) fn parse_passwd(content: &str) -> Vec<PasswdEntry> {
-    content
-        .lines()
-        .filter_map(|line| {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                return None;
-            }
-            let f: Vec<&str> = line.split(':').collect();
-            if f.len() < 4 {
-                return None;
-            }
+    colon_records(content, 4)
+        .filter_map(|f| {
             Some(PasswdEntry {
                 name: f[0].to_string(),
                 uid: f[2].parse().ok()?,
@@ -45,17 +49,8 @@ pub(crate) fn parse_passwd(content: &str) -> Vec<PasswdEntry> {
 }
 
 pub(crate) fn parse_group(content: &str) -> Vec<GroupEntry> {
-    content
-        .lines()
-        .filter_map(|line| {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                return None;
-            }
-            let f: Vec<&str> = line.split(':').collect();
-            if f.len() < 3 {
-                return None;
-            }
+    colon_records(content, 3)
+        .filter_map(|f| {
             Some(GroupEntry {
                 name: f[0].to_string(),
                 gid: f[2].parse().ok()?,
