@@ -17,6 +17,11 @@
 //! carry many requests in order. The shim records the exit in [`EXIT_FILE_NAME`] (atomically:
 //! temp file + rename) *before* it answers any request with the stopped state, so berthd can
 //! learn the exit after either process restarts.
+//!
+//! [`Request::Exec`] runs another process in the running container. Its stdio are file
+//! descriptors berthd passes with the request line (`SCM_RIGHTS` on the same `sendmsg`), in the
+//! order stdin, stdout, stderr, one for each stream the request names. The shim reaps the process
+//! and keeps its exit until a [`Request::WaitExec`] collects it.
 
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +63,34 @@ pub enum Request {
     Wait,
     /// Reopens the CRI log file (after log rotation).
     ReopenLog,
+    /// Runs a process in the running container, with the container's process settings (user,
+    /// capabilities, seccomp, rlimits, env, cwd) and `args`. Answered with [`Response::Exec`]
+    /// once the process runs (its `execve` succeeded), or an error.
+    Exec {
+        /// Names the process in later requests; unique among this shim's execs.
+        exec_id: String,
+        /// Command and arguments.
+        args: Vec<String>,
+        /// A stdin fd comes with the request (else the process reads /dev/null).
+        stdin: bool,
+        /// A stdout fd comes with the request.
+        stdout: bool,
+        /// A stderr fd comes with the request.
+        stderr: bool,
+    },
+    /// Waits until the exec'd process has exited, then answers [`Response::ExecExit`] and
+    /// forgets it.
+    WaitExec {
+        /// As given to `Exec`.
+        exec_id: String,
+    },
+    /// Sends `signal` to an exec'd process; a process that already exited is not an error.
+    KillExec {
+        /// As given to `Exec`.
+        exec_id: String,
+        /// Signal number.
+        signal: i32,
+    },
     /// Deletes the container (it must be stopped, or created and never started), then the shim
     /// exits after answering. The bundle dir is left for berthd to remove.
     Shutdown,
@@ -105,6 +138,18 @@ pub enum Response {
         /// Set once stopped.
         exit: Option<ExitStatus>,
     },
+    /// An exec'd process runs.
+    Exec {
+        /// Its pid (host pid namespace).
+        pid: i32,
+    },
+    /// How an exec'd process ended.
+    ExecExit {
+        /// Exit code; 128 + signal number when killed by a signal.
+        code: i32,
+        /// The signal that killed it, if any.
+        signal: Option<i32>,
+    },
     /// The request failed.
     Error {
         /// What went wrong, for people.
@@ -125,6 +170,13 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&r).expect("json"),
             r#"{"op":"kill","signal":15,"all":false}"#
+        );
+        let e = Request::WaitExec {
+            exec_id: "e1".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).expect("json"),
+            r#"{"op":"wait_exec","exec_id":"e1"}"#
         );
         let s: Response =
             serde_json::from_str(r#"{"result":"error","message":"no"}"#).expect("parse");

@@ -28,6 +28,9 @@ pub enum Error {
     /// A remote (registry) answered with an error that fits no other variant.
     #[error("{0}")]
     Remote(String),
+    /// A deadline the request set passed (an ExecSync timeout).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// Not built yet.
     #[error("{0} is not implemented by berth yet")]
     Unimplemented(&'static str),
@@ -73,6 +76,7 @@ impl From<Error> for tonic::Status {
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
             Error::BadContent(_) => tonic::Status::data_loss(msg),
             Error::Remote(_) => tonic::Status::unknown(msg),
+            Error::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(msg),
             Error::Unimplemented(_) => tonic::Status::unimplemented(msg),
             Error::Internal(_) => tonic::Status::internal(msg),
         }

@@ -388,8 +388,24 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
 
+    async fn exec_sync(
+        &self,
+        req: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        let req = req.into_inner();
+        let timeout = std::time::Duration::from_secs(u64::try_from(req.timeout).unwrap_or(0));
+        let out = self
+            .containers
+            .exec_sync(&req.container_id, req.cmd, timeout)
+            .await?;
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+        }))
+    }
+
     not_yet! {
-        exec_sync(cri::ExecSyncRequest) -> cri::ExecSyncResponse;
         exec(cri::ExecRequest) -> cri::ExecResponse;
         attach(cri::AttachRequest) -> cri::AttachResponse;
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse;

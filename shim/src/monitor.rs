@@ -27,8 +27,16 @@ use crate::{Args, Error, Result};
 
 /// The console socket libcontainer's init sends the pty master to (`--tty`).
 const CONSOLE_SOCKET_NAME: &str = "console.sock";
+/// After this long without events the monitor counts as idle and drops the clean code pages
+/// that serving touched (see [`crate::footprint`]).
+const IDLE_AFTER_MS: u16 = 500;
 /// A request line longer than this closes the connection.
 const MAX_REQUEST: usize = 64 * 1024;
+/// Exited exec'd processes whose exit nobody collected are forgotten beyond this many (berthd
+/// may have died before it asked).
+const MAX_UNCLAIMED_EXECS: usize = 64;
+/// File descriptors a connection may have sent ahead of the requests that use them.
+const MAX_QUEUED_FDS: usize = 3;
 
 /// The monitor of one container.
 #[derive(Debug)]
@@ -48,7 +56,27 @@ pub struct Monitor {
     signals: SignalFd,
     listener: UnixListener,
     conns: Vec<Conn>,
+    /// Processes started with `Exec`, until their exit is collected.
+    execs: Vec<ExecProc>,
     shutdown: bool,
+}
+
+/// A process started in the container by `Exec`.
+#[derive(Debug)]
+struct ExecProc {
+    id: String,
+    pid: i32,
+    /// (code, signal) once reaped.
+    exit: Option<(i32, Option<i32>)>,
+}
+
+/// What a connection's pending request waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Waiting {
+    /// The container's init to exit (`Wait`).
+    Init,
+    /// This exec'd process to exit (`WaitExec`).
+    Exec(String),
 }
 
 /// One output stream of the container (a pipe, or the pty master with `--tty`).
@@ -66,8 +94,10 @@ struct Conn {
     stream: UnixStream,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
-    /// A `Wait` is pending: later requests queue behind it.
-    waiting: bool,
+    /// File descriptors received (`SCM_RIGHTS`) and not yet taken by a request.
+    fds: std::collections::VecDeque<OwnedFd>,
+    /// A `Wait`/`WaitExec` is pending: later requests queue behind it.
+    waiting: Option<Waiting>,
     /// The peer stopped sending (or broke the connection).
     eof: bool,
 }
@@ -173,6 +203,7 @@ impl Monitor {
             signals,
             listener,
             conns: Vec::new(),
+            execs: Vec::new(),
             shutdown: false,
         })
     }
@@ -196,8 +227,15 @@ impl Monitor {
         crate::footprint::drop_clean_file_pages();
         // The init may have exited before the signalfd was polled the first time.
         self.reap();
+        // Code run since the last drop of clean pages: dropped again once idle (see footprint).
+        let mut dirty = false;
         while !self.shutdown {
-            let revents = match self.poll() {
+            let timeout = if dirty {
+                PollTimeout::from(IDLE_AFTER_MS)
+            } else {
+                PollTimeout::NONE
+            };
+            let revents = match self.poll(timeout) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "poll");
@@ -205,6 +243,14 @@ impl Monitor {
                     continue;
                 }
             };
+            if revents.iter().all(|r| r.is_empty()) {
+                if dirty {
+                    crate::footprint::drop_clean_file_pages();
+                    dirty = false;
+                }
+                continue;
+            }
+            dirty = true;
             let mut it = revents.into_iter();
             if it.next().is_some_and(|r| !r.is_empty()) {
                 while let Ok(Some(_)) = self.signals.read_signal() {}
@@ -228,14 +274,14 @@ impl Monitor {
             self.outputs.retain(|o| !o.eof);
             // Half-closed connections whose last answer went out on exit.
             self.conns
-                .retain(|c| !(c.eof && c.wbuf.is_empty() && !c.waiting));
+                .retain(|c| !(c.eof && c.wbuf.is_empty() && c.waiting.is_none()));
         }
         let _ = std::fs::remove_file(self.bundle.join(SOCKET_NAME));
         let _ = std::fs::remove_file(self.bundle.join(PID_FILE_NAME));
     }
 
     /// Polls every fd; returns revents in the order signalfd, listener, outputs, connections.
-    fn poll(&self) -> nix::Result<Vec<PollFlags>> {
+    fn poll(&self, timeout: PollTimeout) -> nix::Result<Vec<PollFlags>> {
         let mut fds = vec![
             PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
@@ -256,7 +302,7 @@ impl Monitor {
             PollFd::new(c.stream.as_fd(), ev)
         }));
         loop {
-            match poll(&mut fds, PollTimeout::NONE) {
+            match poll(&mut fds, timeout) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e),
                 Ok(_) => break,
@@ -283,6 +329,12 @@ impl Monitor {
             };
             if pid.as_raw() == self.pid && self.exit.is_none() {
                 self.init_exited(code, signal);
+            } else if let Some(i) = self
+                .execs
+                .iter()
+                .position(|e| e.pid == pid.as_raw() && e.exit.is_none())
+            {
+                self.exec_exited(i, code, signal);
             }
         }
     }
@@ -307,15 +359,48 @@ impl Monitor {
         tracing::info!(container_id = %self.id, code, ?signal, oom_killed = exit.oom_killed, "container exited");
         self.exit = Some(exit);
         self.status = Status::Stopped;
+        self.wake(&Waiting::Init);
+    }
+
+    /// Records an exec'd process's exit and answers whoever waits for it.
+    fn exec_exited(&mut self, i: usize, code: i32, signal: Option<i32>) {
+        tracing::debug!(container_id = %self.id, exec_id = %self.execs[i].id, code, ?signal, "exec exited");
+        self.execs[i].exit = Some((code, signal));
+        let id = self.execs[i].id.clone();
+        self.wake(&Waiting::Exec(id));
+        // Bound what nobody collects: drop the oldest unclaimed exits.
+        let unclaimed = self.execs.iter().filter(|e| e.exit.is_some()).count();
+        if unclaimed > MAX_UNCLAIMED_EXECS
+            && let Some(oldest) = self.execs.iter().position(|e| e.exit.is_some())
+        {
+            self.execs.remove(oldest);
+        }
+    }
+
+    /// Answers the connections waiting for `what`, then lets them go on with their next requests.
+    fn wake(&mut self, what: &Waiting) {
         for i in 0..self.conns.len() {
-            if self.conns[i].waiting {
-                self.conns[i].waiting = false;
-                let r = self.state();
-                self.conns[i].push(&r);
+            if self.conns[i].waiting.as_ref() == Some(what) {
+                self.conns[i].waiting = None;
+                let r = match what {
+                    Waiting::Init => Some(self.state()),
+                    Waiting::Exec(id) => self.collect_exec(id),
+                };
+                if let Some(r) = r {
+                    self.conns[i].push(&r);
+                }
                 self.process(i);
                 self.conns[i].flush();
             }
         }
+    }
+
+    /// The exit of exec `id` (forgetting it), `None` while it runs.
+    fn collect_exec(&mut self, id: &str) -> Option<Response> {
+        let i = self.execs.iter().position(|e| e.id == id)?;
+        let (code, signal) = self.execs[i].exit?;
+        self.execs.remove(i);
+        Some(Response::ExecExit { code, signal })
     }
 
     /// Reads what output is available; `drain` reads until nothing is left. At end of stream
@@ -358,7 +443,8 @@ impl Monitor {
                             stream,
                             rbuf: Vec::new(),
                             wbuf: Vec::new(),
-                            waiting: false,
+                            fds: Default::default(),
+                            waiting: None,
                             eof: false,
                         });
                     }
@@ -377,14 +463,14 @@ impl Monitor {
         self.conns[i].flush();
         let c = &self.conns[i];
         let hangup = revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR);
-        if hangup || (c.eof && c.wbuf.is_empty() && !c.waiting) {
+        if hangup || (c.eof && c.wbuf.is_empty() && c.waiting.is_none()) {
             self.conns.remove(i);
         }
     }
 
     /// Handles complete request lines of connection `i` until one must wait.
     fn process(&mut self, i: usize) {
-        while !self.conns[i].waiting && !self.shutdown {
+        while self.conns[i].waiting.is_none() && !self.shutdown {
             let Some(nl) = self.conns[i].rbuf.iter().position(|&b| b == b'\n') else {
                 if self.conns[i].rbuf.len() > MAX_REQUEST {
                     self.conns[i].rbuf.clear();
@@ -396,13 +482,13 @@ impl Monitor {
             let response = match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => {
                     tracing::debug!(container_id = %self.id, request = ?req, "request");
-                    self.handle(req)
+                    self.handle(req, i)
                 }
-                Err(e) => Some(error(format!("bad request: {e}"))),
+                Err(e) => Ok(error(format!("bad request: {e}"))),
             };
             match response {
-                Some(r) => self.conns[i].push(&r),
-                None => self.conns[i].waiting = true,
+                Ok(r) => self.conns[i].push(&r),
+                Err(w) => self.conns[i].waiting = Some(w),
             }
             if self.shutdown {
                 self.conns[i].flush_blocking();
@@ -410,12 +496,41 @@ impl Monitor {
         }
     }
 
-    /// Answers one request; `None` means "answer when the container has exited".
-    fn handle(&mut self, req: Request) -> Option<Response> {
-        Some(match req {
+    /// Answers one request of connection `conn`; `Err` names what the answer waits for.
+    fn handle(&mut self, req: Request, conn: usize) -> std::result::Result<Response, Waiting> {
+        Ok(match req {
             Request::State => self.state(),
             Request::Wait if self.status == Status::Stopped => self.state(),
-            Request::Wait => return None,
+            Request::Wait => return Err(Waiting::Init),
+            Request::Exec {
+                exec_id,
+                args,
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                let mut take = |wanted: bool| {
+                    if wanted {
+                        self.conns[conn].fds.pop_front()
+                    } else {
+                        None
+                    }
+                };
+                let stdio = runtime::ExecStdio {
+                    stdin: take(stdin),
+                    stdout: take(stdout),
+                    stderr: take(stderr),
+                };
+                self.exec(exec_id, &args, stdio)
+            }
+            Request::WaitExec { exec_id } => match self.collect_exec(&exec_id) {
+                Some(r) => r,
+                None if self.execs.iter().any(|e| e.id == exec_id) => {
+                    return Err(Waiting::Exec(exec_id));
+                }
+                None => error(format!("no exec {exec_id:?}")),
+            },
+            Request::KillExec { exec_id, signal } => self.kill_exec(&exec_id, signal),
             Request::Start => self.start(),
             Request::Kill { signal, all } => self.kill(signal, all),
             Request::ReopenLog => match self.log.reopen() {
@@ -452,6 +567,47 @@ impl Monitor {
                 Response::Ok
             }
             Err(msg) => error(format!("start: {msg}")),
+        }
+    }
+
+    fn exec(&mut self, exec_id: String, args: &[String], stdio: runtime::ExecStdio) -> Response {
+        if self.status != Status::Running {
+            return error(format!(
+                "cannot exec in a container in state {:?}",
+                self.status
+            ));
+        }
+        if self.execs.iter().any(|e| e.id == exec_id) {
+            return error(format!("exec id {exec_id:?} is in use"));
+        }
+        match runtime::exec(&self.id, &self.bundle, &exec_id, args, stdio) {
+            Ok(pid) => {
+                tracing::debug!(container_id = %self.id, %exec_id, pid, "exec started");
+                self.execs.push(ExecProc {
+                    id: exec_id,
+                    pid,
+                    exit: None,
+                });
+                // It may have exited already; the SIGCHLD is pending then.
+                self.reap();
+                Response::Exec { pid }
+            }
+            Err(msg) => error(format!("exec: {msg}")),
+        }
+    }
+
+    fn kill_exec(&mut self, exec_id: &str, signal: i32) -> Response {
+        let Some(e) = self.execs.iter().find(|e| e.id == exec_id) else {
+            return error(format!("no exec {exec_id:?}"));
+        };
+        if e.exit.is_some() {
+            return Response::Ok;
+        }
+        // SAFETY: kill(2) has no memory effects; the process is our child and not reaped yet, so
+        // the pid cannot have been reused.
+        match unsafe { libc::kill(e.pid, signal) } {
+            0 => Response::Ok,
+            _ => error(format!("kill exec: {}", std::io::Error::last_os_error())),
         }
     }
 
@@ -507,10 +663,11 @@ impl Output {
 }
 
 impl Conn {
+    /// Reads what the peer sent, with any file descriptors passed along.
     fn read(&mut self) {
         let mut buf = [0u8; 4096];
         loop {
-            match self.stream.read(&mut buf) {
+            match self.recv(&mut buf) {
                 Ok(0) => {
                     self.eof = true;
                     return;
@@ -526,6 +683,33 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// One `recvmsg`: bytes into `buf`, passed fds onto the queue (beyond the queue's bound they
+    /// are closed).
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let mut iov = [IoSliceMut::new(buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_QUEUED_FDS]);
+        let msg = recvmsg::<()>(
+            self.stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        )?;
+        let n = msg.bytes;
+        for cmsg in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                for fd in fds {
+                    // SAFETY: the kernel just installed this fd in our table for us alone.
+                    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                    if self.fds.len() < MAX_QUEUED_FDS {
+                        self.fds.push_back(fd);
+                    }
+                }
+            }
+        }
+        Ok(n)
     }
 
     fn push(&mut self, r: &Response) {

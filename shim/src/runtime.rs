@@ -10,8 +10,11 @@ use std::path::{Path, PathBuf};
 
 use libcontainer::container::Container;
 use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::oci_spec::runtime::{Capability as SpecCapability, LinuxSeccomp, Spec};
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::fcntl::OFlag;
 use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal as NixSignal};
 use nix::sys::wait::{WaitStatus, waitpid};
@@ -91,6 +94,150 @@ pub fn create(id: &str, bundle: &Path, stdio: InitStdio) -> Result<CreatedInit, 
             .map_err(|_| format!("bad answer from the create helper: {answer:?}"))?,
         oom_file: (!oom.is_empty()).then(|| PathBuf::from(oom)),
     })
+}
+
+/// The process-side ends of an exec'd process's stdio; `None` inherits the shim's (/dev/null for
+/// stdin; never used for output: berthd always passes stdout and stderr).
+#[derive(Debug, Default)]
+pub struct ExecStdio {
+    /// stdin.
+    pub stdin: Option<OwnedFd>,
+    /// stdout.
+    pub stdout: Option<OwnedFd>,
+    /// stderr.
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Starts `args` in the running container with the container's own process settings and returns
+/// its pid once its `execve` succeeded. The process re-parents to the shim (child subreaper) when
+/// libcontainer's intermediate processes exit.
+///
+/// libcontainer's tenant path rebuilds `linux` from namespaces and cgroups only, so it would run
+/// the process without the container's seccomp filter. [`SeccompExecutor`] loads the filter just
+/// before `execve` instead. Without `no_new_privs` the kernel only lets a process holding
+/// CAP_SYS_ADMIN load a filter, so the process keeps CAP_SYS_ADMIN in its permitted set (never in
+/// its bounding set, so `execve` could not keep it anyway) until the filter is loaded, then drops
+/// it: what runc does by loading the filter before it drops privileges.
+pub fn exec(
+    id: &str,
+    bundle: &Path,
+    exec_id: &str,
+    args: &[String],
+    stdio: ExecStdio,
+) -> Result<i32, String> {
+    if exec_id.is_empty()
+        || exec_id.len() > 64
+        || !exec_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(format!("invalid exec id {exec_id:?}"));
+    }
+    if args.is_empty() {
+        return Err("exec needs a command".to_owned());
+    }
+    let keep: Vec<RawFd> = [&stdio.stdin, &stdio.stdout, &stdio.stderr]
+        .into_iter()
+        .flatten()
+        .map(|f| f.as_raw_fd())
+        .collect();
+    let process_file = bundle.join(format!("exec-{exec_id}.json"));
+    let answer = in_helper(&keep, || {
+        let spec = Spec::load(bundle.join("config.json")).map_err(|e| chain(&e))?;
+        let mut process = spec
+            .process()
+            .clone()
+            .ok_or_else(|| "the container's spec has no process".to_owned())?;
+        process.set_args(Some(args.to_vec()));
+        process.set_terminal(Some(false));
+        process.set_console_size(None);
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+        let mut raise_admin = false;
+        if seccomp.is_some()
+            && process.no_new_privileges() != Some(true)
+            && let Some(mut caps) = process.capabilities().clone()
+        {
+            let effective = caps.effective().clone().unwrap_or_default();
+            if !effective.contains(&SpecCapability::SysAdmin) {
+                let mut permitted = caps.permitted().clone().unwrap_or_default();
+                permitted.insert(SpecCapability::SysAdmin);
+                caps.set_permitted(Some(permitted));
+                process.set_capabilities(Some(caps));
+                raise_admin = true;
+            }
+        }
+        let json = serde_json::to_vec(&process).map_err(|e| format!("encode process: {e}"))?;
+        std::fs::write(&process_file, json)
+            .map_err(|e| format!("write {}: {e}", process_file.display()))?;
+        let mut builder = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+            .with_root_path(state_root(bundle))
+            .map_err(|e| chain(&e))?
+            .with_executor(SeccompExecutor {
+                seccomp,
+                raise_admin,
+            });
+        if let Some(fd) = stdio.stdin {
+            builder = builder.with_stdin(fd);
+        }
+        if let Some(fd) = stdio.stdout {
+            builder = builder.with_stdout(fd);
+        }
+        if let Some(fd) = stdio.stderr {
+            builder = builder.with_stderr(fd);
+        }
+        let built = builder
+            .as_tenant()
+            .with_process(Some(&process_file))
+            .with_detach(true)
+            .build();
+        let _ = std::fs::remove_file(&process_file);
+        let pid = built.map_err(|e| chain(&e))?;
+        Ok(pid.to_string())
+    });
+    // The helper removes it; a helper that died half-way cannot.
+    let _ = std::fs::remove_file(&process_file);
+    let answer = answer?;
+    answer
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad answer from the exec helper: {answer:?}"))
+}
+
+/// Runs in the exec'd process just before `execve`: loads the container's seccomp filter (see
+/// [`exec`]), then hands over to libcontainer's default executor.
+#[derive(Clone)]
+struct SeccompExecutor {
+    seccomp: Option<LinuxSeccomp>,
+    /// CAP_SYS_ADMIN is permitted only to load the filter: raise it for that, drop it after.
+    raise_admin: bool,
+}
+
+impl Executor for SeccompExecutor {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        if let Some(seccomp) = &self.seccomp {
+            let admin = caps::Capability::CAP_SYS_ADMIN;
+            let fail = |what: &str, e: &dyn std::fmt::Display| {
+                ExecutorError::Other(format!("{what}: {e}"))
+            };
+            if self.raise_admin {
+                caps::raise(None, caps::CapSet::Effective, admin)
+                    .map_err(|e| fail("raise CAP_SYS_ADMIN to load seccomp", &e))?;
+            }
+            libcontainer::seccomp::initialize_seccomp(seccomp)
+                .map_err(|e| fail("load the seccomp filter", &e))?;
+            if self.raise_admin {
+                for set in [caps::CapSet::Effective, caps::CapSet::Permitted] {
+                    caps::drop(None, set, admin)
+                        .map_err(|e| fail("drop CAP_SYS_ADMIN after seccomp", &e))?;
+                }
+            }
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
 }
 
 /// Runs the user process of the created container.

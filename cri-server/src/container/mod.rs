@@ -6,6 +6,7 @@
 //! `Creating` records are rolled back (shim killed, rootfs unmounted, snapshot and bundle
 //! removed). Created ones are reattached through their shim's socket or exit record.
 
+pub mod exec;
 pub mod resources;
 pub mod shim_client;
 
@@ -666,6 +667,24 @@ impl ContainerManager {
         self.put(&updated)?;
         tracing::info!(container_id = %r.id, "container resources updated");
         Ok(())
+    }
+
+    /// Runs a command in a running container to completion (ExecSync).
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: Duration,
+    ) -> Result<exec::ExecOutput> {
+        let r = self.get(id)?;
+        let observed = self.observe(r.clone()).await;
+        if observed.state != cri::ContainerState::ContainerRunning {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                r.id
+            )));
+        }
+        exec::exec_sync(&ShimClient::new(&self.bundle(&r.id)), &r.id, cmd, timeout).await
     }
 
     /// Asks a running container's shim to reopen its log file (after rotation).

@@ -1,14 +1,20 @@
 //! berthd's side of the shim protocol (see [`api::shim`]): start a shim, then talk JSON lines to
 //! it over the socket in the bundle dir.
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use api::shim::{Created, EXIT_FILE_NAME, ExitStatus, Request, Response, SOCKET_NAME};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::UnixStream;
 
 use crate::error::{Error, Result};
+
+/// Longest answer line accepted from a shim.
+const MAX_ANSWER: usize = 64 * 1024;
 
 /// How to start one shim.
 #[derive(Debug, Clone)]
@@ -60,6 +66,7 @@ pub async fn launch(l: &ShimLaunch) -> Result<Created> {
 }
 
 /// A connection to one container's shim.
+#[derive(Debug, Clone)]
 pub struct ShimClient {
     bundle: PathBuf,
 }
@@ -72,51 +79,37 @@ impl ShimClient {
         }
     }
 
+    /// Connects to the shim's socket.
+    pub async fn connect(&self) -> Result<ShimConn> {
+        let sock = self.bundle.join(SOCKET_NAME);
+        // Socket paths are limited to 108 bytes; a long state dir plus a 64-digit id can exceed
+        // that. Going through an fd of the bundle dir keeps the path short.
+        let dir = std::fs::File::open(&self.bundle).map_err(|e| {
+            Error::Unavailable(format!("shim bundle {}: {e}", self.bundle.display()))
+        })?;
+        let short = format!("/proc/self/fd/{}/{SOCKET_NAME}", dir.as_raw_fd());
+        let stream = UnixStream::connect(&short)
+            .await
+            .map_err(|e| Error::Unavailable(format!("shim at {}: {e}", sock.display())))?;
+        Ok(ShimConn {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
     /// Sends one request and reads its answer. `timeout` bounds the whole exchange (`Wait` may
     /// legitimately take long; pass `None` to wait for ever).
     pub async fn call(&self, req: &Request, timeout: Option<Duration>) -> Result<Response> {
         let exchange = async {
-            let sock = self.bundle.join(SOCKET_NAME);
-            // Socket paths are limited to 108 bytes; a long state dir plus a 64-digit id can
-            // exceed that. Going through an fd of the bundle dir keeps the path short.
-            let dir = std::fs::File::open(&self.bundle).map_err(|e| {
-                Error::Unavailable(format!("shim bundle {}: {e}", self.bundle.display()))
-            })?;
-            let short = format!(
-                "/proc/self/fd/{}/{SOCKET_NAME}",
-                std::os::fd::AsRawFd::as_raw_fd(&dir)
-            );
-            let stream = UnixStream::connect(&short)
-                .await
-                .map_err(|e| Error::Unavailable(format!("shim at {}: {e}", sock.display())))?;
-            drop(dir);
-            let (r, mut w) = stream.into_split();
-            let mut line =
-                serde_json::to_vec(req).map_err(|e| Error::internal("encode shim request", e))?;
-            line.push(b'\n');
-            w.write_all(&line)
-                .await
-                .map_err(|e| Error::Unavailable(format!("write to shim: {e}")))?;
-            let mut answer = String::new();
-            BufReader::new(r)
-                .read_line(&mut answer)
-                .await
-                .map_err(|e| Error::Unavailable(format!("read from shim: {e}")))?;
-            if answer.is_empty() {
-                return Err(Error::Unavailable("shim closed the connection".into()));
-            }
-            serde_json::from_str::<Response>(&answer)
-                .map_err(|e| Error::Internal(format!("shim answered {answer:?}: {e}")))
+            let mut conn = self.connect().await?;
+            conn.send(req, &[]).await?;
+            conn.recv().await
         };
-        let resp = match timeout {
+        match timeout {
             Some(t) => tokio::time::timeout(t, exchange)
                 .await
-                .map_err(|_| Error::Unavailable(format!("shim did not answer within {t:?}")))??,
-            None => exchange.await?,
-        };
-        match resp {
-            Response::Error { message } => Err(Error::FailedPrecondition(message)),
-            other => Ok(other),
+                .map_err(|_| Error::Unavailable(format!("shim did not answer within {t:?}")))?,
+            None => exchange.await,
         }
     }
 
@@ -124,5 +117,75 @@ impl ShimClient {
     pub fn exit_record(&self) -> Option<ExitStatus> {
         let bytes = std::fs::read(self.bundle.join(EXIT_FILE_NAME)).ok()?;
         serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// One connection to a shim: requests out, answers back in order.
+pub struct ShimConn {
+    stream: UnixStream,
+    /// Received bytes not yet parsed.
+    buf: Vec<u8>,
+}
+
+impl ShimConn {
+    /// Sends one request line; `fds` travel with its first byte (`SCM_RIGHTS`).
+    pub async fn send(&mut self, req: &Request, fds: &[RawFd]) -> Result<()> {
+        let mut line =
+            serde_json::to_vec(req).map_err(|e| Error::internal("encode shim request", e))?;
+        line.push(b'\n');
+        let mut sent = 0;
+        while sent < line.len() {
+            let pending = &line[sent..];
+            let with_fds = sent == 0 && !fds.is_empty();
+            let res = self.stream.async_io(Interest::WRITABLE, || {
+                let iov = [IoSlice::new(pending)];
+                let rights = [ControlMessage::ScmRights(fds)];
+                let cmsgs: &[ControlMessage] = if with_fds { &rights } else { &[] };
+                sendmsg::<()>(
+                    self.stream.as_raw_fd(),
+                    &iov,
+                    cmsgs,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            sent += res
+                .await
+                .map_err(|e| Error::Unavailable(format!("write to shim: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the next answer; a shim error becomes [`Error::FailedPrecondition`].
+    pub async fn recv(&mut self) -> Result<Response> {
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+                let resp = serde_json::from_slice::<Response>(&line).map_err(|e| {
+                    Error::Internal(format!(
+                        "shim answered {:?}: {e}",
+                        String::from_utf8_lossy(&line)
+                    ))
+                })?;
+                return match resp {
+                    Response::Error { message } => Err(Error::FailedPrecondition(message)),
+                    other => Ok(other),
+                };
+            }
+            if self.buf.len() > MAX_ANSWER {
+                return Err(Error::Internal("shim answer too long".into()));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| Error::Unavailable(format!("read from shim: {e}")))?;
+            if n == 0 {
+                return Err(Error::Unavailable("shim closed the connection".into()));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
     }
 }
