@@ -7,7 +7,8 @@
 //! Starts its own registry on 127.0.0.1 unless `--registry` is given, pushes a generated image,
 //! then for each run removes the image and times PullImage. Prints the median and throughput.
 //!
-//! `--lifecycle N` instead runs N cycles of runp → create → start (`sleep`) → stop → remove
+//! `--lifecycle N` instead runs N cycles of runp → create → start (`sleep`) → exec_sync `true` →
+//! stop → remove
 //! and reports each step's median and spread, plus the RSS of the daemon and of each
 //! per-container helper process (`--helper-pattern`, matched against /proc/*/cmdline).
 
@@ -43,6 +44,10 @@ struct Flags {
     /// Repository name to push to.
     #[arg(long, default_value = "bench/big")]
     repo: String,
+    /// Milliseconds to wait after exec_sync before sampling helper RSS (berth-shim drops the
+    /// code pages serving touched after 500 ms idle).
+    #[arg(long, default_value_t = 600)]
+    idle_ms: u64,
     /// Run this many pod/container lifecycle cycles instead of the pull benchmark.
     #[arg(long)]
     lifecycle: Option<usize>,
@@ -206,8 +211,8 @@ async fn lifecycle(f: &Flags, addr: &str, n: usize) -> anyhow::Result<()> {
         .await
         .context("pull")?;
     let logs = tempfile::tempdir()?;
-    let (mut runp, mut create, mut start, mut stop, mut remove) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut runp, mut create, mut start, mut exec, mut stop, mut remove) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut helper_rss = Vec::new();
     for i in 0..n {
         let mut pod = cri::PodSandboxConfig {
@@ -278,6 +283,20 @@ async fn lifecycle(f: &Flags, addr: &str, n: usize) -> anyhow::Result<()> {
         .await
         .context("start")?;
         start.push(t.elapsed());
+        let t = Instant::now();
+        let r = rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: vec!["true".into()],
+                timeout: 10,
+            })
+            .await
+            .context("exec_sync")?
+            .into_inner();
+        exec.push(t.elapsed());
+        anyhow::ensure!(r.exit_code == 0, "exec_sync true exited {}", r.exit_code);
+        // Per-container helpers idle between requests; let them settle before sampling.
+        tokio::time::sleep(Duration::from_millis(f.idle_ms)).await;
         helper_rss.extend(rss_of(&f.helper_pattern).into_iter().map(|(_, kb)| kb));
         let t = Instant::now();
         rt.stop_container(cri::StopContainerRequest {
@@ -314,6 +333,7 @@ async fn lifecycle(f: &Flags, addr: &str, n: usize) -> anyhow::Result<()> {
     summary("create", create);
     summary("start", start);
     summary("create+start", create_start);
+    summary("exec_sync", exec);
     summary("stop", stop);
     summary("stopp+rmp", remove);
     helper_rss.sort();
@@ -329,6 +349,5 @@ async fn lifecycle(f: &Flags, addr: &str, n: usize) -> anyhow::Result<()> {
     for (pid, kb) in rss_of(&f.daemon_pattern) {
         println!("daemon RSS ({}, pid {pid}): {kb} kB", f.daemon_pattern);
     }
-    println!("exec: not measured (ExecSync is not built in berth yet)");
     Ok(())
 }
