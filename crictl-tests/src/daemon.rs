@@ -42,11 +42,56 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// The release build of berth-shim (what berthd ships), for tests of its footprint. Panics when
+/// it is missing or older than the shim's sources: `cargo build --release -p berth-shim`.
+pub fn release_shim() -> PathBuf {
+    let release = bin_dir()
+        .parent()
+        .expect("target dir")
+        .join("release/berth-shim");
+    let built = std::fs::metadata(&release)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: run `cargo build --release -p berth-shim` first",
+                release.display()
+            )
+        });
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shim/src");
+    let newest = newest_mtime(&src);
+    assert!(
+        built >= newest,
+        "{} is older than shim/src: run `cargo build --release -p berth-shim` again",
+        release.display()
+    );
+    release
+}
+
+fn newest_mtime(dir: &Path) -> std::time::SystemTime {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                newest_mtime(&p)
+            } else {
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+            }
+        })
+        .max()
+        .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+}
+
 /// A running berthd and everything it owns.
 pub struct Daemon {
     child: Option<Child>,
     dir: tempfile::TempDir,
     config: String,
+    /// `--shim`, when not the berth-shim next to berthd.
+    shim: Option<PathBuf>,
     /// The CRI socket.
     pub socket: PathBuf,
 }
@@ -59,6 +104,12 @@ impl Daemon {
 
     /// Starts berthd with `config` as its TOML config file.
     pub async fn start_with_config(config: &str) -> anyhow::Result<Daemon> {
+        Self::start_with(config, None).await
+    }
+
+    /// Starts berthd with `config` and `shim` as its `--shim` binary (e.g. a wrapper that
+    /// pauses, or the release build).
+    pub async fn start_with(config: &str, shim: Option<PathBuf>) -> anyhow::Result<Daemon> {
         let dir = tempfile::Builder::new()
             .prefix("berth-test-")
             .tempdir()
@@ -68,6 +119,7 @@ impl Daemon {
             child: None,
             dir,
             config: config.to_owned(),
+            shim,
             socket,
         };
         d.spawn().await?;
@@ -77,6 +129,11 @@ impl Daemon {
     /// The persistent root (`--root`).
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("root")
+    }
+
+    /// The daemon's own temp dir (holds root, state, log and socket).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The volatile state dir (`--state`).
@@ -102,7 +159,11 @@ impl Daemon {
             .open(self.log_path())
             .context("open log")?;
         let berthd = bin_dir().join("berthd");
-        let child = Command::new(&berthd)
+        let mut cmd = Command::new(&berthd);
+        if let Some(shim) = &self.shim {
+            cmd.arg("--shim").arg(shim);
+        }
+        let child = cmd
             .arg("--listen")
             .arg(&self.socket)
             .arg("--root")

@@ -22,6 +22,11 @@ pub struct Env {
 }
 
 pub async fn env() -> Env {
+    env_with_shim(None).await
+}
+
+/// As [`env`], with berthd running `shim` as its `--shim` binary.
+pub async fn env_with_shim(shim: Option<std::path::PathBuf>) -> Env {
     require_root();
     let img = busybox_image()
         .expect("image")
@@ -31,7 +36,7 @@ pub async fn env() -> Env {
     image::push_image(&reg.addr(), "busybox", "latest", &img)
         .await
         .expect("push");
-    let d = Daemon::start().await.expect("daemon");
+    let d = Daemon::start_with("", shim).await.expect("daemon");
     let image = format!("{}/busybox:latest", reg.addr());
     d.pull_image(&image, None).await.expect("pull");
     Env {

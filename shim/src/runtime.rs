@@ -324,10 +324,18 @@ fn oom_file(pid: i32) -> Option<PathBuf> {
 /// signal mask and SIGPIPE disposition (which the container's processes inherit).
 fn in_helper(keep: &[RawFd], f: impl FnOnce() -> Result<String, String>) -> Result<String, String> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let parent = nix::unistd::getpid();
     // SAFETY: the monitor is single-threaded, so the child may run any code after fork.
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork helper: {e}"))? {
         ForkResult::Child => {
             drop(r);
+            // A helper must not outlive the shim: berthd rolls a half-created container back
+            // by killing the shim, and an orphaned helper would go on creating it.
+            let _ = nix::sys::prctl::set_pdeathsig(NixSignal::SIGKILL);
+            if nix::unistd::getppid() != parent {
+                // SAFETY: as below.
+                unsafe { libc::_exit(1) }
+            }
             let mut keep = keep.to_vec();
             keep.push(w.as_raw_fd());
             close_fds_except(&mut keep);

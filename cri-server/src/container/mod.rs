@@ -434,7 +434,9 @@ impl ContainerManager {
         .await;
     }
 
-    /// Teardown for startup, before any runtime tasks: kills a shim by its pid file.
+    /// Teardown for startup, before any runtime tasks: kills a shim by its pid file (its
+    /// helper child, if it was still creating the container, dies with it), then whatever the
+    /// shim had already started in the container's cgroup.
     fn teardown_sync(&self, r: &ContainerRecord) {
         let bundle = self.bundle(&r.id);
         if let Some(pid) = std::fs::read_to_string(bundle.join(api::shim::PID_FILE_NAME))
@@ -446,6 +448,13 @@ impl ContainerManager {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        let parent = match self.sandboxes.get(&r.sandbox_id) {
+            Ok(s) => pod_cgroup_parent(&s),
+            Err(_) => default_cgroup_parent(&r.sandbox_id),
+        };
+        let cgroup = format!("{parent}/{}", r.id);
+        kill_cgroup(&cgroup);
+        remove_cgroup_dirs(&cgroup);
         release_storage(&bundle, self.snapshots.as_ref(), &r.id);
     }
 
