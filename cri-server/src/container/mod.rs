@@ -6,6 +6,7 @@
 //! `Creating` records are rolled back (shim killed, rootfs unmounted, snapshot and bundle
 //! removed). Created ones are reattached through their shim's socket or exit record.
 
+pub mod cgroup_stats;
 pub mod resources;
 pub mod shim_client;
 
