@@ -8,6 +8,7 @@ pub mod authority;
 pub mod config;
 pub mod container;
 pub mod error;
+pub mod events;
 pub mod image;
 pub mod image_service;
 pub mod runtime_service;

@@ -9,6 +9,7 @@ use api::cri::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
 use crate::container::{ContainerManager, Observed};
+use crate::events::{Event, EventKind, Subscription};
 use crate::sandbox::{SandboxManager, SandboxRecord, State};
 
 /// The name and version berthd reports.
@@ -97,6 +98,49 @@ fn to_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
         annotations: r.config.annotations.clone(),
         runtime_handler: r.runtime_handler.clone(),
     }
+}
+
+fn to_event(e: &Event) -> cri::ContainerEventResponse {
+    let kind = match e.kind {
+        EventKind::Created => cri::ContainerEventType::ContainerCreatedEvent,
+        EventKind::Started => cri::ContainerEventType::ContainerStartedEvent,
+        EventKind::Stopped => cri::ContainerEventType::ContainerStoppedEvent,
+        EventKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
+    };
+    cri::ContainerEventResponse {
+        container_id: e.id.clone(),
+        container_event_type: kind as i32,
+        created_at: e.at_ns,
+        pod_sandbox_status: e.sandbox.as_ref().map(to_status),
+        containers_statuses: e
+            .containers
+            .iter()
+            .map(crate::container::to_status)
+            .collect(),
+    }
+}
+
+/// The CRI event stream of one subscriber: ends with an error when it fell behind (events were
+/// lost for it: kubelet then resubscribes and relists), and cleanly at shutdown.
+fn event_stream(
+    sub: Subscription,
+) -> futures::stream::BoxStream<'static, Result<cri::ContainerEventResponse, Status>> {
+    Box::pin(futures::stream::unfold(Some(sub), |sub| async move {
+        let mut sub = sub?;
+        match sub.next().await {
+            Ok(Some(e)) => Some((Ok(to_event(&e)), Some(sub))),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "container events subscriber is too slow: ending its stream");
+                Some((
+                    Err(Status::resource_exhausted(format!(
+                        "{e}: events were lost; subscribe again"
+                    ))),
+                    None,
+                ))
+            }
+        }
+    }))
 }
 
 fn matches(r: &SandboxRecord, f: &cri::PodSandboxFilter) -> bool {
@@ -208,7 +252,9 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         _: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        unimplemented("get_container_events")
+        Ok(Response::new(event_stream(
+            self.containers.events().subscribe(),
+        )))
     }
 
     async fn run_pod_sandbox(
@@ -405,14 +451,54 @@ impl RuntimeService for RuntimeServiceImpl {
         }))
     }
 
+    async fn container_stats(
+        &self,
+        req: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let stats = self
+            .containers
+            .container_stats(&req.get_ref().container_id)
+            .await?;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(stats),
+        }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        req: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let stats = self.containers.list_container_stats(&filter).await?;
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        req: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        let stats = self
+            .containers
+            .pod_sandbox_stats(&req.get_ref().pod_sandbox_id)
+            .await?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        req: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let stats = self.containers.list_pod_sandbox_stats(&filter).await?;
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
+    }
+
     not_yet! {
         exec(cri::ExecRequest) -> cri::ExecResponse;
         attach(cri::AttachRequest) -> cri::AttachResponse;
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse;
-        container_stats(cri::ContainerStatsRequest) -> cri::ContainerStatsResponse;
-        list_container_stats(cri::ListContainerStatsRequest) -> cri::ListContainerStatsResponse;
-        pod_sandbox_stats(cri::PodSandboxStatsRequest) -> cri::PodSandboxStatsResponse;
-        list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest) -> cri::ListPodSandboxStatsResponse;
         update_runtime_config(cri::UpdateRuntimeConfigRequest) -> cri::UpdateRuntimeConfigResponse;
         checkpoint_container(cri::CheckpointContainerRequest) -> cri::CheckpointContainerResponse;
         list_metric_descriptors(cri::ListMetricDescriptorsRequest) -> cri::ListMetricDescriptorsResponse;

@@ -20,6 +20,7 @@ use tracing::Instrument;
 use crate::authority::AuthorityFix;
 use crate::config::{Config, SnapshotterKind};
 use crate::container::ContainerManager;
+use crate::events::EventBus;
 use crate::image::ImageManager;
 use crate::image_service::ImageServiceImpl;
 use crate::runtime_service::RuntimeServiceImpl;
@@ -54,6 +55,15 @@ pub async fn run(
         }
     };
     tracing::info!(listen = %paths.listen.display(), root = %paths.root.display(), "berthd serving CRI");
+    if let Err(e) = containers.watch_exits() {
+        tracing::warn!(error = %e, "cannot watch running containers for their exits");
+    }
+    // Open event streams would hold the graceful shutdown up for ever: end them first.
+    let events = containers.events().clone();
+    let shutdown = async move {
+        shutdown.await;
+        events.close();
+    };
 
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
         .map(|conn| conn.map(AuthorityFix::new));
@@ -119,7 +129,12 @@ async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
             snaps.clone(),
             Arc::new(config),
         )?);
-        let sandboxes = Arc::new(SandboxManager::new(db.clone(), &paths.state)?);
+        let events = EventBus::default();
+        let sandboxes = Arc::new(SandboxManager::new(
+            db.clone(),
+            &paths.state,
+            events.clone(),
+        )?);
         let containers = Arc::new(ContainerManager::new(
             db,
             &paths.state,
@@ -127,6 +142,7 @@ async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
             images.clone(),
             sandboxes.clone(),
             snaps,
+            events,
         )?);
         anyhow::Ok((images, sandboxes, containers))
     })

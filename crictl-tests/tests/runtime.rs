@@ -50,20 +50,26 @@ async fn version_status_and_runtime_config() {
 
     // Not built yet: UNIMPLEMENTED, never a fake success.
     let err = rt
+        .exec(cri::ExecRequest::default())
+        .await
+        .expect_err("streaming exec is not built yet");
+    assert_eq!(err.code(), Code::Unimplemented);
+    let err = rt
         .exec_sync(cri::ExecSyncRequest::default())
         .await
-        .expect_err("exec is not built yet");
+        .expect_err("no container id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = rt
+        .list_metric_descriptors(cri::ListMetricDescriptorsRequest::default())
+        .await
+        .expect_err("unbuilt");
     assert_eq!(err.code(), Code::Unimplemented);
+    // Built: a request without an id is the caller's mistake, not a missing feature.
     let err = rt
         .container_stats(cri::ContainerStatsRequest::default())
         .await
-        .expect_err("unbuilt");
-    assert_eq!(err.code(), Code::Unimplemented);
-    let err = rt
-        .get_container_events(cri::GetEventsRequest::default())
-        .await
-        .expect_err("unbuilt");
-    assert_eq!(err.code(), Code::Unimplemented);
+        .expect_err("no id");
+    assert_eq!(err.code(), Code::InvalidArgument);
 }
 
 #[tokio::test(flavor = "multi_thread")]

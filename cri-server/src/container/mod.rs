@@ -6,9 +6,13 @@
 //! `Creating` records are rolled back (shim killed, rootfs unmounted, snapshot and bundle
 //! removed). Created ones are reattached through their shim's socket or exit record.
 
+pub mod cgroup_stats;
 pub mod exec;
+mod exits;
+mod pod_stats;
 pub mod resources;
 pub mod shim_client;
+mod stats;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +27,7 @@ use snapshotter::Snapshotter;
 
 use self::shim_client::{ShimClient, ShimLaunch};
 use crate::error::{Error, Result};
+use crate::events::{EventBus, EventKind};
 use crate::image::ImageManager;
 use crate::sandbox::{SandboxManager, SandboxRecord, State as SandboxState, now_ns};
 use crate::spec::{self, HostInfo, SandboxFiles, SandboxNamespaces, SpecInput};
@@ -96,6 +101,11 @@ pub struct ContainerManager {
     snapshots: Arc<dyn Snapshotter>,
     host: HostInfo,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    events: EventBus,
+    /// Held while an exit is recorded and its stopped event sent (see `exits.rs`).
+    exit_lock: Mutex<()>,
+    /// The previous CPU sample of each container and pod, for usage rates.
+    cpu_samples: stats::CpuSamples,
 }
 
 impl ContainerManager {
@@ -107,6 +117,7 @@ impl ContainerManager {
         images: Arc<ImageManager>,
         sandboxes: Arc<SandboxManager>,
         snapshots: Arc<dyn Snapshotter>,
+        events: EventBus,
     ) -> Result<Self> {
         let tx = db.begin_write()?;
         tx.open_table(CONTAINERS)?;
@@ -121,6 +132,9 @@ impl ContainerManager {
             snapshots,
             host: HostInfo::probe(),
             locks: Mutex::default(),
+            events,
+            exit_lock: Mutex::default(),
+            cpu_samples: Default::default(),
         };
         for r in m.all()? {
             if r.phase == Phase::Creating {
@@ -298,6 +312,7 @@ impl ContainerManager {
                     return Err(e);
                 }
                 tracing::info!(container_id = %id, sandbox_id = %sandbox.id, "container created");
+                self.emit(EventKind::Created, &id, &sandbox.id).await;
                 Ok(id)
             }
             Err(e) => {
@@ -458,8 +473,8 @@ impl ContainerManager {
         release_storage(&bundle, self.snapshots.as_ref(), &r.id);
     }
 
-    /// Starts a created container.
-    pub async fn start(&self, id: &str) -> Result<()> {
+    /// Starts a created container, and watches for its exit.
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<()> {
         let r = self.get(id)?;
         let lock = self.lock(&r.id);
         let _held = lock.lock().await;
@@ -475,6 +490,9 @@ impl ContainerManager {
             .call(&Request::Start, Some(Duration::from_secs(30)))
             .await?;
         tracing::info!(container_id = %r.id, "container started");
+        self.emit(EventKind::Started, &r.id, &r.sandbox_id).await;
+        // Only now: the waiter's stopped event must come after the started one.
+        self.spawn_exit_waiter(&r.id);
         Ok(())
     }
 
@@ -490,6 +508,9 @@ impl ContainerManager {
     async fn stop_locked(&self, r: &ContainerRecord, timeout: Duration) -> Result<()> {
         let observed = self.observe(r.clone()).await;
         if observed.state != cri::ContainerState::ContainerRunning {
+            if observed.state == cri::ContainerState::ContainerExited {
+                self.finish(&observed.record).await;
+            }
             return Ok(());
         }
         let client = ShimClient::new(&self.bundle(&r.id));
@@ -501,7 +522,8 @@ impl ContainerManager {
                     Some(Duration::from_secs(5)),
                 )
                 .await?;
-            if client.call(&Request::Wait, Some(timeout)).await.is_ok() {
+            if let Ok(waited) = client.call(&Request::Wait, Some(timeout)).await {
+                self.finish_waited(r, waited).await;
                 return Ok(());
             }
             tracing::info!(container_id = %r.id, "stop signal timed out: killing");
@@ -515,9 +537,10 @@ impl ContainerManager {
                 Some(Duration::from_secs(5)),
             )
             .await?;
-        client
+        let waited = client
             .call(&Request::Wait, Some(Duration::from_secs(30)))
             .await?;
+        self.finish_waited(r, waited).await;
         Ok(())
     }
 
@@ -546,15 +569,31 @@ impl ContainerManager {
         let Ok(r) = self.get(&r.id) else {
             return Ok(());
         };
+        // A removed container that ran has stopped first, and says so before it is deleted.
+        self.stop_before_remove(&r).await;
         self.teardown(&r).await;
         self.delete_record(&r)?;
         tracing::info!(container_id = %r.id, "container removed");
+        self.forget(&r.id);
+        self.emit(EventKind::Deleted, &r.id, &r.sandbox_id).await;
         Ok(())
     }
 
     /// The live state of a container: asks its shim; without a shim, its exit record; without
-    /// either, exited with [`LOST_EXIT_CODE`].
-    pub async fn observe(&self, mut r: ContainerRecord) -> Observed {
+    /// either, exited with [`LOST_EXIT_CODE`]. An exit learned that way is recorded.
+    pub async fn observe(&self, r: ContainerRecord) -> Observed {
+        let (observed, learned_exit) = self.probe(r).await;
+        if learned_exit {
+            // Remember it: the answer must not change if the bundle goes away later.
+            self.finish(&observed.record).await;
+        }
+        observed
+    }
+
+    /// [`observe`](Self::observe) without recording anything; also says whether the container
+    /// turned out to have exited without its record knowing (its shim is gone).
+    async fn probe(&self, mut r: ContainerRecord) -> (Observed, bool) {
+        let mut learned_exit = false;
         let client = ShimClient::new(&self.bundle(&r.id));
         let state = match client
             .call(&Request::State, Some(Duration::from_secs(5)))
@@ -575,6 +614,7 @@ impl ContainerManager {
                 }
             }
             _ => {
+                learned_exit = r.exit.is_none();
                 if r.exit.is_none() {
                     r.exit = client.exit_record();
                 }
@@ -587,12 +627,10 @@ impl ContainerManager {
                         oom_killed: false,
                     });
                 }
-                // Remember it: the answer must not change if the bundle goes away later.
-                let _ = self.put(&r);
                 cri::ContainerState::ContainerExited
             }
         };
-        Observed { record: r, state }
+        (Observed { record: r, state }, learned_exit)
     }
 
     /// Every visible container with its live state.
@@ -611,6 +649,9 @@ impl ContainerManager {
     /// Stops every container of a pod, then the pod. Idempotent.
     pub async fn stop_sandbox(&self, sandbox_id: &str) -> Result<()> {
         let sandbox = self.sandboxes.get(sandbox_id)?;
+        // Pod and container ids never collide: the pod's lock orders its stopped event.
+        let pod_lock = self.lock(&sandbox.id);
+        let _pod_held = pod_lock.lock().await;
         for r in self
             .all()?
             .into_iter()
@@ -620,7 +661,13 @@ impl ContainerManager {
             let _held = lock.lock().await;
             self.stop_locked(&r, Duration::ZERO).await?;
         }
-        self.sandboxes.stop(&sandbox.id).await
+        let was_ready = self.sandboxes.get(&sandbox.id)?.state == SandboxState::Ready;
+        self.sandboxes.stop(&sandbox.id).await?;
+        if was_ready {
+            self.emit(EventKind::Stopped, &sandbox.id, &sandbox.id)
+                .await;
+        }
+        Ok(())
     }
 
     /// Removes every container of a pod, then the pod. Removing an unknown pod succeeds.
@@ -630,6 +677,12 @@ impl ContainerManager {
             Err(Error::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
+        if sandbox.state == SandboxState::Ready {
+            // A pod is stopped before it is deleted, and its events say so in that order.
+            self.stop_sandbox(&sandbox.id).await?;
+        }
+        let pod_lock = self.lock(&sandbox.id);
+        let _pod_held = pod_lock.lock().await;
         for r in self
             .all()?
             .into_iter()
@@ -637,11 +690,19 @@ impl ContainerManager {
         {
             self.remove(&r.id).await?;
         }
+        let last = match self.sandboxes.get(&sandbox.id) {
+            Ok(s) => s,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         self.sandboxes.remove(&sandbox.id).await?;
         // The pod cgroup is berth's only when berth chose it; kubelet's parents are kubelet's.
         if pod_cgroup_parent(&sandbox) == default_cgroup_parent(&sandbox.id) {
             remove_cgroup_dirs(&default_cgroup_parent(&sandbox.id));
         }
+        self.forget(&sandbox.id);
+        self.emit_with(EventKind::Deleted, &sandbox.id, Some(last))
+            .await;
         Ok(())
     }
 

@@ -12,7 +12,7 @@ pub mod store;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use api::Digest;
@@ -932,6 +932,11 @@ impl ImageManager {
         tracing::info!(image_id = %id, "image removed");
         self.gc_blocking().await?;
         Ok(())
+    }
+
+    /// Where the snapshot store lives: the filesystem ImageFsInfo reports for containers too.
+    pub fn snapshots_dir(&self) -> &Path {
+        &self.snapshots_dir
     }
 
     /// Bytes and inodes of the snapshot store, and where it lives.

@@ -16,6 +16,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::events::{Event, EventBus, EventKind};
 
 /// sandbox id → JSON [`SandboxRecord`].
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
@@ -102,11 +103,14 @@ pub struct SandboxManager {
     state_dir: PathBuf,
     /// One lock per sandbox id: stop/remove of one pod never interleave.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Where a new pod's created and started events go (ContainerManager, which stops and
+    /// removes pods with their containers, sends the others).
+    events: EventBus,
 }
 
 impl SandboxManager {
     /// Opens the records and reconciles them with what survived a crash or reboot.
-    pub fn new(db: Arc<Database>, state_dir: &Path) -> Result<Self> {
+    pub fn new(db: Arc<Database>, state_dir: &Path, events: EventBus) -> Result<Self> {
         let tx = db.begin_write()?;
         tx.open_table(SANDBOXES)?;
         tx.open_table(NAMES)?;
@@ -115,6 +119,7 @@ impl SandboxManager {
             db,
             state_dir: state_dir.to_owned(),
             locks: Mutex::default(),
+            events,
         };
         m.recover()?;
         Ok(m)
@@ -321,6 +326,15 @@ impl SandboxManager {
                     return Err(e);
                 }
                 tracing::info!(sandbox_id = %id, "pod sandbox ready");
+                for kind in [EventKind::Created, EventKind::Started] {
+                    self.events.send(Event {
+                        id: id.clone(),
+                        kind,
+                        at_ns: now_ns(),
+                        sandbox: Some(record.clone()),
+                        containers: vec![],
+                    });
+                }
                 Ok(id)
             }
             Err(e) => {
