@@ -403,10 +403,16 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         req: Request<cri::ContainerStatusRequest>,
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
-        let status = self.containers.status(&req.get_ref().container_id).await?;
+        let req = req.into_inner();
+        let status = self.containers.status(&req.container_id).await?;
+        let mut info = std::collections::HashMap::new();
+        if req.verbose {
+            let detail = self.containers.verbose_info(&req.container_id).await?;
+            info.insert("info".to_owned(), detail.to_string());
+        }
         Ok(Response::new(cri::ContainerStatusResponse {
             status: Some(status),
-            info: Default::default(),
+            info,
         }))
     }
 

@@ -579,3 +579,51 @@ async fn a_failed_test_leaves_nothing_behind() {
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verbose_status_shows_pid_spec_and_snapshot() {
+    let env = env().await;
+    let pod = run_pod(&env, "verbose").await;
+    let id = create(&env, &pod, ctr_config(&env, "v", &["sleep", "1006"]))
+        .await
+        .expect("create");
+    start(&env, &id).await;
+    let mut rt = env.d.runtime().await.expect("client");
+    let resp = rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: true,
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    let info: serde_json::Value =
+        serde_json::from_str(resp.info.get("info").expect("info key")).expect("json");
+    assert_eq!(info["sandboxID"], pod.0.as_str());
+    assert_eq!(info["snapshotKey"], format!("ctr-{id}").as_str());
+    assert_eq!(info["config"]["metadata"]["name"], "v");
+    assert_eq!(
+        info["runtimeSpec"]["process"]["args"],
+        serde_json::json!(["sleep", "1006"])
+    );
+    let pid = info["pid"].as_i64().expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("init runs");
+    assert_eq!(
+        cmdline, b"sleep\x001006\x00",
+        "pid {pid} is the container's init"
+    );
+    let shim_pid = info["shimPid"].as_i64().expect("shim pid");
+    assert!(Path::new(&format!("/proc/{shim_pid}")).exists());
+    // Without verbose: no info.
+    let plain = rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(plain.info.is_empty());
+    remove_pod(&env, &pod.0).await;
+    assert_clean(&env);
+}

@@ -778,6 +778,49 @@ impl ContainerManager {
         let r = self.get(id)?;
         Ok(to_status(&self.observe(r).await))
     }
+
+    /// What `ContainerStatus` with `verbose` adds, under the key `info`, in containerd's shape
+    /// (`sandboxID`, `pid`, `snapshotKey`, `snapshotter`, `runtimeType`, `config`,
+    /// `runtimeSpec`) plus berth's own `bundle`, `shimPid` and `logPath`.
+    pub async fn verbose_info(&self, id: &str) -> Result<serde_json::Value> {
+        let r = self.get(id)?;
+        let bundle = self.bundle(&r.id);
+        let pid = match ShimClient::new(&bundle)
+            .call(&Request::State, Some(Duration::from_secs(5)))
+            .await
+        {
+            Ok(Response::State {
+                status: Status::Created | Status::Running,
+                pid,
+                ..
+            }) => pid,
+            _ => 0,
+        };
+        let read_json = |name: &str| {
+            std::fs::read(bundle.join(name))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        };
+        let shim_pid = std::fs::read_to_string(bundle.join(api::shim::PID_FILE_NAME))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        Ok(serde_json::json!({
+            "sandboxID": r.sandbox_id,
+            "pid": pid,
+            "removing": false,
+            "snapshotKey": format!("{SNAPSHOT_PREFIX}{}", r.id),
+            "snapshotter": match self.snapshots.diff_mode() {
+                snapshotter::DiffMode::Overlay => "overlayfs",
+                snapshotter::DiffMode::Apply => "native",
+            },
+            "runtimeType": "io.berth.shim.v1",
+            "config": r.config,
+            "runtimeSpec": read_json("config.json"),
+            "bundle": bundle,
+            "shimPid": shim_pid,
+            "logPath": r.log_path,
+        }))
+    }
 }
 
 /// The cgroup berth gives a pod when kubelet names none.
