@@ -82,7 +82,9 @@ async fn wait_exited(env: &Env, id: &str) -> cri::ContainerStatus {
 async fn run_a_container_to_completion() {
     let env = env().await;
     let pod = run_pod(&env, "runner").await;
-    let script = "echo hello; echo oops >&2; id -u; hostname; printf tail; exit 3";
+    // A 40000-byte line (split into 16 KiB partial records) and a last line with no newline.
+    let script = "echo hello; echo oops >&2; id -u; hostname; \
+                  head -c 40000 /dev/zero | tr '\\0' x; echo; printf tail; exit 3";
     let id = create(
         &env,
         &pod,
@@ -108,8 +110,20 @@ async fn run_a_container_to_completion() {
     assert_eq!(s.log_path, log.display().to_string());
     let (out, err) = read_cri_log(&log);
     // The image's USER app is uid 1000; the pod's hostname is the container's.
-    assert_eq!(out, "hello\n1000\nrunner\ntail\n", "stdout");
+    let long = "x".repeat(40000);
+    assert_eq!(
+        out,
+        format!("hello\n1000\nrunner\n{long}\ntail\n"),
+        "stdout"
+    );
     assert_eq!(err, "oops\n");
+    let raw = std::fs::read_to_string(&log).expect("log");
+    let partial: Vec<usize> = raw
+        .lines()
+        .filter(|l| l.splitn(4, ' ').nth(2) == Some("P"))
+        .map(|l| l.splitn(4, ' ').nth(3).unwrap_or("").len())
+        .collect();
+    assert_eq!(partial, [16384, 16384], "the long line's partial records");
 
     let mut rt = env.d.runtime().await.expect("client");
     let all = rt
