@@ -119,7 +119,11 @@ async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
             snaps.clone(),
             Arc::new(config),
         )?);
-        let sandboxes = Arc::new(SandboxManager::new(db.clone(), &paths.state)?);
+        let sandboxes = Arc::new(SandboxManager::new(
+            db.clone(),
+            &paths.state,
+            paths.shim.clone(),
+        )?);
         let containers = Arc::new(ContainerManager::new(
             db,
             &paths.state,

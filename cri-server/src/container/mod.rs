@@ -241,6 +241,7 @@ impl ContainerManager {
                 sandbox.id
             )));
         }
+        self.sandboxes.check_pid_namespace(&sandbox)?;
         let image_name = config
             .image
             .as_ref()
@@ -353,7 +354,7 @@ impl ContainerManager {
                 network: sandbox.ns_path("net"),
                 ipc: sandbox.ns_path("ipc"),
                 uts: sandbox.ns_path("uts"),
-                pid: None,
+                pid: sandbox.ns_path(crate::sandbox::pod_init::PIN),
                 target_pid: None,
             },
             cgroup_parent: &cgroup_parent,
