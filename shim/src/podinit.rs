@@ -79,7 +79,8 @@ fn start(pidfile: &Path) -> Result<i32> {
     }
 }
 
-/// Writes `pid` to `path` atomically (temp file, fsync, rename): a reader sees all or nothing.
+/// Writes `pid` to `path` atomically (temp file, rename): a reader sees all or nothing. No
+/// fsync: a pid means nothing after a reboot, which is all an fsync would survive.
 fn write_pidfile(path: &Path, pid: i32) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -90,7 +91,6 @@ fn write_pidfile(path: &Path, pid: i32) -> Result<()> {
     };
     let mut f = std::fs::File::create(&tmp).map_err(open)?;
     f.write_all(pid.to_string().as_bytes()).map_err(open)?;
-    f.sync_all().map_err(open)?;
     std::fs::rename(&tmp, path).map_err(open)
 }
 

@@ -428,7 +428,11 @@ impl SandboxManager {
         // is left in the pod's PID namespace; its pin stays until the pod is removed.
         if let Some(pid) = r.init_pid {
             let pidfile = self.ns_dir(&r.id).join(pod_init::PIDFILE);
-            let pin = r.ns_path(pod_init::PIN).map(Path::to_path_buf);
+            // Without its pin (unmounted by hand?) the command line alone identifies the init.
+            let pin = r
+                .ns_path(pod_init::PIN)
+                .filter(|p| ns_linux::is_pinned(p))
+                .map(Path::to_path_buf);
             tokio::task::spawn_blocking(move || pod_init::kill(pid, &pidfile, pin.as_deref()))
                 .await
                 .map_err(|e| Error::Internal(format!("pod init kill thread: {e}")))?
