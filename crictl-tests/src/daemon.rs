@@ -47,6 +47,7 @@ pub struct Daemon {
     child: Option<Child>,
     dir: tempfile::TempDir,
     config: String,
+    shim: Option<PathBuf>,
     /// The CRI socket.
     pub socket: PathBuf,
 }
@@ -59,6 +60,15 @@ impl Daemon {
 
     /// Starts berthd with `config` as its TOML config file.
     pub async fn start_with_config(config: &str) -> anyhow::Result<Daemon> {
+        Self::start_full(config, None).await
+    }
+
+    /// Starts berthd with `shim` as its `--shim` binary (e.g. a wrapper that injects failures).
+    pub async fn start_with_shim(shim: &Path) -> anyhow::Result<Daemon> {
+        Self::start_full("", Some(shim.to_owned())).await
+    }
+
+    async fn start_full(config: &str, shim: Option<PathBuf>) -> anyhow::Result<Daemon> {
         let dir = tempfile::Builder::new()
             .prefix("berth-test-")
             .tempdir()
@@ -68,6 +78,7 @@ impl Daemon {
             child: None,
             dir,
             config: config.to_owned(),
+            shim,
             socket,
         };
         d.spawn().await?;
@@ -102,7 +113,11 @@ impl Daemon {
             .open(self.log_path())
             .context("open log")?;
         let berthd = bin_dir().join("berthd");
-        let child = Command::new(&berthd)
+        let mut cmd = Command::new(&berthd);
+        if let Some(shim) = &self.shim {
+            cmd.arg("--shim").arg(shim);
+        }
+        let child = cmd
             .arg("--listen")
             .arg(&self.socket)
             .arg("--root")
@@ -267,9 +282,11 @@ impl Drop for Daemon {
     }
 }
 
-/// SIGKILLs every `berth-shim` whose bundle lies under `state`.
+/// SIGKILLs every `berth-shim` whose bundle lies under `state`, and every pod PID namespace
+/// init whose pid file does.
 fn kill_shims_under(state: &Path) {
     let needle = format!("--bundle {}", state.join("containers").display());
+    let init_needle = format!("pod-init --pidfile {}", state.join("ns").display());
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -278,10 +295,8 @@ fn kill_shims_under(state: &Path) {
             continue;
         };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd)
-            .replace('\0', " ")
-            .contains(&needle)
-        {
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(&needle) || cmd.contains(&init_needle) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,

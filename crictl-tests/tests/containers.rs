@@ -17,6 +17,18 @@ fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
         }),
         hostname: name.into(),
         log_directory: env.logs.path().display().to_string(),
+        // As kubelet for a pod without shareProcessNamespace: each container is PID 1 of its
+        // own PID namespace (the CRI default, POD, would share the pod's).
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
