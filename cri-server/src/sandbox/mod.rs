@@ -51,7 +51,7 @@ pub struct SandboxRecord {
     pub state: State,
     /// Creation time, ns since the epoch.
     pub created_at_ns: i64,
-    /// Pinned namespace files (net, ipc, uts that are not the host's).
+    /// Pinned namespace files (net, ipc, uts that are not the host's; pid in PID mode POD).
     pub pins: Vec<PathBuf>,
     /// The pod's hostname.
     pub hostname: String,
@@ -70,7 +70,8 @@ impl SandboxRecord {
         namespace_options(&self.config)
     }
 
-    /// Path of the pinned namespace of `kind` (`net`, `ipc`, `uts`), if the pod has its own.
+    /// Path of the pinned namespace of `kind` (`net`, `ipc`, `uts`, `pid`), if the pod has its
+    /// own.
     pub fn ns_path(&self, kind: &str) -> Option<&Path> {
         self.pins
             .iter()
