@@ -163,19 +163,23 @@ fn init_pid(d: &Daemon, pod: &str) -> i32 {
         .expect("pid")
 }
 
-/// Pids of live pod inits whose pid file lies under this daemon's state dir.
+/// Pids of live pod inits whose pid file lies under this daemon's state dir (the real shim's:
+/// not a test's wrapper script running it).
 fn inits_of(d: &Daemon) -> Vec<i32> {
-    let needle = format!("pod-init --pidfile {}", d.state().join("ns").display());
+    let ns = d.state().join("ns");
     std::fs::read_dir("/proc")
         .expect("proc")
         .flatten()
         .filter_map(|e| {
             let pid: i32 = e.file_name().to_str()?.parse().ok()?;
             let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            String::from_utf8_lossy(&cmd)
-                .replace('\0', " ")
-                .contains(&needle)
-                .then_some(pid)
+            let cmd = String::from_utf8_lossy(&cmd).into_owned();
+            let args: Vec<&str> = cmd.split('\0').collect();
+            (args.len() >= 4
+                && args[0].ends_with("/berth-shim")
+                && args[1] == "pod-init"
+                && Path::new(args[3]).starts_with(&ns))
+            .then_some(pid)
         })
         .collect()
 }
@@ -733,4 +737,68 @@ async fn a_crash_in_run_pod_sandbox_is_rolled_back_at_restart() {
     assert_eq!(ns, 0, "namespace dirs left");
     assert!(list_pods(&d).await.is_empty());
     assert_no_pod_cgroups(&d, &before);
+}
+
+/// The first of `n` consecutive pids no host process has, below the host's last pid (so the
+/// host does not hand them out again before it wraps around).
+fn free_host_pids(n: i32) -> i32 {
+    let last: i32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .expect("ns_last_pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    (300..last - 200)
+        .rev()
+        .find(|p| (*p..p + n).all(|q| !Path::new(&format!("/proc/{q}")).exists()))
+        .expect("a free pid range")
+}
+
+/// libcontainer 0.7 looks a container's pid in a joined PID namespace up in the host's /proc
+/// when it mounts cgroup v1: a pod pid the host has no process of failed creation. berth mounts
+/// the container's cgroups itself then; the container sees its own limits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_pid_unknown_to_the_host_still_gets_its_own_cgroups() {
+    let env = env().await;
+    let pod = run_pod(&env, pod_config(&env, "freepid", cri::NamespaceMode::Pod)).await;
+    let pin = env.d.state().join("ns").join(&pod.0).join("pid");
+    let next = free_host_pids(16);
+    // The next process of the pod's namespace (the container's) gets `next`.
+    let set = std::process::Command::new("nsenter")
+        .arg(format!("--pid={}", pin.display()))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {} > /proc/sys/kernel/ns_last_pid", next - 1),
+        ])
+        .status()
+        .expect("nsenter");
+    assert!(set.success(), "set the pod's ns_last_pid");
+
+    let script = "echo pid=$$; echo limit=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes); \
+                  ls /sys/fs/cgroup";
+    let mut cfg = ctr_config(&env, "highpid", script, cri::NamespaceMode::Pod);
+    cfg.linux.as_mut().expect("linux").resources = Some(cri::LinuxContainerResources {
+        memory_limit_in_bytes: 96 * MIB,
+        ..Default::default()
+    });
+    let id = create(&env, &pod, cfg).await.expect("create");
+    start(&env, &id).await;
+    let s = wait_state(&env, &id, cri::ContainerState::ContainerExited).await;
+    let (out, err) = read_cri_log(&env.logs.path().join("highpid.log"));
+    assert_eq!(s.exit_code, 0, "{out}{err}");
+    assert!(
+        out.lines().any(|l| l == format!("pid={next}")),
+        "the container did not get the pid the host lacks ({next}):\n{out}"
+    );
+    assert!(
+        out.lines().any(|l| l == format!("limit={}", 96 * MIB)),
+        "the container does not see its own memory cgroup:\n{out}"
+    );
+    for h in ["cpu", "memory", "pids"] {
+        assert!(out.lines().any(|l| l == h), "no {h} hierarchy:\n{out}");
+    }
+    remove_pod(&env, &pod.0).await;
+    assert_no_pid_ns_left(&env.d, &pod.0);
+    assert_clean(&env);
 }

@@ -367,6 +367,11 @@ impl ContainerManager {
             },
         };
         let (mut oci, clamped) = spec::generate(&input)?;
+        // Binds of the container's own cgroups (cgroup v1, joined PID namespace: see `spec`).
+        for dir in spec::cgroup_v1_bind_sources(&input)? {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::internal(&format!("create cgroup {}", dir.display()), e))?;
+        }
         for c in clamped {
             tracing::warn!(container_id = %r.id, clamped = %c, "not granted on this host");
         }
