@@ -7,6 +7,7 @@
 
 pub mod digest;
 pub mod mount;
+pub mod pod_init;
 pub mod shim;
 
 /// CRI v1 protobuf types and gRPC service stubs.

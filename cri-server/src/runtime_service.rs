@@ -296,7 +296,7 @@ impl RuntimeService for RuntimeServiceImpl {
         req: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let req = req.into_inner();
-        let r = self.sandboxes.get(&req.pod_sandbox_id)?;
+        let r = self.sandboxes.get_observed(&req.pod_sandbox_id)?;
         let mut info = std::collections::HashMap::new();
         if req.verbose {
             let pins: std::collections::HashMap<String, String> = r

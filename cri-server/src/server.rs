@@ -133,6 +133,7 @@ async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
         let sandboxes = Arc::new(SandboxManager::new(
             db.clone(),
             &paths.state,
+            paths.shim.clone(),
             events.clone(),
         )?);
         let containers = Arc::new(ContainerManager::new(

@@ -107,6 +107,11 @@ impl Daemon {
         Self::start_with(config, None).await
     }
 
+    /// Starts berthd with `shim` as its `--shim` binary (e.g. a wrapper that injects failures).
+    pub async fn start_with_shim(shim: &Path) -> anyhow::Result<Daemon> {
+        Self::start_with("", Some(shim.to_owned())).await
+    }
+
     /// Starts berthd with `config` and `shim` as its `--shim` binary (e.g. a wrapper that
     /// pauses, or the release build).
     pub async fn start_with(config: &str, shim: Option<PathBuf>) -> anyhow::Result<Daemon> {
@@ -328,9 +333,11 @@ impl Drop for Daemon {
     }
 }
 
-/// SIGKILLs every `berth-shim` whose bundle lies under `state`.
+/// SIGKILLs every `berth-shim` whose bundle lies under `state`, and every pod PID namespace
+/// init whose pid file does.
 fn kill_shims_under(state: &Path) {
     let needle = format!("--bundle {}", state.join("containers").display());
+    let init_needle = format!("pod-init --pidfile {}", state.join("ns").display());
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -339,10 +346,8 @@ fn kill_shims_under(state: &Path) {
             continue;
         };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd)
-            .replace('\0', " ")
-            .contains(&needle)
-        {
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(&needle) || cmd.contains(&init_needle) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,

@@ -17,6 +17,18 @@ fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
         }),
         hostname: name.into(),
         log_directory: env.logs.path().display().to_string(),
+        // As kubelet for a pod without shareProcessNamespace: each container is PID 1 of its
+        // own PID namespace (the CRI default, POD, would share the pod's).
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -120,7 +132,7 @@ async fn run_a_container_to_completion() {
     let raw = std::fs::read_to_string(&log).expect("log");
     let partial: Vec<usize> = raw
         .lines()
-        .filter(|l| l.splitn(4, ' ').nth(2) == Some("P"))
+        .filter(|l| l.split(' ').nth(2) == Some("P"))
         .map(|l| l.splitn(4, ' ').nth(3).unwrap_or("").len())
         .collect();
     assert_eq!(partial, [16384, 16384], "the long line's partial records");

@@ -20,6 +20,17 @@ fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
             attempt: 0,
         }),
         log_directory: env.logs.path().display().to_string(),
+        // As kubelet asks for pods without shareProcessNamespace: PID 1 is the container's.
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }

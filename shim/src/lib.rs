@@ -13,6 +13,7 @@ pub mod crilog;
 pub mod daemon;
 pub mod footprint;
 pub mod monitor;
+pub mod podinit;
 pub mod runtime;
 
 use std::path::PathBuf;

@@ -256,6 +256,7 @@ impl ContainerManager {
                 sandbox.id
             )));
         }
+        self.sandboxes.check_pid_namespace(&sandbox)?;
         let image_name = config
             .image
             .as_ref()
@@ -369,7 +370,7 @@ impl ContainerManager {
                 network: sandbox.ns_path("net"),
                 ipc: sandbox.ns_path("ipc"),
                 uts: sandbox.ns_path("uts"),
-                pid: None,
+                pid: sandbox.ns_path(crate::sandbox::pod_init::PIN),
                 target_pid: None,
             },
             cgroup_parent: &cgroup_parent,
@@ -382,6 +383,11 @@ impl ContainerManager {
             },
         };
         let (mut oci, clamped) = spec::generate(&input)?;
+        // Binds of the container's own cgroups (cgroup v1, joined PID namespace: see `spec`).
+        for dir in spec::cgroup_v1_bind_sources(&input)? {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::internal(&format!("create cgroup {}", dir.display()), e))?;
+        }
         for c in clamped {
             tracing::warn!(container_id = %r.id, clamped = %c, "not granted on this host");
         }

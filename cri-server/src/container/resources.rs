@@ -22,15 +22,18 @@ fn read_i64(path: &Path) -> Option<i64> {
 /// Applies `r` to the container cgroup `cgroup` (`/berth/<pod>/<ctr>`). Zero/empty fields are
 /// left as they are, as the CRI defines.
 pub fn apply(cgroup: &str, r: &cri::LinuxContainerResources) -> Result<()> {
+    apply_at(Path::new(ROOT), cgroup, r)
+}
+
+/// [`apply`] with cgroupfs mounted at `root` (v2 when `root` holds `cgroup.controllers`, else
+/// one v1 hierarchy per controller below it).
+pub fn apply_at(root: &Path, cgroup: &str, r: &cri::LinuxContainerResources) -> Result<()> {
     let rel = cgroup.trim_start_matches('/');
-    let unified = Path::new(ROOT).join("cgroup.controllers").exists();
+    let unified = root.join("cgroup.controllers").exists();
     if unified {
-        apply_v2(&Path::new(ROOT).join(rel), r)
+        apply_v2(&root.join(rel), r)
     } else {
-        apply_v1(
-            &|controller: &str| Path::new(ROOT).join(controller).join(rel),
-            r,
-        )
+        apply_v1(&|controller: &str| root.join(controller).join(rel), r)
     }
 }
 

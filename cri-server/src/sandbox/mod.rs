@@ -4,8 +4,13 @@
 //! Crash safety: a sandbox is recorded as `Creating` before anything is made for it and becomes
 //! `Ready` only when everything exists; at start, `Creating` records are rolled back, and
 //! `Ready` ones whose pins vanished (the state dir is a tmpfs) become `NotReady`.
+//!
+//! A pod whose PID mode is POD also has an init process ([`pod_init`]), PID 1 of its PID
+//! namespace, which lives until StopPodSandbox; the pod is shown NotReady if it dies earlier.
 
+pub mod cgroup_linux;
 pub mod ns_linux;
+pub mod pod_init;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,10 +52,13 @@ pub struct SandboxRecord {
     pub state: State,
     /// Creation time, ns since the epoch.
     pub created_at_ns: i64,
-    /// Pinned namespace files (net, ipc, uts that are not the host's).
+    /// Pinned namespace files (net, ipc, uts that are not the host's; pid in PID mode POD).
     pub pins: Vec<PathBuf>,
     /// The pod's hostname.
     pub hostname: String,
+    /// Pid of the init of the pod's PID namespace (pod PID mode POD), as berthd sees it.
+    #[serde(default)]
+    pub init_pid: Option<i32>,
 }
 
 impl SandboxRecord {
@@ -63,7 +71,8 @@ impl SandboxRecord {
         namespace_options(&self.config)
     }
 
-    /// Path of the pinned namespace of `kind` (`net`, `ipc`, `uts`), if the pod has its own.
+    /// Path of the pinned namespace of `kind` (`net`, `ipc`, `uts`, `pid`), if the pod has its
+    /// own.
     pub fn ns_path(&self, kind: &str) -> Option<&Path> {
         self.pins
             .iter()
@@ -101,6 +110,8 @@ fn is_node(mode: i32) -> bool {
 pub struct SandboxManager {
     db: Arc<Database>,
     state_dir: PathBuf,
+    /// `berth-shim`, whose `pod-init` mode is the init of pod PID namespaces.
+    shim_binary: PathBuf,
     /// One lock per sandbox id: stop/remove of one pod never interleave.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Where a new pod's created and started events go (ContainerManager, which stops and
@@ -110,7 +121,12 @@ pub struct SandboxManager {
 
 impl SandboxManager {
     /// Opens the records and reconciles them with what survived a crash or reboot.
-    pub fn new(db: Arc<Database>, state_dir: &Path, events: EventBus) -> Result<Self> {
+    pub fn new(
+        db: Arc<Database>,
+        state_dir: &Path,
+        shim_binary: PathBuf,
+        events: EventBus,
+    ) -> Result<Self> {
         let tx = db.begin_write()?;
         tx.open_table(SANDBOXES)?;
         tx.open_table(NAMES)?;
@@ -118,6 +134,7 @@ impl SandboxManager {
         let m = SandboxManager {
             db,
             state_dir: state_dir.to_owned(),
+            shim_binary,
             locks: Mutex::default(),
             events,
         };
@@ -135,6 +152,10 @@ impl SandboxManager {
                 }
                 State::Ready if !r.pins.iter().all(|p| ns_linux::is_pinned(p)) => {
                     tracing::warn!(sandbox_id = %r.id, "sandbox namespaces are gone (reboot?): marking it not ready");
+                    if let Some(pid) = r.init_pid {
+                        let pidfile = self.ns_dir(&r.id).join(pod_init::PIDFILE);
+                        let _ = pod_init::kill(pid, &pidfile, None);
+                    }
                     let _ = ns_linux::unpin(&r.pins);
                     self.put(&SandboxRecord {
                         state: State::NotReady,
@@ -292,6 +313,7 @@ impl SandboxManager {
             created_at_ns: now_ns(),
             pins: vec![],
             hostname,
+            init_pid: None,
         };
         self.reserve(&record)?;
         let lock = self.lock(&id);
@@ -307,18 +329,47 @@ impl SandboxManager {
                 hostname: Some(record.hostname.clone()),
                 sysctls,
             };
+            let pid_ns = ns.pid == cri::NamespaceMode::Pod as i32;
+            let cgroup = owned_cgroup(&record);
+            let limits = record
+                .config
+                .linux
+                .as_ref()
+                .and_then(cgroup_linux::pod_limits);
+            let shim = self.shim_binary.clone();
             let record = record.clone();
-            tokio::task::spawn_blocking(move || -> Result<Vec<PathBuf>> {
+            tokio::task::spawn_blocking(move || -> Result<(Vec<PathBuf>, Option<i32>)> {
                 write_pod_files(&files_dir, &record, host_net)?;
-                ns_linux::pin(&ns_dir, &req).map_err(Error::Internal)
+                let mut pins = ns_linux::pin(&ns_dir, &req).map_err(Error::Internal)?;
+                // Whatever fails from here on, teardown finds the pins, the init (by its pid
+                // file) and the cgroup on its own.
+                if let Some(cg) = &cgroup
+                    && (pid_ns || limits.is_some())
+                {
+                    cg.create(limits.as_ref())?;
+                }
+                let mut init = None;
+                if pid_ns {
+                    let pidfile = ns_dir.join(pod_init::PIDFILE);
+                    let pid = pod_init::spawn(&shim, &pidfile).map_err(Error::Internal)?;
+                    init = Some(pid);
+                    if let Some(cg) = &cgroup {
+                        cg.add(pid)?;
+                    }
+                    let pin = pod_init::pin(pid, &pidfile, &ns_dir.join(pod_init::PIN))
+                        .map_err(Error::Internal)?;
+                    pins.push(pin);
+                }
+                Ok((pins, init))
             })
             .await
             .map_err(|e| Error::Internal(format!("sandbox setup thread: {e}")))?
         };
         // The network of the pod is set up here once CNI exists; loopback is up already.
         match setup {
-            Ok(pins) => {
+            Ok((pins, init_pid)) => {
                 record.pins = pins;
+                record.init_pid = init_pid;
                 record.state = State::Ready;
                 if let Err(e) = self.put(&record) {
                     self.teardown(&record);
@@ -348,9 +399,21 @@ impl SandboxManager {
     /// Releases what a sandbox holds on the host: pins and its files. Safe to call twice; logs
     /// what it could not undo.
     fn teardown(&self, r: &SandboxRecord) {
+        let ns_dir = self.ns_dir(&r.id);
+        // The init goes first: its pid file is in the namespace dir, and its cgroup cannot be
+        // removed while it lives.
+        let pidfile = ns_dir.join(pod_init::PIDFILE);
+        let pid_pin = ns_dir.join(pod_init::PIN);
+        if let Some(pid) = pod_init::read_pidfile(&pidfile).or(r.init_pid) {
+            let pin = ns_linux::is_pinned(&pid_pin).then_some(pid_pin.as_path());
+            if let Err(e) = pod_init::kill(pid, &pidfile, pin) {
+                tracing::warn!(sandbox_id = %r.id, error = %e, "kill the pod's init");
+            }
+        }
         let pins: Vec<PathBuf> = ns_linux::KINDS
             .iter()
-            .map(|k| self.ns_dir(&r.id).join(k))
+            .map(|k| ns_dir.join(k))
+            .chain([pid_pin.clone()])
             .collect();
         if let Err(e) = ns_linux::unpin(&pins) {
             tracing::warn!(sandbox_id = %r.id, error = %e, "unpin namespaces");
@@ -364,6 +427,11 @@ impl SandboxManager {
                 }
             }
         }
+        if let Some(cg) = owned_cgroup(r)
+            && let Err(e) = cg.remove()
+        {
+            tracing::warn!(sandbox_id = %r.id, error = %e, "remove pod cgroup");
+        }
     }
 
     /// Stops a sandbox: its network goes, it becomes NotReady. Stopping a stopped sandbox
@@ -376,8 +444,22 @@ impl SandboxManager {
         if r.state == State::NotReady {
             return Ok(());
         }
-        // Containers are stopped and the CNI network torn down here once they exist. The
-        // network namespace goes with the network, as in containerd.
+        // Containers are stopped by now (the caller stopped them). Killing the init ends what
+        // is left in the pod's PID namespace; its pin stays until the pod is removed.
+        if let Some(pid) = r.init_pid {
+            let pidfile = self.ns_dir(&r.id).join(pod_init::PIDFILE);
+            // Without its pin (unmounted by hand?) the command line alone identifies the init.
+            let pin = r
+                .ns_path(pod_init::PIN)
+                .filter(|p| ns_linux::is_pinned(p))
+                .map(Path::to_path_buf);
+            tokio::task::spawn_blocking(move || pod_init::kill(pid, &pidfile, pin.as_deref()))
+                .await
+                .map_err(|e| Error::Internal(format!("pod init kill thread: {e}")))?
+                .map_err(Error::Internal)?;
+        }
+        // The CNI network is torn down here once it exists. The network namespace goes with
+        // the network, as in containerd.
         let net: Vec<PathBuf> = r
             .ns_path("net")
             .map(Path::to_path_buf)
@@ -422,14 +504,59 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// Every visible sandbox.
+    /// Every visible sandbox, as [`SandboxManager::get_observed`] shows it.
     pub fn list(&self) -> Result<Vec<SandboxRecord>> {
         Ok(self
             .all()?
             .into_iter()
             .filter(|r| r.state != State::Creating)
+            .map(|r| self.observed(r))
             .collect())
     }
+
+    /// [`SandboxManager::get`] as clients see it: a Ready pod whose PID namespace init died is
+    /// NotReady (nothing can join its PID namespace any more).
+    pub fn get_observed(&self, id: &str) -> Result<SandboxRecord> {
+        self.get(id).map(|r| self.observed(r))
+    }
+
+    fn observed(&self, mut r: SandboxRecord) -> SandboxRecord {
+        if r.state == State::Ready && self.dead_init(&r).is_some() {
+            r.state = State::NotReady;
+        }
+        r
+    }
+
+    /// The pid of the pod's PID namespace init if the pod has one and it is gone.
+    fn dead_init(&self, r: &SandboxRecord) -> Option<i32> {
+        let pid = r.init_pid?;
+        let pidfile = self.ns_dir(&r.id).join(pod_init::PIDFILE);
+        (!pod_init::is_ours(pid, &pidfile, r.ns_path(pod_init::PIN))).then_some(pid)
+    }
+
+    /// FailedPrecondition when the pod's PID namespace init is gone, so containers can no
+    /// longer join the pod's PID namespace.
+    pub fn check_pid_namespace(&self, r: &SandboxRecord) -> Result<()> {
+        match self.dead_init(r) {
+            None => Ok(()),
+            Some(pid) => Err(Error::FailedPrecondition(format!(
+                "pod sandbox {}: the init of its PID namespace (pid {pid}) is gone, so no \
+                 container can join that namespace; stop and remove the pod, then run it again",
+                r.id
+            ))),
+        }
+    }
+}
+
+/// The pod cgroup berth owns for `r`: none when kubelet named a `cgroup_parent` (that one is
+/// kubelet's to create, size and remove).
+fn owned_cgroup(r: &SandboxRecord) -> Option<cgroup_linux::PodCgroup> {
+    let kubelets = r
+        .config
+        .linux
+        .as_ref()
+        .is_some_and(|l| !l.cgroup_parent.is_empty());
+    (!kubelets).then(|| cgroup_linux::PodCgroup::new(&cgroup_linux::default_path(&r.id)))
 }
 
 /// Namespaced sysctls only, and only for namespaces the pod owns: anything else would change

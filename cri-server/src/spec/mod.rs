@@ -38,6 +38,14 @@
 //! - **Pid namespace**: CONTAINER → new; NODE → the host's; POD → the pod's
 //!   ([`SandboxNamespaces::pid`]) or, when the pod has none, a new one; TARGET → the target's
 //!   ([`SandboxNamespaces::target_pid`], required).
+//! - **/sys/fs/cgroup on cgroup v1 in a joined PID namespace** (POD with the pod's, TARGET):
+//!   libcontainer 0.7 mounts a v1 cgroupfs after reading `/proc/<its pid>` of the *host's*
+//!   procfs (its parent is outside its PID namespace, so it takes its own pid for the host's
+//!   PID 1). In a joined namespace that pid is not 1 but the pod namespace's, so creation fails
+//!   whenever the host has no process of that number (and reads a stranger's cgroups when it
+//!   has). Those containers get runc's view built from plain mounts instead: a tmpfs with the
+//!   container's own cgroup of each v1 hierarchy bind-mounted below it
+//!   ([`cgroup_v1_bind_sources`] must exist before creation).
 //! - **User namespaces** (`userns_options` mode POD) are refused as unsupported.
 //! - **Sysctls** of the pod are repeated in each container (they are per-namespace, so this is
 //!   idempotent): `net.*` need the pod network namespace, the IPC ones (`kernel.shm*`,
@@ -110,6 +118,9 @@ pub struct HostInfo {
     pub hugetlb_controller: bool,
     /// The host's /dev, whose nodes privileged containers get; `None` gives them none.
     pub dev_dir: Option<PathBuf>,
+    /// Names under /sys/fs/cgroup of the cgroup v1 hierarchies (co-mount symlinks such as
+    /// `cpu` → `cpu,cpuacct` included); empty on a unified host.
+    pub cgroup_v1_hierarchies: Vec<String>,
 }
 
 impl Default for HostInfo {
@@ -124,6 +135,7 @@ impl Default for HostInfo {
             swap_controller: true,
             hugetlb_controller: true,
             dev_dir: Some(PathBuf::from("/dev")),
+            cgroup_v1_hierarchies: vec![],
         }
     }
 }
@@ -164,8 +176,31 @@ impl HostInfo {
                 exists("sys/fs/cgroup/hugetlb")
             },
             dev_dir: Some(root.join("dev")),
+            cgroup_v1_hierarchies: if unified {
+                vec![]
+            } else {
+                v1_hierarchies(&root.join("sys/fs/cgroup"))
+            },
         }
     }
+}
+
+/// The v1 hierarchies under `cgroupfs` (directories, or symlinks to them, holding
+/// `cgroup.procs` but no `cgroup.controllers`), sorted.
+fn v1_hierarchies(cgroupfs: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(cgroupfs)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    let d = e.path();
+                    d.join("cgroup.procs").exists() && !d.join("cgroup.controllers").exists()
+                })
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
 }
 
 /// A hex capability mask line (`CapBnd:\t000001ffffffffff`) of /proc/<pid>/status.
@@ -610,6 +645,90 @@ fn build_mounts(
     Ok((mounts, rootfs_propagation))
 }
 
+/// The container's cgroup, `<parent>/<id>`.
+fn cgroups_path(input: &SpecInput) -> String {
+    format!(
+        "{}/{}",
+        input.cgroup_parent.trim_end_matches('/'),
+        input.container_id
+    )
+}
+
+/// Whether the container joins an existing PID namespace (a pod's or a target's).
+fn joins_pid_namespace(namespaces: &[Value]) -> bool {
+    namespaces
+        .iter()
+        .any(|n| n["type"] == "pid" && n.get("path").is_some())
+}
+
+/// `(hierarchy name, host dir of the container's cgroup in it)` for the emulated v1 cgroup
+/// mount, or nothing when the container does not need it (see the module docs).
+fn cgroup_v1_binds(input: &SpecInput, namespaces: &[Value]) -> Vec<(String, PathBuf)> {
+    if input.host.cgroup_unified || !joins_pid_namespace(namespaces) {
+        return vec![];
+    }
+    let rel = cgroups_path(input);
+    input
+        .host
+        .cgroup_v1_hierarchies
+        .iter()
+        .map(|h| {
+            let dir = Path::new("/sys/fs/cgroup")
+                .join(h)
+                .join(rel.trim_start_matches('/'));
+            (h.clone(), dir)
+        })
+        .collect()
+}
+
+/// The host directories the container's emulated v1 cgroup mount binds (see the module
+/// docs); the caller creates them before the container is created. Empty when the container
+/// gets a plain cgroup mount.
+pub fn cgroup_v1_bind_sources(input: &SpecInput) -> Result<Vec<PathBuf>, SpecError> {
+    let privileged = security_context(input.config).is_some_and(|s| s.privileged);
+    let namespaces = namespaces(input, privileged)?;
+    Ok(cgroup_v1_binds(input, &namespaces)
+        .into_iter()
+        .map(|(_, dir)| dir)
+        .collect())
+}
+
+/// Replaces the default `cgroup` mount by a tmpfs with the container's v1 cgroups bound below
+/// it, when libcontainer's own v1 cgroup mount would fail (see the module docs).
+fn emulate_cgroup_v1_mount(
+    mounts: &mut Vec<Value>,
+    input: &SpecInput,
+    namespaces: &[Value],
+    privileged: bool,
+) {
+    let binds = cgroup_v1_binds(input, namespaces);
+    let Some(at) = mounts
+        .iter()
+        .position(|m| m["type"] == "cgroup" && m["destination"] == "/sys/fs/cgroup")
+    else {
+        return;
+    };
+    if binds.is_empty() {
+        return;
+    }
+    let rw = if privileged { "rw" } else { "ro" };
+    let mut emulated = vec![mount(
+        "/sys/fs/cgroup",
+        "tmpfs",
+        "tmpfs",
+        &["nosuid", "noexec", "nodev", "mode=755"],
+    )];
+    for (name, dir) in binds {
+        emulated.push(json!({
+            "destination": format!("/sys/fs/cgroup/{name}"),
+            "type": "bind",
+            "source": dir,
+            "options": ["rbind", "rprivate", "nosuid", "noexec", "nodev", rw],
+        }));
+    }
+    mounts.splice(at..=at, emulated);
+}
+
 fn security_context(c: &ContainerConfig) -> Option<&LinuxContainerSecurityContext> {
     c.linux.as_ref().and_then(|l| l.security_context.as_ref())
 }
@@ -955,8 +1074,9 @@ pub fn generate(input: &SpecInput) -> Result<(Spec, Vec<Clamped>), SpecError> {
     };
 
     // Mounts and namespaces.
-    let (mounts, rootfs_propagation) = build_mounts(input, privileged)?;
+    let (mut mounts, rootfs_propagation) = build_mounts(input, privileged)?;
     let namespaces = namespaces(input, privileged)?;
+    emulate_cgroup_v1_mount(&mut mounts, input, &namespaces, privileged);
 
     // Devices and resources.
     let mut devices = vec![];
@@ -999,11 +1119,7 @@ pub fn generate(input: &SpecInput) -> Result<(Spec, Vec<Clamped>), SpecError> {
     let mut linux = json!({
         "namespaces": namespaces,
         "resources": resources_json,
-        "cgroupsPath": format!(
-            "{}/{}",
-            input.cgroup_parent.trim_end_matches('/'),
-            input.container_id
-        ),
+        "cgroupsPath": cgroups_path(input),
         "devices": devices.iter().map(devices::DeviceNode::to_json).collect::<Vec<_>>(),
     });
     if !sysctl.is_empty() {

@@ -1104,6 +1104,15 @@ fn host_probe_parsers() {
     assert!(!h.cgroup_unified);
     assert!(h.swap_controller);
     assert!(!h.hugetlb_controller);
+    // v1 hierarchies: dirs with cgroup.procs, co-mount symlinks too; not cgroup2's "unified".
+    w("sys/fs/cgroup/memory/cgroup.procs", "");
+    w("sys/fs/cgroup/cpu,cpuacct/cgroup.procs", "");
+    w("sys/fs/cgroup/unified/cgroup.procs", "");
+    std::os::unix::fs::symlink("cpu,cpuacct", root.path().join("sys/fs/cgroup/cpu")).unwrap();
+    assert_eq!(
+        HostInfo::probe_at(root.path()).cgroup_v1_hierarchies,
+        s(&["cpu", "cpu,cpuacct", "memory"])
+    );
 
     // cgroup v2.
     w(
@@ -1112,6 +1121,70 @@ fn host_probe_parsers() {
     );
     let h = HostInfo::probe_at(root.path());
     assert!(h.cgroup_unified && h.swap_controller && h.hugetlb_controller);
+    assert!(h.cgroup_v1_hierarchies.is_empty());
     // The real host parses too.
     assert_ne!(HostInfo::probe().cap_bounding, 0);
+}
+
+#[test]
+fn cgroup_v1_mount_is_emulated_only_in_a_joined_pid_namespace() {
+    let mut f = Fixture::new();
+    f.host.cgroup_v1_hierarchies = s(&["cpu", "memory"]);
+    // Own PID namespace: libcontainer's cgroup mount works.
+    let m = f.spec();
+    assert_eq!(
+        mount_of(&m, "/sys/fs/cgroup").unwrap().typ().as_deref(),
+        Some("cgroup")
+    );
+    assert!(cgroup_v1_bind_sources(&f.input()).unwrap().is_empty());
+
+    // The pod's PID namespace: a tmpfs and the container's own cgroups, read-only.
+    f.sc().namespace_options.as_mut().unwrap().pid = NamespaceMode::Pod as i32;
+    f.ns_pid = Some("/run/berth/ns/sb/pid".into());
+    let m = f.spec();
+    let root = mount_of(&m, "/sys/fs/cgroup").unwrap();
+    assert_eq!(root.typ().as_deref(), Some("tmpfs"));
+    let mem = mount_of(&m, "/sys/fs/cgroup/memory").unwrap();
+    assert_eq!(mem.typ().as_deref(), Some("bind"));
+    assert_eq!(
+        mem.source().as_deref(),
+        Some(Path::new("/sys/fs/cgroup/memory/berth/sb/c1"))
+    );
+    assert!(options(mem).contains(&"ro".to_string()));
+    let mounts = m.mounts().as_ref().unwrap();
+    let at = |dst: &str| {
+        mounts
+            .iter()
+            .position(|m| m.destination() == Path::new(dst))
+    };
+    assert!(
+        at("/sys/fs/cgroup") < at("/sys/fs/cgroup/cpu"),
+        "tmpfs first"
+    );
+    assert!(!mounts.iter().any(|m| m.typ().as_deref() == Some("cgroup")));
+    assert_eq!(
+        cgroup_v1_bind_sources(&f.input()).unwrap(),
+        vec![
+            PathBuf::from("/sys/fs/cgroup/cpu/berth/sb/c1"),
+            PathBuf::from("/sys/fs/cgroup/memory/berth/sb/c1"),
+        ]
+    );
+    // Privileged containers get them read-write, as the cgroup mount would be.
+    f.privileged();
+    let m = f.spec();
+    assert!(options(mount_of(&m, "/sys/fs/cgroup/cpu").unwrap()).contains(&"rw".to_string()));
+
+    // A unified host mounts cgroup2 itself: nothing to emulate.
+    let mut f = Fixture::new();
+    f.host.cgroup_unified = true;
+    f.sc().namespace_options.as_mut().unwrap().pid = NamespaceMode::Pod as i32;
+    f.ns_pid = Some("/run/berth/ns/sb/pid".into());
+    assert_eq!(
+        mount_of(&f.spec(), "/sys/fs/cgroup")
+            .unwrap()
+            .typ()
+            .as_deref(),
+        Some("cgroup")
+    );
+    assert!(cgroup_v1_bind_sources(&f.input()).unwrap().is_empty());
 }
