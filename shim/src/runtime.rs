@@ -118,6 +118,9 @@ pub struct ExecStdio {
 /// CAP_SYS_ADMIN load a filter, so the process keeps CAP_SYS_ADMIN in its permitted set (never in
 /// its bounding set, so `execve` could not keep it anyway) until the filter is loaded, then drops
 /// it: what runc does by loading the filter before it drops privileges.
+///
+/// The tenant path joins only the cgroups libcontainer manages; on a hybrid host the helper
+/// first joins the init's cgroup2 cgroup (see [`join_init_cgroup2`]).
 pub fn exec(
     id: &str,
     bundle: &Path,
@@ -169,6 +172,9 @@ pub fn exec(
         let json = serde_json::to_vec(&process).map_err(|e| format!("encode process: {e}"))?;
         std::fs::write(&process_file, json)
             .map_err(|e| format!("write {}: {e}", process_file.display()))?;
+        if let Some(init) = load(id, bundle)?.pid() {
+            join_init_cgroup2(init.as_raw())?;
+        }
         let mut builder = ContainerBuilder::new(id.to_owned(), SyscallType::default())
             .with_root_path(state_root(bundle))
             .map_err(|e| chain(&e))?
@@ -294,6 +300,41 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Where a hybrid host mounts cgroup2 (v1 controllers everywhere else).
+const HYBRID_CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+/// Moves the calling process into the cgroup2 cgroup of the container's init, on a hybrid host.
+///
+/// berthd sets hugepage limits there itself when hugetlb lives only in the cgroup2 mount
+/// (libcontainer's v1 manager never looks there) and moves the init in before it starts.
+/// libcontainer's tenant path joins only the v1 cgroups, so an exec'd process would stay in the
+/// shim's cgroup2 cgroup, outside the limits. Joining here, before libcontainer forks, makes the
+/// process start inside. A no-op on v1-only and pure v2 hosts (where the tenant path joins the
+/// init's cgroup itself) and when the init never left the shim's cgroup.
+fn join_init_cgroup2(init: i32) -> Result<(), String> {
+    let mount = Path::new(HYBRID_CGROUP2);
+    let Some(target) = cgroup2_path(&format!("/proc/{init}/cgroup")) else {
+        return Ok(());
+    };
+    if !mount.join("cgroup.controllers").exists()
+        || cgroup2_path("/proc/self/cgroup").as_deref() == Some(target.as_str())
+    {
+        return Ok(());
+    }
+    let procs = mount
+        .join(target.trim_start_matches('/'))
+        .join("cgroup.procs");
+    std::fs::write(&procs, "0").map_err(|e| format!("join {}: {e}", procs.display()))
+}
+
+/// The cgroup2 path (the `0::` line) of a `/proc/<pid>/cgroup` file.
+fn cgroup2_path(file: &str) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
 }
 
 /// The OOM counter file of `pid`'s memory cgroup, from `/proc/<pid>/cgroup`.

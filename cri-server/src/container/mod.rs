@@ -9,6 +9,7 @@
 pub mod cgroup_stats;
 pub mod exec;
 mod exits;
+pub mod hugetlb;
 mod pod_stats;
 pub mod resources;
 pub mod shim_client;
@@ -400,7 +401,7 @@ impl ContainerManager {
         if let Some(dir) = r.log_path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::internal("create log dir", e))?;
         }
-        shim_client::launch(&ShimLaunch {
+        let created = shim_client::launch(&ShimLaunch {
             binary: self.shim_binary.clone(),
             id: r.id.clone(),
             bundle,
@@ -409,6 +410,27 @@ impl ContainerManager {
             tty: r.config.tty,
         })
         .await?;
+        // Created, not started: the init joins its hugetlb cgroup before the user process runs.
+        let hugepages = r.config.linux.as_ref().and_then(|l| l.resources.as_ref());
+        let limits = hugetlb::hybrid_limits(
+            &self.host,
+            hugepages.map_or(&[][..], |r| &r.hugepage_limits),
+        );
+        if let (Some(root), false) = (self.host.hugetlb_hybrid.clone(), limits.is_empty()) {
+            let cgroup = format!("{cgroup_parent}/{}", r.id);
+            let pid = created.pid;
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let dir = hugetlb::apply(&root, &cgroup, &limits)?;
+                hugetlb::join(&dir, pid).map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "move init {pid} into {}: {e}",
+                        dir.display()
+                    ))
+                })
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("hugetlb cgroup thread: {e}")))??;
+        }
         Ok(())
     }
 
@@ -731,7 +753,8 @@ impl ContainerManager {
         let parent = pod_cgroup_parent(&self.sandboxes.get(&r.sandbox_id)?);
         let cgroup = format!("{parent}/{}", r.id);
         let res = resources.clone();
-        tokio::task::spawn_blocking(move || resources::apply(&cgroup, &res))
+        let host = self.host.clone();
+        tokio::task::spawn_blocking(move || resources::apply(&cgroup, &res, &host))
             .await
             .map_err(|e| Error::Internal(format!("cgroup update thread: {e}")))??;
         let mut updated = observed.record;

@@ -13,6 +13,10 @@
 //!   without a hugetlb controller and swap limits without a swap controller are skipped. Each
 //!   is returned as a [`Clamped`] for the caller to log; privileged containers silently get
 //!   "every capability we have".
+//! - **Hugepage limits on hybrid hosts** (hugetlb only in the cgroup2 mount,
+//!   [`HostInfo::hugetlb_hybrid`]) stay out of the spec: the OCI runtime's v1 cgroup manager
+//!   cannot set them, so berthd does it itself (`container::hugetlb`). Only sizes the kernel
+//!   does not have are clamped there.
 //! - **Seccomp** when the CRI sets none (neither `seccomp` nor the deprecated
 //!   `seccomp_profile_path`): unconfined, as containerd 1.7/2.x with its default
 //!   `unset_seccomp_profile = ""` and as kubelet's default (kubelet sends RuntimeDefault
@@ -54,6 +58,7 @@
 
 pub mod caps;
 pub mod devices;
+pub mod hugepages;
 pub mod seccomp;
 pub mod user;
 
@@ -114,8 +119,14 @@ pub struct HostInfo {
     pub cgroup_unified: bool,
     /// A memory swap controller exists (`memory.memsw.*` / `memory.swap.max`).
     pub swap_controller: bool,
-    /// A hugetlb controller exists.
+    /// A hugetlb controller exists where the OCI runtime's cgroup manager looks (a v1
+    /// controller, or the v2 root of a unified host).
     pub hugetlb_controller: bool,
+    /// A hybrid host (v1 controllers) whose hugetlb controller is only in the cgroup2 mount:
+    /// that mount (`/sys/fs/cgroup/unified`). berthd applies hugepage limits there itself.
+    pub hugetlb_hybrid: Option<PathBuf>,
+    /// The kernel's hugepage sizes in KiB (`/sys/kernel/mm/hugepages`), ascending.
+    pub hugepage_sizes_kb: Vec<u64>,
     /// The host's /dev, whose nodes privileged containers get; `None` gives them none.
     pub dev_dir: Option<PathBuf>,
     /// Names under /sys/fs/cgroup of the cgroup v1 hierarchies (co-mount symlinks such as
@@ -134,6 +145,8 @@ impl Default for HostInfo {
             cgroup_unified: false,
             swap_controller: true,
             hugetlb_controller: true,
+            hugetlb_hybrid: None,
+            hugepage_sizes_kb: vec![2048, 1_048_576],
             dev_dir: Some(PathBuf::from("/dev")),
             cgroup_v1_hierarchies: vec![],
         }
@@ -157,6 +170,10 @@ impl HostInfo {
         let unified = exists("sys/fs/cgroup/cgroup.controllers");
         let v2_controllers = read("sys/fs/cgroup/cgroup.controllers");
         let has_v2 = |c: &str| v2_controllers.split_whitespace().any(|x| x == c);
+        let hybrid = "sys/fs/cgroup/unified";
+        let hybrid_has_hugetlb = read(&format!("{hybrid}/cgroup.controllers"))
+            .split_whitespace()
+            .any(|x| x == "hugetlb");
         HostInfo {
             cap_bounding,
             has_sys_resource: cap_effective & (1 << sys_resource) != 0,
@@ -175,6 +192,9 @@ impl HostInfo {
             } else {
                 exists("sys/fs/cgroup/hugetlb")
             },
+            hugetlb_hybrid: (!unified && !exists("sys/fs/cgroup/hugetlb") && hybrid_has_hugetlb)
+                .then(|| root.join(hybrid)),
+            hugepage_sizes_kb: hugepages::kernel_sizes_kb(&root.join("sys/kernel/mm/hugepages")),
             dev_dir: Some(root.join("dev")),
             cgroup_v1_hierarchies: if unified {
                 vec![]
@@ -269,6 +289,11 @@ pub enum Clamped {
         /// e.g. `2MB`.
         page_size: String,
     },
+    /// A hugepage limit for a page size the kernel does not have was skipped.
+    HugepageSize {
+        /// As the request spelled it.
+        page_size: String,
+    },
     /// A swap limit without a swap controller was skipped.
     MemorySwap {
         /// Bytes asked.
@@ -293,6 +318,12 @@ impl fmt::Display for Clamped {
                 write!(
                     f,
                     "hugepage limit {page_size} skipped: no hugetlb controller"
+                )
+            }
+            Clamped::HugepageSize { page_size } => {
+                write!(
+                    f,
+                    "hugepage limit {page_size} skipped: the kernel has no such page size"
                 )
             }
             Clamped::MemorySwap { requested } => {
@@ -916,6 +947,18 @@ fn resources(
                 .map(|h| json!({ "pageSize": h.page_size, "limit": h.limit as i64 }))
                 .collect();
             out.insert("hugepageLimits".into(), Value::Array(h));
+        } else if host.hugetlb_hybrid.is_some() {
+            // berthd sets these in the cgroup2 mount itself (`container::hugetlb`).
+            clamped.extend(
+                r.hugepage_limits
+                    .iter()
+                    .filter(|h| {
+                        hugepages::kernel_page_size(&h.page_size, &host.hugepage_sizes_kb).is_none()
+                    })
+                    .map(|h| Clamped::HugepageSize {
+                        page_size: h.page_size.clone(),
+                    }),
+            );
         } else {
             clamped.extend(r.hugepage_limits.iter().map(|h| Clamped::HugepageLimit {
                 page_size: h.page_size.clone(),

@@ -883,6 +883,34 @@ fn resources_and_cgroups_path() {
             },
         ]
     );
+
+    // A hybrid host with hugetlb only in cgroup2: berthd applies the limits itself, so they
+    // stay out of the spec; only a size the kernel lacks is reported.
+    f.host.hugetlb_hybrid = Some("/sys/fs/cgroup/unified".into());
+    f.resources().hugepage_limits.push(HugepageLimit {
+        page_size: "4MB".into(),
+        limit: 0,
+    });
+    let (sp, cl) = f.generated();
+    assert!(
+        linux(&sp)
+            .resources()
+            .clone()
+            .unwrap()
+            .hugepage_limits()
+            .is_none()
+    );
+    assert_eq!(
+        cl,
+        vec![
+            Clamped::MemorySwap {
+                requested: 512 << 20
+            },
+            Clamped::HugepageSize {
+                page_size: "4MB".into()
+            },
+        ]
+    );
 }
 
 #[test]
@@ -1113,6 +1141,16 @@ fn host_probe_parsers() {
         HostInfo::probe_at(root.path()).cgroup_v1_hierarchies,
         s(&["cpu", "cpu,cpuacct", "memory"])
     );
+    assert_eq!(
+        h.hugetlb_hybrid,
+        Some(root.path().join("sys/fs/cgroup/unified"))
+    );
+    assert!(h.hugepage_sizes_kb.is_empty());
+    std::fs::create_dir_all(root.path().join("sys/kernel/mm/hugepages/hugepages-2048kB")).unwrap();
+    assert_eq!(
+        HostInfo::probe_at(root.path()).hugepage_sizes_kb,
+        vec![2048]
+    );
 
     // cgroup v2.
     w(
@@ -1122,6 +1160,10 @@ fn host_probe_parsers() {
     let h = HostInfo::probe_at(root.path());
     assert!(h.cgroup_unified && h.swap_controller && h.hugetlb_controller);
     assert!(h.cgroup_v1_hierarchies.is_empty());
+    assert_eq!(
+        h.hugetlb_hybrid, None,
+        "v2 root: the OCI runtime applies them"
+    );
     // The real host parses too.
     assert_ne!(HostInfo::probe().cap_bounding, 0);
 }
