@@ -47,6 +47,131 @@ pub async fn env_with_shim(shim: Option<std::path::PathBuf>) -> Env {
     }
 }
 
+/// A pod named `name`: uid `uid-<name>`, namespace `default`, hostname `name`, logs under
+/// `env.logs`. Tests change what they need with struct update syntax.
+pub fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: env.logs.path().display().to_string(),
+        ..Default::default()
+    }
+}
+
+/// Pod-level Linux settings asking for PID namespace mode `pid` (kubelet asks for CONTAINER
+/// unless the pod shares its process namespace).
+pub fn pid_mode(pid: cri::NamespaceMode) -> Option<cri::LinuxPodSandboxConfig> {
+    Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: pid as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// A container named `name` running `cmd` from the test image, label `c=<name>`, logging to
+/// `<name>.log` in the pod's log dir.
+pub fn ctr_config(env: &Env, name: &str, cmd: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: env.image.clone(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        labels: [("c".to_owned(), name.to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+/// [`ctr_config`] running `/bin/sh -c script`.
+pub fn sh_config(env: &Env, name: &str, script: &str) -> cri::ContainerConfig {
+    ctr_config(env, name, &["/bin/sh", "-c", script])
+}
+
+/// RunPodSandbox with `cfg`; returns the pod id with the config (CreateContainer wants both).
+pub async fn run_pod_with(
+    env: &Env,
+    cfg: cri::PodSandboxConfig,
+) -> (String, cri::PodSandboxConfig) {
+    let mut rt = env.d.runtime().await.expect("client");
+    let id = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("run pod: {e:?}\n{}", warnings(env)))
+        .into_inner()
+        .pod_sandbox_id;
+    (id, cfg)
+}
+
+/// RunPodSandbox with [`pod_config`].
+pub async fn run_pod(env: &Env, name: &str) -> (String, cri::PodSandboxConfig) {
+    run_pod_with(env, pod_config(env, name)).await
+}
+
+/// StartContainer; panics with berthd's warnings when it fails.
+pub async fn start(env: &Env, id: &str) {
+    let mut rt = env.d.runtime().await.expect("client");
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("start {id}: {e:?}\n{}", warnings(env)));
+}
+
+/// Polls ContainerStatus until the container has exited (20 s at most).
+pub async fn wait_exited(env: &Env, id: &str) -> cri::ContainerStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = status(env, id).await.expect("status");
+        if s.state == cri::ContainerState::ContainerExited as i32 {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "container {id} did not exit: {s:?}\n{}",
+            warnings(env)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// RemoveContainer.
+pub async fn remove_container(env: &Env, id: &str) {
+    let mut rt = env.d.runtime().await.expect("client");
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .expect("remove container");
+}
+
+/// What berthd warned about or failed at (its full debug log is too long for a panic message).
+pub fn warnings(env: &Env) -> String {
+    env.d
+        .log()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub async fn create(
     env: &Env,
     pod: &(String, cri::PodSandboxConfig),

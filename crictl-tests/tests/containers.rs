@@ -4,90 +4,20 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use api::cri;
-use crictl_tests::pods::{Env, assert_clean, create, env, read_cri_log, remove_pod, status};
+use crictl_tests::pods::{
+    Env, assert_clean, create, ctr_config, env, pid_mode, pod_config, read_cri_log, remove_pod,
+    run_pod_with, start, status, wait_exited,
+};
 use tonic::Code;
 
-fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: env.logs.path().display().to_string(),
-        // As kubelet for a pod without shareProcessNamespace: each container is PID 1 of its
-        // own PID namespace (the CRI default, POD, would share the pod's).
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    pid: cri::NamespaceMode::Container as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn ctr_config(env: &Env, name: &str, cmd: &[&str]) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: env.image.clone(),
-            ..Default::default()
-        }),
-        command: cmd.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{name}.log"),
-        labels: [("c".to_owned(), name.to_owned())].into(),
-        ..Default::default()
-    }
-}
-
+/// As kubelet runs a pod without shareProcessNamespace: each container is PID 1 of its own PID
+/// namespace (the CRI default, POD, would share the pod's).
 async fn run_pod(env: &Env, name: &str) -> (String, cri::PodSandboxConfig) {
-    let cfg = pod_config(env, name);
-    let mut rt = env.d.runtime().await.expect("client");
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("run pod")
-        .into_inner()
-        .pod_sandbox_id;
-    (id, cfg)
-}
-
-async fn start(env: &Env, id: &str) {
-    let mut rt = env.d.runtime().await.expect("client");
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.into(),
-    })
-    .await
-    .expect("start");
-}
-
-async fn wait_exited(env: &Env, id: &str) -> cri::ContainerStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = status(env, id).await.expect("status");
-        if s.state == cri::ContainerState::ContainerExited as i32 {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "container {id} did not exit: {s:?}\n{}",
-            env.d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let cfg = cri::PodSandboxConfig {
+        linux: pid_mode(cri::NamespaceMode::Container),
+        ..pod_config(env, name)
+    };
+    run_pod_with(env, cfg).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

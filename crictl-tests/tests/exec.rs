@@ -5,53 +5,30 @@
 use std::time::{Duration, Instant};
 
 use api::cri;
-use crictl_tests::pods::{Env, assert_clean, create, env, remove_pod, status};
+use crictl_tests::pods::{
+    self, Env, assert_clean, create, ctr_config, env, pid_mode, remove_pod, run_pod_with, start,
+    status,
+};
 use tonic::Code;
 
 /// ExecSync keeps at most this much per stream (berthd's `MAX_OUTPUT`).
 const MAX_OUTPUT: usize = 8 * 1024 * 1024 - 64 * 1024;
 
+/// As kubelet asks for pods without shareProcessNamespace: PID 1 is the container's.
 fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        log_directory: env.logs.path().display().to_string(),
-        // As kubelet asks for pods without shareProcessNamespace: PID 1 is the container's.
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    pid: cri::NamespaceMode::Container as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        linux: pid_mode(cri::NamespaceMode::Container),
+        ..pods::pod_config(env, name)
     }
 }
 
 fn sleeper(env: &Env, name: &str, sc: cri::LinuxContainerSecurityContext) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: env.image.clone(),
-            ..Default::default()
-        }),
-        command: vec!["sleep".into(), "3600".into()],
-        log_path: format!("{name}.log"),
         linux: Some(cri::LinuxContainerConfig {
             security_context: Some(sc),
             ..Default::default()
         }),
-        ..Default::default()
+        ..ctr_config(env, name, &["sleep", "3600"])
     }
 }
 
@@ -61,26 +38,12 @@ async fn running(
     name: &str,
     sc: cri::LinuxContainerSecurityContext,
 ) -> (String, String) {
-    let cfg = pod_config(env, name);
-    let mut rt = env.d.runtime().await.expect("client");
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("run pod")
-        .into_inner()
-        .pod_sandbox_id;
-    let ctr = create(env, &(pod.clone(), cfg), sleeper(env, name, sc))
+    let pod = run_pod_with(env, pod_config(env, name)).await;
+    let ctr = create(env, &pod, sleeper(env, name, sc))
         .await
         .expect("create");
-    rt.start_container(cri::StartContainerRequest {
-        container_id: ctr.clone(),
-    })
-    .await
-    .expect("start");
-    (pod, ctr)
+    start(env, &ctr).await;
+    (pod.0, ctr)
 }
 
 async fn exec(

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use api::cri;
-use crictl_tests::pods::{Env, assert_clean, create, env, remove_pod};
+use crictl_tests::pods::{self, Env, assert_clean, create, env, remove_pod, run_pod, start};
 use tonic::Code;
 
 const MIB: u64 = 1024 * 1024;
@@ -56,35 +56,6 @@ fn cgroup2_of(pid: i64) -> String {
         .to_owned()
 }
 
-fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: env.logs.path().display().to_string(),
-        ..Default::default()
-    }
-}
-
-async fn run_pod(env: &Env, name: &str) -> (String, cri::PodSandboxConfig) {
-    let cfg = pod_config(env, name);
-    let mut rt = env.d.runtime().await.expect("client");
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("run pod")
-        .into_inner()
-        .pod_sandbox_id;
-    (id, cfg)
-}
-
 fn hugepages(limits: &[(&str, u64)]) -> cri::LinuxContainerResources {
     cri::LinuxContainerResources {
         hugepage_limits: limits
@@ -104,21 +75,11 @@ fn ctr_config(
     resources: Option<cri::LinuxContainerResources>,
 ) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: env.image.clone(),
-            ..Default::default()
-        }),
-        command: vec!["sleep".into(), "1000".into()],
-        log_path: format!("{name}.log"),
         linux: resources.map(|r| cri::LinuxContainerConfig {
             resources: Some(r),
             ..Default::default()
         }),
-        ..Default::default()
+        ..pods::ctr_config(env, name, &["sleep", "1000"])
     }
 }
 
@@ -138,15 +99,6 @@ async fn init_pid(env: &Env, id: &str) -> i64 {
     let pid = info["pid"].as_i64().expect("pid");
     assert!(pid > 0, "container {id} has an init: {info}");
     pid
-}
-
-async fn start(env: &Env, id: &str) {
-    let mut rt = env.d.runtime().await.expect("client");
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.into(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("start {id}: {e:?}"));
 }
 
 async fn update(env: &Env, id: &str, r: cri::LinuxContainerResources) {

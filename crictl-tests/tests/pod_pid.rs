@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use api::cri;
 use crictl_tests::daemon::{Daemon, bin_dir, require_root};
 use crictl_tests::pods::{
-    Env, assert_clean, create, env, mounts_under, read_cri_log, remove_pod, status,
+    self, Env, assert_clean, create, env, mounts_under, pid_mode, read_cri_log, remove_pod,
+    run_pod_with, sh_config, start, status,
 };
 use tonic::Code;
 
@@ -27,22 +28,8 @@ fn ns_options(pid: cri::NamespaceMode) -> Option<cri::NamespaceOption> {
 
 fn pod_config(env: &Env, name: &str, pid: cri::NamespaceMode) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: env.logs.path().display().to_string(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: ns_options(pid),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        linux: pid_mode(pid),
+        ..pods::pod_config(env, name)
     }
 }
 
@@ -55,16 +42,6 @@ fn ctr_config(
     pid: cri::NamespaceMode,
 ) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: env.image.clone(),
-            ..Default::default()
-        }),
-        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        log_path: format!("{name}.log"),
         linux: Some(cri::LinuxContainerConfig {
             security_context: Some(cri::LinuxContainerSecurityContext {
                 namespace_options: ns_options(pid),
@@ -73,31 +50,8 @@ fn ctr_config(
             }),
             ..Default::default()
         }),
-        ..Default::default()
+        ..sh_config(env, name, script)
     }
-}
-
-async fn run_pod(env: &Env, cfg: cri::PodSandboxConfig) -> (String, cri::PodSandboxConfig) {
-    let mut rt = env.d.runtime().await.expect("client");
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("run pod")
-        .into_inner()
-        .pod_sandbox_id;
-    (id, cfg)
-}
-
-async fn start(env: &Env, id: &str) {
-    let mut rt = env.d.runtime().await.expect("client");
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.into(),
-    })
-    .await
-    .expect("start");
 }
 
 async fn wait_state(env: &Env, id: &str, want: cri::ContainerState) -> cri::ContainerStatus {
@@ -232,7 +186,7 @@ fn assert_no_pid_ns_left(d: &Daemon, pod: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn containers_of_a_pod_share_its_pid_namespace_and_pid_1_is_our_init() {
     let env = env().await;
-    let pod = run_pod(&env, pod_config(&env, "shared", cri::NamespaceMode::Pod)).await;
+    let pod = run_pod_with(&env, pod_config(&env, "shared", cri::NamespaceMode::Pod)).await;
     let init = init_pid(&env.d, &pod.0);
 
     // The init as the host sees it: PID 1 of its own namespace, its own session, detached from
@@ -319,7 +273,7 @@ async fn containers_of_a_pod_share_its_pid_namespace_and_pid_1_is_our_init() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_mode_pod_has_no_init_and_containers_see_only_themselves() {
     let env = env().await;
-    let pod = run_pod(
+    let pod = run_pod_with(
         &env,
         pod_config(&env, "apart", cri::NamespaceMode::Container),
     )
@@ -348,7 +302,7 @@ async fn a_container_mode_pod_has_no_init_and_containers_see_only_themselves() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_init_reaps_what_the_namespace_orphans() {
     let env = env().await;
-    let pod = run_pod(&env, pod_config(&env, "reaper", cri::NamespaceMode::Pod)).await;
+    let pod = run_pod_with(&env, pod_config(&env, "reaper", cri::NamespaceMode::Pod)).await;
     // The inner shell exits at once, orphaning its sleep: the kernel hands it to PID 1.
     let script = "echo \"pid1=$(cat /proc/1/cmdline | xargs -0 echo)\"; \
                   o=$(sh -c 'sleep 3 >/dev/null 2>&1 & echo $!'); sleep 1; \
@@ -388,7 +342,7 @@ async fn the_init_reaps_what_the_namespace_orphans() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pid_namespace_survives_berthd_restart_and_crash() {
     let mut env = env().await;
-    let pod = run_pod(&env, pod_config(&env, "durable", cri::NamespaceMode::Pod)).await;
+    let pod = run_pod_with(&env, pod_config(&env, "durable", cri::NamespaceMode::Pod)).await;
     let init = init_pid(&env.d, &pod.0);
     start_sleeper(&env, &pod, cri::NamespaceMode::Pod).await;
 
@@ -432,7 +386,7 @@ async fn the_pid_namespace_survives_berthd_restart_and_crash() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_init_makes_the_pod_not_ready_and_refuses_containers() {
     let env = env().await;
-    let pod = run_pod(&env, pod_config(&env, "orphaned", cri::NamespaceMode::Pod)).await;
+    let pod = run_pod_with(&env, pod_config(&env, "orphaned", cri::NamespaceMode::Pod)).await;
     let init = init_pid(&env.d, &pod.0);
     let sleeper = start_sleeper(&env, &pod, cri::NamespaceMode::Pod).await;
 
@@ -500,7 +454,7 @@ async fn pod_limits_are_resources_plus_overhead_in_the_pod_cgroup() {
         cpu_shares: 100,
         ..Default::default()
     });
-    let pod = run_pod(&env, cfg).await;
+    let pod = run_pod_with(&env, cfg).await;
     let file = |controller: &str, name: &str| {
         let p = Path::new("/sys/fs/cgroup")
             .join(controller)
@@ -567,7 +521,7 @@ async fn a_kubelet_cgroup_parent_is_left_alone() {
         memory_limit_in_bytes: 64 * MIB,
         ..Default::default()
     });
-    let pod = run_pod(&env, cfg).await;
+    let pod = run_pod_with(&env, cfg).await;
     let init = init_pid(&env.d, &pod.0);
     let mem = Path::new("/sys/fs/cgroup/memory");
     assert!(
@@ -759,7 +713,7 @@ fn free_host_pids(n: i32) -> i32 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_pid_unknown_to_the_host_still_gets_its_own_cgroups() {
     let env = env().await;
-    let pod = run_pod(&env, pod_config(&env, "freepid", cri::NamespaceMode::Pod)).await;
+    let pod = run_pod_with(&env, pod_config(&env, "freepid", cri::NamespaceMode::Pod)).await;
     let pin = env.d.state().join("ns").join(&pod.0).join("pid");
     let next = free_host_pids(16);
     // The next process of the pod's namespace (the container's) gets `next`.

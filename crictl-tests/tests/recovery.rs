@@ -12,60 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use api::cri;
 use crictl_tests::daemon::{bin_dir, release_shim};
-use crictl_tests::pods::{Env, assert_clean, create, env_with_shim, remove_pod, status};
-
-fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        log_directory: env.logs.path().display().to_string(),
-        ..Default::default()
-    }
-}
-
-fn ctr_config(env: &Env, name: &str, script: &str) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: env.image.clone(),
-            ..Default::default()
-        }),
-        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        log_path: format!("{name}.log"),
-        ..Default::default()
-    }
-}
-
-async fn run_pod(env: &Env, name: &str) -> (String, cri::PodSandboxConfig) {
-    let cfg = pod_config(env, name);
-    let mut rt = env.d.runtime().await.expect("client");
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("run pod")
-        .into_inner()
-        .pod_sandbox_id;
-    (id, cfg)
-}
-
-async fn start(env: &Env, id: &str) {
-    let mut rt = env.d.runtime().await.expect("client");
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.into(),
-    })
-    .await
-    .expect("start");
-}
+use crictl_tests::pods::{
+    Env, assert_clean, create, env_with_shim, remove_pod, run_pod, sh_config, start, status,
+};
 
 /// A shim wrapper that pauses on request. Dropping it releases a paused wrapper.
 struct Wrapper {
@@ -226,7 +175,7 @@ async fn kill_9_during_create_rolls_the_container_back() {
     let req = tokio::spawn({
         let channel = env.d.channel().await.expect("channel");
         let (pod_id, cfg) = pod.clone();
-        let ctr = ctr_config(&env, "victim", "exec sleep 1001");
+        let ctr = sh_config(&env, "victim", "exec sleep 1001");
         async move {
             cri::runtime_service_client::RuntimeServiceClient::new(channel)
                 .create_container(cri::CreateContainerRequest {
@@ -272,7 +221,7 @@ async fn kill_9_during_create_rolls_the_container_back() {
     let req = tokio::spawn({
         let channel = env.d.channel().await.expect("channel");
         let (pod_id, cfg) = pod.clone();
-        let ctr = ctr_config(&env, "early", "exec sleep 1002");
+        let ctr = sh_config(&env, "early", "exec sleep 1002");
         async move {
             cri::runtime_service_client::RuntimeServiceClient::new(channel)
                 .create_container(cri::CreateContainerRequest {
@@ -296,7 +245,7 @@ async fn kill_9_during_create_rolls_the_container_back() {
     assert!(container_dirs(&env).is_empty(), "bundle removed");
 
     // The pod still works.
-    let ok = create(&env, &pod, ctr_config(&env, "after", "exec sleep 1003"))
+    let ok = create(&env, &pod, sh_config(&env, "after", "exec sleep 1003"))
         .await
         .expect("create after recovery");
     start(&env, &ok).await;
@@ -321,7 +270,7 @@ async fn kill_9_during_stop_keeps_each_containers_real_fate() {
     let slow = create(
         &env,
         &pod,
-        ctr_config(
+        sh_config(
             &env,
             "slow",
             "trap 'sleep 1; exit 7' TERM; while true; do sleep 0.1; done",
@@ -333,7 +282,7 @@ async fn kill_9_during_stop_keeps_each_containers_real_fate() {
     let stubborn = create(
         &env,
         &pod,
-        ctr_config(&env, "stubborn", "trap '' TERM; exec sleep 1004"),
+        sh_config(&env, "stubborn", "trap '' TERM; exec sleep 1004"),
     )
     .await
     .expect("create");
@@ -423,7 +372,7 @@ async fn shim_rss_within_budget_through_berthd() {
         let id = create(
             &env,
             &pod,
-            ctr_config(&env, name, "echo hi; exec sleep 1005"),
+            sh_config(&env, name, "echo hi; exec sleep 1005"),
         )
         .await
         .expect("create");

@@ -3,11 +3,13 @@
 //! the test reads them back from the CRI log; resources are read from the host's cgroup files.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use api::cri;
 use api::cri::security_profile::ProfileType;
-use crictl_tests::pods::{Env, assert_clean, create, env, read_cri_log, remove_pod, status};
+use crictl_tests::pods::{
+    self, Env, assert_clean, create, ctr_config, env, read_cri_log, remove_container, remove_pod,
+    run_pod_with, start, status, wait_exited, warnings,
+};
 use tonic::Code;
 
 /// Docker's (and containerd's) default capability set as a kernel mask: CHOWN, DAC_OVERRIDE,
@@ -24,20 +26,13 @@ const STATUS: &str = "grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' 
 
 fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
         hostname: format!("{name}-host"),
-        log_directory: env.logs.path().display().to_string(),
         dns_config: Some(cri::DnsConfig {
             servers: vec!["10.0.0.10".into()],
             searches: vec!["default.svc.cluster.local".into()],
             options: vec!["ndots:5".into()],
         }),
-        ..Default::default()
+        ..pods::pod_config(env, name)
     }
 }
 
@@ -55,22 +50,6 @@ fn privileged_pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
         ..Default::default()
     });
     cfg
-}
-
-fn ctr_config(env: &Env, name: &str, cmd: &[&str]) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: env.image.clone(),
-            ..Default::default()
-        }),
-        command: cmd.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{name}.log"),
-        ..Default::default()
-    }
 }
 
 /// A container running `script` with `/bin/sh -c`, with `sc` as its security context.
@@ -100,56 +79,8 @@ fn as_root() -> cri::LinuxContainerSecurityContext {
     }
 }
 
-async fn run_pod_with(env: &Env, cfg: cri::PodSandboxConfig) -> (String, cri::PodSandboxConfig) {
-    let mut rt = env.d.runtime().await.expect("client");
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("run pod")
-        .into_inner()
-        .pod_sandbox_id;
-    (id, cfg)
-}
-
 async fn run_pod(env: &Env, name: &str) -> (String, cri::PodSandboxConfig) {
     run_pod_with(env, pod_config(env, name)).await
-}
-
-async fn start(env: &Env, id: &str) {
-    let mut rt = env.d.runtime().await.expect("client");
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.into(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("start {id}: {e:?}\n{}", warnings(env)));
-}
-
-async fn wait_exited(env: &Env, id: &str) -> cri::ContainerStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = status(env, id).await.expect("status");
-        if s.state == cri::ContainerState::ContainerExited as i32 {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "container {id} did not exit: {s:?}\n{}",
-            warnings(env)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn remove_container(env: &Env, id: &str) {
-    let mut rt = env.d.runtime().await.expect("client");
-    rt.remove_container(cri::RemoveContainerRequest {
-        container_id: id.into(),
-    })
-    .await
-    .expect("remove container");
 }
 
 /// What a container printed, and how it ended.
@@ -225,16 +156,6 @@ fn proc_mask(pid: u32, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex mask"))
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-}
-
-/// What berthd warned about or failed at (its full debug log is too long for a panic message).
-fn warnings(env: &Env) -> String {
-    env.d
-        .log()
-        .lines()
-        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 fn berthd_pid(env: &Env) -> u32 {

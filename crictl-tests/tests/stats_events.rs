@@ -5,65 +5,28 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use api::cri;
-use crictl_tests::pods::{Env, assert_clean, create, env, remove_pod};
+use crictl_tests::pods::{
+    self, Env, assert_clean, create, env, remove_pod, run_pod_with, sh_config, start,
+};
 use tonic::Code;
 
 fn pod_config(env: &Env, name: &str) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: env.logs.path().display().to_string(),
         labels: [("pod".to_owned(), name.to_owned())].into(),
         annotations: [("note".to_owned(), format!("about {name}"))].into(),
-        ..Default::default()
+        ..pods::pod_config(env, name)
     }
 }
 
 fn ctr_config(env: &Env, name: &str, script: &str) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: env.image.clone(),
-            ..Default::default()
-        }),
-        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        log_path: format!("{name}.log"),
-        labels: [("c".to_owned(), name.to_owned())].into(),
         annotations: [("a".to_owned(), format!("ann-{name}"))].into(),
-        ..Default::default()
+        ..sh_config(env, name, script)
     }
 }
 
 async fn run_pod(env: &Env, name: &str) -> (String, cri::PodSandboxConfig) {
-    let cfg = pod_config(env, name);
-    let mut rt = env.d.runtime().await.expect("client");
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("run pod")
-        .into_inner()
-        .pod_sandbox_id;
-    (id, cfg)
-}
-
-async fn start(env: &Env, id: &str) {
-    let mut rt = env.d.runtime().await.expect("client");
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.into(),
-    })
-    .await
-    .expect("start");
+    run_pod_with(env, pod_config(env, name)).await
 }
 
 async fn run(
