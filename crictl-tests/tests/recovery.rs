@@ -164,6 +164,25 @@ async fn list_containers(env: &Env) -> Vec<cri::Container> {
         .containers
 }
 
+/// CreateContainer in a task of its own, so the test can kill berthd while it runs.
+async fn spawn_create(
+    env: &Env,
+    pod: &(String, cri::PodSandboxConfig),
+    ctr: cri::ContainerConfig,
+) -> tokio::task::JoinHandle<Result<tonic::Response<cri::CreateContainerResponse>, tonic::Status>> {
+    let channel = env.d.channel().await.expect("channel");
+    let (pod_id, cfg) = pod.clone();
+    tokio::spawn(async move {
+        cri::runtime_service_client::RuntimeServiceClient::new(channel)
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod_id,
+                config: Some(ctr),
+                sandbox_config: Some(cfg),
+            })
+            .await
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_during_create_rolls_the_container_back() {
     let wrapper = Wrapper::new();
@@ -172,20 +191,7 @@ async fn kill_9_during_create_rolls_the_container_back() {
 
     // 1. berthd dies after the shim created the container, before it recorded it as created.
     wrapper.pause("pause-after");
-    let req = tokio::spawn({
-        let channel = env.d.channel().await.expect("channel");
-        let (pod_id, cfg) = pod.clone();
-        let ctr = sh_config(&env, "victim", "exec sleep 1001");
-        async move {
-            cri::runtime_service_client::RuntimeServiceClient::new(channel)
-                .create_container(cri::CreateContainerRequest {
-                    pod_sandbox_id: pod_id,
-                    config: Some(ctr),
-                    sandbox_config: Some(cfg),
-                })
-                .await
-        }
-    });
+    let req = spawn_create(&env, &pod, sh_config(&env, "victim", "exec sleep 1001")).await;
     wrapper.wait_paused().await;
     let dirs = container_dirs(&env);
     assert_eq!(dirs.len(), 1, "one bundle: {dirs:?}");
@@ -218,20 +224,7 @@ async fn kill_9_during_create_rolls_the_container_back() {
 
     // 2. berthd dies before the shim ran: the wrapper then finds no bundle, and nothing starts.
     wrapper.pause("pause-before");
-    let req = tokio::spawn({
-        let channel = env.d.channel().await.expect("channel");
-        let (pod_id, cfg) = pod.clone();
-        let ctr = sh_config(&env, "early", "exec sleep 1002");
-        async move {
-            cri::runtime_service_client::RuntimeServiceClient::new(channel)
-                .create_container(cri::CreateContainerRequest {
-                    pod_sandbox_id: pod_id,
-                    config: Some(ctr),
-                    sandbox_config: Some(cfg),
-                })
-                .await
-        }
-    });
+    let req = spawn_create(&env, &pod, sh_config(&env, "early", "exec sleep 1002")).await;
     wrapper.wait_paused().await;
     env.d.kill9().await.expect("kill berthd");
     assert!(req.await.expect("task").is_err(), "create cannot succeed");

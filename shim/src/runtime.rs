@@ -56,25 +56,13 @@ pub struct InitStdio {
 /// monitor except `stdio` is closed in the helper, so the container's processes hold none of
 /// them.
 pub fn create(id: &str, bundle: &Path, stdio: InitStdio) -> Result<CreatedInit, String> {
-    let keep: Vec<RawFd> = [&stdio.stdin, &stdio.stdout, &stdio.stderr]
-        .into_iter()
-        .flatten()
-        .map(|f| f.as_raw_fd())
-        .collect();
+    let keep = raw_fds([&stdio.stdin, &stdio.stdout, &stdio.stderr]);
     let answer = in_helper(&keep, || {
         let mut builder = ContainerBuilder::new(id.to_owned(), SyscallType::default())
             .with_root_path(state_root(bundle))
             .map_err(|e| chain(&e))?
             .with_console_socket(stdio.console_socket.as_ref());
-        if let Some(fd) = stdio.stdin {
-            builder = builder.with_stdin(fd);
-        }
-        if let Some(fd) = stdio.stdout {
-            builder = builder.with_stdout(fd);
-        }
-        if let Some(fd) = stdio.stderr {
-            builder = builder.with_stderr(fd);
-        }
+        builder = with_stdio(builder, stdio.stdin, stdio.stdout, stdio.stderr);
         let container = builder
             .as_init(bundle)
             .with_systemd(false)
@@ -139,11 +127,7 @@ pub fn exec(
     if args.is_empty() {
         return Err("exec needs a command".to_owned());
     }
-    let keep: Vec<RawFd> = [&stdio.stdin, &stdio.stdout, &stdio.stderr]
-        .into_iter()
-        .flatten()
-        .map(|f| f.as_raw_fd())
-        .collect();
+    let keep = raw_fds([&stdio.stdin, &stdio.stdout, &stdio.stderr]);
     let process_file = bundle.join(format!("exec-{exec_id}.json"));
     let answer = in_helper(&keep, || {
         let spec = Spec::load(bundle.join("config.json")).map_err(|e| chain(&e))?;
@@ -182,15 +166,7 @@ pub fn exec(
                 seccomp,
                 raise_admin,
             });
-        if let Some(fd) = stdio.stdin {
-            builder = builder.with_stdin(fd);
-        }
-        if let Some(fd) = stdio.stdout {
-            builder = builder.with_stdout(fd);
-        }
-        if let Some(fd) = stdio.stderr {
-            builder = builder.with_stderr(fd);
-        }
+        builder = with_stdio(builder, stdio.stdin, stdio.stdout, stdio.stderr);
         let built = builder
             .as_tenant()
             .with_process(Some(&process_file))
@@ -280,6 +256,30 @@ pub fn delete(id: &str, bundle: &Path) -> Result<(), String> {
         Ok(String::new())
     })
     .map(drop)
+}
+
+/// Hands the given stdio fds to the process libcontainer starts.
+fn with_stdio(
+    mut builder: ContainerBuilder,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+) -> ContainerBuilder {
+    if let Some(fd) = stdin {
+        builder = builder.with_stdin(fd);
+    }
+    if let Some(fd) = stdout {
+        builder = builder.with_stdout(fd);
+    }
+    if let Some(fd) = stderr {
+        builder = builder.with_stderr(fd);
+    }
+    builder
+}
+
+/// The raw numbers of the fds that are set (a helper keeps them open).
+fn raw_fds(fds: [&Option<OwnedFd>; 3]) -> Vec<RawFd> {
+    fds.into_iter().flatten().map(|f| f.as_raw_fd()).collect()
 }
 
 fn load(id: &str, bundle: &Path) -> Result<Container, String> {
