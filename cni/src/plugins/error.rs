@@ -61,6 +61,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Several teardown steps failed (CNI code 106); every failure is listed.
+    #[error("teardown failed: {}", .0.iter().map(Error::chain).collect::<Vec<_>>().join("; "))]
+    Teardown(Vec<Error>),
     /// A delegated plugin (the IPAM plugin of `berth-bridge`) failed; its own code is kept.
     #[error("{plugin}: {msg}")]
     Delegate {
@@ -91,6 +94,7 @@ impl Error {
             Error::Netlink { .. } => 103,
             Error::Nft { .. } => 104,
             Error::Netns { .. } => 105,
+            Error::Teardown(_) => 106,
             Error::Delegate { code, .. } => *code,
         }
     }

@@ -4,9 +4,13 @@
 //! implementation from here to [`runner::run`], which speaks the CNI protocol
 //! (environment, stdin, stdout, error JSON) around `rscni-plugin`.
 
+pub mod bridge;
+pub mod delegate;
 pub mod error;
 pub mod host_local;
 pub mod ipnet;
+pub mod netlink;
+pub mod nft;
 pub mod runner;
 
 pub use error::{Error, Result};
