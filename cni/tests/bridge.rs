@@ -400,3 +400,89 @@ fn mixes_with_the_reference_plugins_both_ways() {
     assert!(allocation_files(&net.alloc_dir(&ours)).is_empty());
     assert!(bridge_ports(&net.bridge).is_empty());
 }
+
+/// An "outside" host: a namespace behind a veth from the host, on a /30 of its own, with
+/// no route back to the pod subnet. Removed on drop.
+struct Outside {
+    ns: String,
+    host_if: String,
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.ns]);
+    }
+}
+
+#[test]
+fn traffic_leaving_the_subnet_is_masqueraded() {
+    let mut net = Net::new();
+    let ns_a = net.add_netns();
+    let pid = std::process::id();
+    let outside = Outside {
+        ns: format!("berthplug-{pid}-{}-out", net.n),
+        host_if: format!("bpo{}-{}", pid % 100_000, net.n),
+    };
+    let peer = format!("{}p", outside.host_if);
+    let (host_addr, far_addr) = (
+        format!("10.242.{}.1", (pid % 50) * 5 + net.n % 5),
+        format!("10.242.{}.2", (pid % 50) * 5 + net.n % 5),
+    );
+    for args in [
+        vec!["netns", "add", &outside.ns],
+        vec![
+            "link",
+            "add",
+            &outside.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+        ],
+        vec!["link", "set", &peer, "netns", &outside.ns],
+        vec![
+            "addr",
+            "add",
+            &format!("{host_addr}/30"),
+            "dev",
+            &outside.host_if,
+        ],
+        vec!["link", "set", &outside.host_if, "up"],
+        vec![
+            "-n",
+            &outside.ns,
+            "addr",
+            "add",
+            &format!("{far_addr}/30"),
+            "dev",
+            &peer,
+        ],
+        vec!["-n", &outside.ns, "link", "set", &peer, "up"],
+    ] {
+        let out = ip(&args);
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+
+    // Without masquerading the far side has no route back to the pod.
+    let plain = net.conf(json!({"ipMasq": false}));
+    add(&plain, "pod-a", &ns_a);
+    assert!(
+        !ping(&ns_a, &far_addr),
+        "reached the outside without NAT: test is not isolated"
+    );
+    run("DEL", &plain, "pod-a", &ns_a).expect_ok("DEL");
+
+    let masq = net.conf(json!({"ipMasq": true}));
+    add(&masq, "pod-a", &ns_a);
+    assert!(
+        ping(&ns_a, &far_addr),
+        "the pod cannot reach {far_addr} through masquerading"
+    );
+    run("DEL", &masq, "pod-a", &ns_a).expect_ok("DEL");
+    assert!(
+        !ping(&ns_a, &far_addr),
+        "the pod still has a network after DEL"
+    );
+}
