@@ -486,3 +486,52 @@ fn traffic_leaving_the_subnet_is_masqueraded() {
         "the pod still has a network after DEL"
     );
 }
+
+#[test]
+fn dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
+    let mut net = Net::new();
+    let ns_a = net.add_netns();
+    let ns_b = net.add_netns();
+    let v6_subnet = format!("fd00:241:{:x}::", (std::process::id() % 50) * 5 + net.n % 5);
+    let mut conf = net.conf(json!({}));
+    conf["ipam"] = json!({
+        "type": "berth-host-local",
+        "dataDir": net.data_dir.path(),
+        "ranges": [
+            [{"subnet": format!("{}.0/24", net.subnet_prefix)}],
+            [{"subnet": format!("{v6_subnet}/64")}]
+        ]
+    });
+    let res_a = add(&conf, "pod-a", &ns_a);
+    let res_b = add(&conf, "pod-b", &ns_b);
+    let ips_b = result_ips(&res_b);
+    assert_eq!(ips_b.len(), 2, "{res_b}");
+    assert!(ips_b[1].starts_with(&v6_subnet), "{ips_b:?}");
+    assert!(ping(&ns_a, &ips_b[0]), "IPv4 a -> b");
+    assert!(ping(&ns_a, &ips_b[1]), "IPv6 a -> b");
+    assert!(ping(&ns_b, &format!("{v6_subnet}1")), "IPv6 b -> gateway");
+    let routes = &res_a["routes"];
+    assert!(
+        routes
+            .as_array()
+            .expect("routes")
+            .iter()
+            .any(|r| r["dst"] == "::/0"),
+        "no IPv6 default route: {routes}"
+    );
+    run("CHECK", &with_prev(&conf, &res_a), "pod-a", &ns_a).expect_ok("CHECK");
+    let six = Command::new("nft")
+        .args(["list", "table", "ip6", "berth-nat"])
+        .output()
+        .expect("nft");
+    assert!(String::from_utf8_lossy(&six.stdout).contains(&result_ips(&res_a)[1]));
+    for (id, ns) in [("pod-a", &ns_a), ("pod-b", &ns_b)] {
+        run("DEL", &conf, id, ns).expect_ok("DEL");
+    }
+    let six = Command::new("nft")
+        .args(["list", "table", "ip6", "berth-nat"])
+        .output()
+        .expect("nft");
+    assert!(!String::from_utf8_lossy(&six.stdout).contains(&v6_subnet));
+    assert!(allocation_files(&net.alloc_dir(&conf)).is_empty());
+}

@@ -16,7 +16,9 @@ use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
     NetlinkPayload,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -316,6 +318,13 @@ impl Netlink {
             && addr.prefix < 31
         {
             msg.attributes.push(AddressAttribute::Broadcast(bcast));
+        }
+        if addr.addr.is_ipv6() {
+            // The address is ours by IPAM: duplicate address detection would only keep it
+            // tentative (unusable) for a second or two after the pod starts.
+            msg.header.flags = AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
         match self.ack(
             RouteNetlinkMessage::NewAddress(msg),
