@@ -251,3 +251,42 @@ fn dup2(from: RawFd, to: RawFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_get_the_conf_version_and_old_ones_the_ip_version() {
+        let out = versioned_result(
+            r#"{"ips":[{"address":"10.0.0.2/24"},{"address":"fd00::2/64"}]}"#,
+            "0.4.0",
+        )
+        .expect("versioned");
+        let v: Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v["cniVersion"], "0.4.0");
+        assert_eq!(v["ips"][0]["version"], "4");
+        assert_eq!(v["ips"][1]["version"], "6");
+        let out =
+            versioned_result(r#"{"ips":[{"address":"10.0.0.2/24"}]}"#, "1.1.0").expect("versioned");
+        let v: Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v["cniVersion"], "1.1.0");
+        assert!(v["ips"][0].get("version").is_none());
+    }
+
+    #[test]
+    fn gc_attachments_in_the_spec_form_parse_both_ways() {
+        let req = br#"{"cniVersion":"1.1.0","name":"n","type":"t",
+            "cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}]}"#;
+        assert_eq!(
+            valid_attachments(req),
+            Some(vec![("c1".to_string(), "eth0".to_string())])
+        );
+        // What rscni-plugin's NetConf accepts after the rewrite.
+        let fixed = gc_compatible(req);
+        let conf: rscni_plugin::types::NetConf =
+            serde_json::from_slice(&fixed).expect("rscni parses the rewritten request");
+        assert_eq!(conf.valid_attachments.map(|v| v.len()), Some(1));
+        assert_eq!(valid_attachments(br#"{"name":"n"}"#), None);
+    }
+}
