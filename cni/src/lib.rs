@@ -3,3 +3,5 @@
 //! Nothing is here yet: pod networking arrives with the CNI issue. berthd reports
 //! `NetworkReady=false` until it does.
 #![warn(missing_docs)]
+
+pub mod plugins;
