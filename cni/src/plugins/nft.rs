@@ -15,7 +15,10 @@
 //! ```
 //!
 //! So DEL removes exactly one attachment's chain and map elements, GC finds a network's
-//! chains by their prefix, and adding a pod is one atomic `nft -f -` transaction.
+//! chains by their prefix, and adding a pod is one atomic `nft -f -` transaction. When the last
+//! attachment goes, the table goes too: nothing of berth's stays in the ruleset. Plugins hold
+//! [`LOCK_FILE`] (as iptables holds /run/xtables.lock) from reading the table to changing it, so
+//! a removal never deletes a table a concurrent ADD just filled.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -28,6 +31,8 @@ use super::{Error, Result};
 
 /// The name of berth's NAT tables (one per address family).
 pub const TABLE: &str = "berth-nat";
+/// Serialises berth's nftables changes across plugin processes.
+pub const LOCK_FILE: &str = "/run/berth-nat.lock";
 const MAP: &str = "masq";
 const POSTROUTING: &str = "postrouting";
 
@@ -94,6 +99,7 @@ pub fn chain_name(network: &str, container_id: &str, ifname: &str) -> String {
 
 /// Masquerades traffic from each of `addrs` (pod address and subnet) to outside its subnet.
 pub fn add(network: &str, container_id: &str, ifname: &str, addrs: &[IpNet]) -> Result<()> {
+    let _lock = lock()?;
     let chain = chain_name(network, container_id, ifname);
     let mut script = String::new();
     for family in Family::ALL {
@@ -178,12 +184,19 @@ pub fn addresses(network: &str, container_id: &str, ifname: &str) -> Result<Vec<
 }
 
 fn remove_chains(matches: impl Fn(&str) -> bool) -> Result<()> {
+    let _lock = lock()?;
     let mut script = String::new();
     for family in Family::ALL {
         let Some(state) = list(family)? else {
             continue;
         };
         let (t, f) = (TABLE, family.table());
+        let last = state.chains.iter().all(|c| c == POSTROUTING || matches(c))
+            && state.elements.iter().all(|(_, chain)| matches(chain));
+        if last {
+            script.push_str(&format!("delete table {f} {t}\n"));
+            continue;
+        }
         let elements: Vec<String> = state
             .elements
             .iter()
@@ -206,6 +219,22 @@ fn remove_chains(matches: impl Fn(&str) -> bool) -> Result<()> {
         return Ok(());
     }
     nft_script(&script, "remove masquerade rules")
+}
+
+/// Takes berth's nftables lock (blocking); released when the file is dropped.
+fn lock() -> Result<std::fs::File> {
+    let err = |e: std::io::Error| Error::Nft {
+        op: format!("lock {LOCK_FILE}"),
+        detail: e.to_string(),
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(LOCK_FILE)
+        .map_err(err)?;
+    file.lock().map_err(err)?;
+    Ok(file)
 }
 
 struct TableState {
