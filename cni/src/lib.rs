@@ -1,5 +1,9 @@
 //! Pod networking for berth: the CNI runtime side and berth's own plugins.
 //!
-//! Nothing is here yet: pod networking arrives with the CNI issue. berthd reports
-//! `NetworkReady=false` until it does.
+//! - [`runtime`]: what berthd uses to run CNI plugins (spec 1.0/1.1): loads conflists from the
+//!   conf dirs, runs plugin chains (ADD, DEL, CHECK, STATUS, GC, VERSION) with `prevResult`
+//!   chaining, `CNI_ARGS` and `runtimeConfig` capabilities, and caches results on disk so DEL
+//!   works after a restart.
 #![warn(missing_docs)]
+
+pub mod runtime;
