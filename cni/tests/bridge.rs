@@ -10,6 +10,39 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use common::{Call, allocation_files, require_root, result_ips};
 use serde_json::{Value, json};
 
+/// Moves the calling test thread into a network namespace of its own that stands in for the
+/// host: the bridge, the veths' host ends, the nftables rules and the forwarding sysctls the
+/// plugin sets all live there and vanish with it, and the real host is never changed.
+fn private_host_netns() {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::CloneFlags;
+    // A mount namespace of the thread's own too (CLONE_FS lets one thread have it), with a
+    // sysfs of the new network namespace: the plugin reads /sys/class/net of its own netns.
+    nix::sched::unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET)
+        .expect("unshare mount and network namespaces for this test thread");
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("make mounts private");
+    mount(
+        Some("sysfs"),
+        "/sys",
+        Some("sysfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mount the new netns's sysfs");
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("ip");
+    assert!(up.success(), "ip link set lo up");
+}
+
 fn bridge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_berth-bridge"))
 }
@@ -157,6 +190,8 @@ fn nft_table() -> String {
 
 #[test]
 fn two_pods_ping_each_other_and_the_gateway_and_del_removes_everything() {
+    require_root();
+    private_host_netns();
     let mut net = Net::new();
     let ns_a = net.add_netns();
     let ns_b = net.add_netns();
@@ -262,6 +297,8 @@ fn two_pods_ping_each_other_and_the_gateway_and_del_removes_everything() {
 
 #[test]
 fn failed_add_rolls_back_and_check_sees_a_broken_pod() {
+    require_root();
+    private_host_netns();
     let mut net = Net::new();
     let ns_a = net.add_netns();
     let ns_b = net.add_netns();
@@ -318,6 +355,8 @@ fn failed_add_rolls_back_and_check_sees_a_broken_pod() {
 
 #[test]
 fn gc_drops_rules_and_addresses_of_attachments_not_listed() {
+    require_root();
+    private_host_netns();
     let mut net = Net::new();
     let ns_a = net.add_netns();
     let ns_b = net.add_netns();
@@ -362,6 +401,8 @@ fn bridge_ports(bridge: &str) -> Vec<String> {
 
 #[test]
 fn mixes_with_the_reference_plugins_both_ways() {
+    require_root();
+    private_host_netns();
     let mut net = Net::new();
     let ns_a = net.add_netns();
     let ns_b = net.add_netns();
@@ -417,6 +458,8 @@ impl Drop for Outside {
 
 #[test]
 fn traffic_leaving_the_subnet_is_masqueraded() {
+    require_root();
+    private_host_netns();
     let mut net = Net::new();
     let ns_a = net.add_netns();
     let pid = std::process::id();
@@ -489,6 +532,8 @@ fn traffic_leaving_the_subnet_is_masqueraded() {
 
 #[test]
 fn dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
+    require_root();
+    private_host_netns();
     let mut net = Net::new();
     let ns_a = net.add_netns();
     let ns_b = net.add_netns();
