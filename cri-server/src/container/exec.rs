@@ -84,7 +84,7 @@ pub async fn exec_sync(
         }
     }
     // From here on the process runs: if this call goes away (deadline, client cancelled), kill it.
-    let guard = KillOnDrop {
+    let mut guard = KillOnDrop {
         shim: shim.clone(),
         exec_id: exec_id.clone(),
         armed: true,
@@ -121,7 +121,6 @@ pub async fn exec_sync(
             )));
         }
     };
-    let mut guard = guard;
     guard.armed = false;
     let (stdout, stderr) = readers.finish().await;
     Ok(ExecOutput {

@@ -153,6 +153,15 @@ impl ContainerManager {
         locks.entry(id.to_owned()).or_default().clone()
     }
 
+    /// The container's cgroup (`<pod parent>/<id>`); the default parent when the pod is gone.
+    fn cgroup_of(&self, r: &ContainerRecord) -> String {
+        let parent = match self.sandboxes.get(&r.sandbox_id) {
+            Ok(s) => pod_cgroup_parent(&s),
+            Err(_) => default_cgroup_parent(&r.sandbox_id),
+        };
+        format!("{parent}/{}", r.id)
+    }
+
     fn bundle(&self, id: &str) -> PathBuf {
         self.state_dir.join("containers").join(id)
     }
@@ -461,11 +470,7 @@ impl ContainerManager {
         }
         // Whatever the shim could not clean up (it died, or never answered): kill what is left
         // in the container's cgroup and remove it.
-        let parent = match self.sandboxes.get(&r.sandbox_id) {
-            Ok(s) => pod_cgroup_parent(&s),
-            Err(_) => default_cgroup_parent(&r.sandbox_id),
-        };
-        let cgroup = format!("{parent}/{}", r.id);
+        let cgroup = self.cgroup_of(r);
         let this_bundle = self.bundle(&r.id);
         let snapshots = self.snapshots.clone();
         let id = r.id.clone();
@@ -482,20 +487,13 @@ impl ContainerManager {
     /// shim had already started in the container's cgroup.
     fn teardown_sync(&self, r: &ContainerRecord) {
         let bundle = self.bundle(&r.id);
-        if let Some(pid) = std::fs::read_to_string(bundle.join(api::shim::PID_FILE_NAME))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        {
+        if let Some(pid) = shim_pid(&bundle) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        let parent = match self.sandboxes.get(&r.sandbox_id) {
-            Ok(s) => pod_cgroup_parent(&s),
-            Err(_) => default_cgroup_parent(&r.sandbox_id),
-        };
-        let cgroup = format!("{parent}/{}", r.id);
+        let cgroup = self.cgroup_of(r);
         kill_cgroup(&cgroup);
         remove_cgroup_dirs(&cgroup);
         release_storage(&bundle, self.snapshots.as_ref(), &r.id);
@@ -776,14 +774,19 @@ impl ContainerManager {
         timeout: Duration,
     ) -> Result<exec::ExecOutput> {
         let r = self.get(id)?;
-        let observed = self.observe(r.clone()).await;
-        if observed.state != cri::ContainerState::ContainerRunning {
-            return Err(Error::FailedPrecondition(format!(
-                "container {} is not running",
-                r.id
-            )));
+        // The shim refuses an exec in a container that is not running; only when it cannot
+        // be reached is the container's state worth a look, for a clearer error.
+        match exec::exec_sync(&ShimClient::new(&self.bundle(&r.id)), &r.id, cmd, timeout).await {
+            Err(Error::Unavailable(msg))
+                if self.observe(r.clone()).await.state != cri::ContainerState::ContainerRunning =>
+            {
+                Err(Error::FailedPrecondition(format!(
+                    "container {} is not running ({msg})",
+                    r.id
+                )))
+            }
+            other => other,
         }
-        exec::exec_sync(&ShimClient::new(&self.bundle(&r.id)), &r.id, cmd, timeout).await
     }
 
     /// Asks a running container's shim to reopen its log file (after rotation).
@@ -830,9 +833,7 @@ impl ContainerManager {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         };
-        let shim_pid = std::fs::read_to_string(bundle.join(api::shim::PID_FILE_NAME))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok());
+        let shim_pid = shim_pid(&bundle);
         Ok(serde_json::json!({
             "sandboxID": r.sandbox_id,
             "pid": pid,
@@ -850,6 +851,13 @@ impl ContainerManager {
             "logPath": r.log_path,
         }))
     }
+}
+
+/// The pid the shim of `bundle` recorded, if any.
+fn shim_pid(bundle: &Path) -> Option<i32> {
+    std::fs::read_to_string(bundle.join(api::shim::PID_FILE_NAME))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
 }
 
 /// The cgroup berth gives a pod when kubelet names none.
