@@ -537,7 +537,11 @@ fn dual_stack_pods_reach_each_other_over_ipv4_and_ipv6() {
     let mut net = Net::new();
     let ns_a = net.add_netns();
     let ns_b = net.add_netns();
-    let v6_subnet = format!("fd00:241:{:x}::", (std::process::id() % 50) * 5 + net.n % 5);
+    // Never 0: `fd00:241:0::` would print back compressed as `fd00:241::`.
+    let v6_subnet = format!(
+        "fd00:241:{:x}::",
+        (std::process::id() % 50) * 5 + net.n % 5 + 1
+    );
     let mut conf = net.conf(json!({}));
     conf["ipam"] = json!({
         "type": "berth-host-local",
