@@ -239,8 +239,7 @@ fn create_veth(
         })?;
         host.set_link(host_link.index, Some(bridge.index), false)?;
         if call.conf.hairpin_mode {
-            let path = format!("/sys/class/net/{host_name}/brport/hairpin_mode");
-            fs::write(&path, "1").map_err(|e| Error::io("enable hairpin mode", &path, e))?;
+            host.set_hairpin(host_link.index)?;
         }
         let cont_link = cont.link_by_name(&call.ifname)?.ok_or_else(|| {
             Error::InvalidConfig(format!("{} vanished from the container", call.ifname))

@@ -294,6 +294,31 @@ impl Netlink {
             .map_err(|e| nl_err(&format!("set link #{index} up"), e))
     }
 
+    /// Turns hairpin mode on for bridge port `index` (traffic may leave the port it came in
+    /// on), as `bridge link set dev X hairpin on` does: RTM_SETLINK of family AF_BRIDGE with a
+    /// nested IFLA_PROTINFO holding IFLA_BRPORT_MODE. Unlike writing
+    /// `/sys/class/net/X/brport/hairpin_mode`, this works whatever network namespace the
+    /// mounted sysfs belongs to.
+    pub fn set_hairpin(&mut self, index: u32) -> Result<()> {
+        const IFLA_PROTINFO: u16 = 12;
+        const IFLA_BRPORT_MODE: u16 = 4;
+        // One nested attribute: length 5 (header + u8), type, value, 3 bytes of padding.
+        let mut nested = Vec::with_capacity(8);
+        nested.extend_from_slice(&5u16.to_ne_bytes());
+        nested.extend_from_slice(&IFLA_BRPORT_MODE.to_ne_bytes());
+        nested.extend_from_slice(&[1, 0, 0, 0]);
+        let mut msg = LinkMessage::default();
+        msg.header.interface_family = AddressFamily::Bridge;
+        msg.header.index = index;
+        msg.attributes
+            .push(LinkAttribute::Other(netlink_packet_core::DefaultNla::new(
+                IFLA_PROTINFO | netlink_packet_core::NLA_F_NESTED,
+                nested,
+            )));
+        self.ack(RouteNetlinkMessage::SetLink(msg), 0)
+            .map_err(|e| nl_err(&format!("set hairpin mode on bridge port #{index}"), e))
+    }
+
     /// Deletes link `index`; a link already gone is success.
     pub fn del_link(&mut self, index: u32) -> Result<()> {
         let mut msg = LinkMessage::default();
