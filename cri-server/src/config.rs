@@ -9,10 +9,17 @@
 //!
 //! [registry."10.0.0.5:5000"]
 //! insecure = true                  # plain HTTP
+//!
+//! [cni]
+//! conf_dirs = ["/etc/cni/net.d"]   # then berth's managed dir, <root>/networks
+//! bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]   # then berthd's own dir
+//! plugin_timeout_secs = 60
+//! default_bridge = "berth0"        # the network berthd writes when there is none
+//! default_subnet = "10.88.0.0/16"
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Deserialize;
@@ -27,6 +34,39 @@ pub struct Config {
     pub max_concurrent_downloads: usize,
     /// Per-registry settings, keyed by registry host (`docker.io`, `host:port`).
     pub registry: BTreeMap<String, RegistryConfig>,
+    /// Pod networking.
+    pub cni: CniSection,
+}
+
+/// Where CNI network configs and plugins are found, and berth's own default network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CniSection {
+    /// Dirs of `.conflist`/`.conf` files, searched in order before berth's managed dir
+    /// (`<root>/networks`); the first valid network is the pods' network.
+    pub conf_dirs: Vec<PathBuf>,
+    /// Dirs of plugin binaries, searched in order before the dir berthd itself is in (where
+    /// berth's own plugins are installed).
+    pub bin_dirs: Vec<PathBuf>,
+    /// How long one plugin run may take.
+    pub plugin_timeout_secs: u64,
+    /// The bridge of the `berth` network berthd writes into its managed dir when no network
+    /// config exists anywhere.
+    pub default_bridge: String,
+    /// The IPv4 subnet of that network.
+    pub default_subnet: String,
+}
+
+impl Default for CniSection {
+    fn default() -> Self {
+        CniSection {
+            conf_dirs: vec![PathBuf::from("/etc/cni/net.d")],
+            bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
+            plugin_timeout_secs: 60,
+            default_bridge: "berth0".into(),
+            default_subnet: "10.88.0.0/16".into(),
+        }
+    }
 }
 
 /// Snapshotter choice.
@@ -58,6 +98,7 @@ impl Default for Config {
             snapshotter: SnapshotterKind::Auto,
             max_concurrent_downloads: 3,
             registry: BTreeMap::new(),
+            cni: CniSection::default(),
         }
     }
 }
@@ -72,6 +113,12 @@ impl Config {
         };
         let config: Config =
             toml::from_str(&text).with_context(|| format!("parse config {}", path.display()))?;
+        if config.cni.plugin_timeout_secs == 0 {
+            anyhow::bail!(
+                "config {}: cni.plugin_timeout_secs must be at least 1",
+                path.display()
+            );
+        }
         if config.max_concurrent_downloads == 0 {
             anyhow::bail!(
                 "config {}: max_concurrent_downloads must be at least 1",

@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod image;
 pub mod image_service;
+pub mod network;
 pub mod runtime_service;
 pub mod sandbox;
 pub mod server;

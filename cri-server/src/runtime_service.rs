@@ -87,8 +87,15 @@ fn to_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
         metadata: r.config.metadata.clone(),
         state: state_of(r),
         created_at: r.created_at_ns,
-        // Pod IPs come with CNI; until then a pod has loopback only.
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some(cri::PodSandboxNetworkStatus {
+            ip: r.ips.first().cloned().unwrap_or_default(),
+            additional_ips: r
+                .ips
+                .iter()
+                .skip(1)
+                .map(|ip| cri::PodIp { ip: ip.clone() })
+                .collect(),
+        }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {
                 options: Some(r.namespace_options()),
@@ -201,13 +208,20 @@ impl RuntimeService for RuntimeServiceImpl {
                 reason: String::new(),
                 message: String::new(),
             },
-            // The truth: there is no pod networking yet. kubelet then keeps pods that need a
-            // network pending instead of failing them half-way.
-            cri::RuntimeCondition {
-                r#type: "NetworkReady".into(),
-                status: false,
-                reason: "NetworkPluginNotReady".into(),
-                message: "berth has no CNI support yet: pod networking is not available".into(),
+            // Not ready keeps kubelet from scheduling pods that need a network here.
+            match self.sandboxes.network().ready().await {
+                Ok(()) => cri::RuntimeCondition {
+                    r#type: "NetworkReady".into(),
+                    status: true,
+                    reason: String::new(),
+                    message: String::new(),
+                },
+                Err(why) => cri::RuntimeCondition {
+                    r#type: "NetworkReady".into(),
+                    status: false,
+                    reason: "NetworkPluginNotReady".into(),
+                    message: format!("Network plugin returns error: {why}"),
+                },
             },
         ];
         let mut info = std::collections::HashMap::new();
@@ -311,6 +325,7 @@ impl RuntimeService for RuntimeServiceImpl {
                 .collect();
             let detail = serde_json::json!({
                 "hostname": r.hostname,
+                "network": r.network,
                 "namespaces": pins,
                 "filesDir": self.sandboxes.files_dir(&r.id),
                 "config": r.config,
@@ -501,11 +516,24 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
 
+    async fn update_runtime_config(
+        &self,
+        req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        let cidr = req
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        self.sandboxes.network().set_pod_cidr(&cidr)?;
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+
     not_yet! {
         exec(cri::ExecRequest) -> cri::ExecResponse;
         attach(cri::AttachRequest) -> cri::AttachResponse;
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse;
-        update_runtime_config(cri::UpdateRuntimeConfigRequest) -> cri::UpdateRuntimeConfigResponse;
         checkpoint_container(cri::CheckpointContainerRequest) -> cri::CheckpointContainerResponse;
         list_metric_descriptors(cri::ListMetricDescriptorsRequest) -> cri::ListMetricDescriptorsResponse;
         list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest) -> cri::ListPodSandboxMetricsResponse;

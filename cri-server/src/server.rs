@@ -23,6 +23,7 @@ use crate::container::ContainerManager;
 use crate::events::EventBus;
 use crate::image::ImageManager;
 use crate::image_service::ImageServiceImpl;
+use crate::network::PodNetwork;
 use crate::runtime_service::RuntimeServiceImpl;
 use crate::sandbox::SandboxManager;
 
@@ -123,6 +124,7 @@ async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
                 db.clone(),
             )?)
         };
+        let cni_config = config.cni.clone();
         let images = Arc::new(ImageManager::new(
             db.clone(),
             content,
@@ -130,11 +132,22 @@ async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
             Arc::new(config),
         )?);
         let events = EventBus::default();
+        // berth's own plugins are installed next to berthd.
+        let own_dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf));
+        let network = Arc::new(PodNetwork::new(
+            &cni_config,
+            &paths.root,
+            &paths.state,
+            own_dir,
+        )?);
         let sandboxes = Arc::new(SandboxManager::new(
             db.clone(),
             &paths.state,
             paths.shim.clone(),
             events.clone(),
+            network,
         )?);
         let containers = Arc::new(ContainerManager::new(
             db,

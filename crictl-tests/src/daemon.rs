@@ -94,6 +94,8 @@ pub struct Daemon {
     shim: Option<PathBuf>,
     /// The CRI socket.
     pub socket: PathBuf,
+    /// The network namespace berthd runs in (its "host"), dropped after everything else.
+    netns: std::sync::Arc<crate::hostns::HostNs>,
 }
 
 impl Daemon {
@@ -126,9 +128,15 @@ impl Daemon {
             config: config.to_owned(),
             shim,
             socket,
+            netns: crate::hostns::HostNs::new().context("create the daemon's network namespace")?,
         };
         d.spawn().await?;
         Ok(d)
+    }
+
+    /// The network namespace berthd runs in: its stand-in for the host.
+    pub fn netns(&self) -> &crate::hostns::HostNs {
+        &self.netns
     }
 
     /// The persistent root (`--root`).
@@ -157,7 +165,16 @@ impl Daemon {
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let config_path = self.dir.path().join("config.toml");
-        std::fs::write(&config_path, &self.config).context("write config")?;
+        let mut config = self.config.clone();
+        if !config.contains("[cni]") {
+            // Never the host's network configs: the daemon's own dir, where berthd writes its
+            // default network (a bridge in the daemon's own namespace).
+            config.push_str(&format!(
+                "\n[cni]\nconf_dirs = [{:?}]\n",
+                self.dir.path().join("net.d")
+            ));
+        }
+        std::fs::write(&config_path, config).context("write config")?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -165,6 +182,17 @@ impl Daemon {
             .context("open log")?;
         let berthd = bin_dir().join("berthd");
         let mut cmd = Command::new(&berthd);
+        let netns = std::fs::File::open(self.netns.path()).context("open the daemon's netns")?;
+        let netns_fd = std::os::fd::AsRawFd::as_raw_fd(&netns);
+        // SAFETY: setns is async-signal-safe; the fd stays open until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         if let Some(shim) = &self.shim {
             cmd.arg("--shim").arg(shim);
         }

@@ -3,6 +3,7 @@
 //! the real sockets and binaries.
 
 pub mod daemon;
+pub mod hostns;
 pub mod image;
 pub mod pods;
 pub mod rawh2;

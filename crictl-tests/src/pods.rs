@@ -27,6 +27,11 @@ pub async fn env() -> Env {
 
 /// As [`env`], with berthd running `shim` as its `--shim` binary.
 pub async fn env_with_shim(shim: Option<std::path::PathBuf>) -> Env {
+    env_with("", shim).await
+}
+
+/// As [`env`], with `config` as berthd's config file and `shim` as its `--shim` binary.
+pub async fn env_with(config: &str, shim: Option<std::path::PathBuf>) -> Env {
     require_root();
     let img = busybox_image()
         .expect("image")
@@ -36,7 +41,7 @@ pub async fn env_with_shim(shim: Option<std::path::PathBuf>) -> Env {
     image::push_image(&reg.addr(), "busybox", "latest", &img)
         .await
         .expect("push");
-    let d = Daemon::start_with("", shim).await.expect("daemon");
+    let d = Daemon::start_with(config, shim).await.expect("daemon");
     let image = format!("{}/busybox:latest", reg.addr());
     d.pull_image(&image, None).await.expect("pull");
     Env {
@@ -162,6 +167,25 @@ pub async fn remove_container(env: &Env, id: &str) {
     .expect("remove container");
 }
 
+/// ExecSync of `cmd` in container `id` with a timeout in seconds (0: none).
+pub async fn exec_sync(
+    env: &Env,
+    id: &str,
+    cmd: &[&str],
+    timeout: i64,
+) -> Result<cri::ExecSyncResponse, tonic::Status> {
+    let rt = env.d.runtime().await.expect("client");
+    // crictl and kubelet accept 16 MiB answers.
+    let mut rt = rt.max_decoding_message_size(16 << 20);
+    rt.exec_sync(cri::ExecSyncRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
 /// What berthd warned about or failed at (its full debug log is too long for a panic message).
 pub fn warnings(env: &Env) -> String {
     env.d
@@ -269,4 +293,61 @@ pub fn assert_clean(env: &Env) {
         String::from_utf8_lossy(&shims.stdout)
     );
     assert!(!env.d.log().contains("panicked"));
+    assert_network_clean(&env.d);
+}
+
+/// What pod networking holds in the daemon's namespace and state dir now: links other than
+/// loopback and bridges, CNI result cache entries, IP allocations of berth's default network,
+/// and berth's nftables tables.
+pub fn network_leftovers(d: &Daemon) -> Vec<String> {
+    let mut left = Vec::new();
+    let links = std::process::Command::new("ip")
+        .args(["-n", d.netns().name(), "-o", "-d", "link", "show"])
+        .output()
+        .expect("ip link");
+    for line in String::from_utf8_lossy(&links.stdout).lines() {
+        let name = line.split(": ").nth(1).unwrap_or_default();
+        if name != "lo" && !line.contains(" bridge ") {
+            left.push(format!("link {name}"));
+        }
+    }
+    let files = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path().display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let cni = d.state().join("cni");
+    left.extend(
+        files(&cni.join("cache").join("results"))
+            .into_iter()
+            .map(|f| format!("cache {f}")),
+    );
+    for net in files(&cni.join("ipam")) {
+        left.extend(
+            files(Path::new(&net))
+                .into_iter()
+                .filter(|f| !f.ends_with("/lock") && !f.contains("/last_reserved_ip."))
+                .map(|f| format!("allocation {f}")),
+        );
+    }
+    let nft = std::process::Command::new("ip")
+        .args(["netns", "exec", d.netns().name(), "nft", "list", "tables"])
+        .output()
+        .expect("nft list tables");
+    for t in String::from_utf8_lossy(&nft.stdout).lines() {
+        if t.contains("berth") {
+            left.push(t.to_owned());
+        }
+    }
+    left
+}
+
+/// Panics unless [`network_leftovers`] is empty.
+pub fn assert_network_clean(d: &Daemon) {
+    let left = network_leftovers(d);
+    assert!(left.is_empty(), "pod networking left behind: {left:#?}");
 }

@@ -268,6 +268,8 @@ fn try_start(setup: AuthSetup) -> Result<Registry, StartError> {
         .context("create registry temp dir")?;
     let port = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // Test daemons live in network namespaces of their own: let them reach it.
+    crate::hostns::expose_everywhere(addr);
     let storage = dir.path().join("storage");
     fs::create_dir(&storage).with_context(|| format!("create {storage:?}"))?;
 

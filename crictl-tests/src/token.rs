@@ -154,6 +154,7 @@ impl TokenServer {
             .await
             .context("bind token server to 127.0.0.1:0")?;
         let addr = listener.local_addr().context("token server address")?;
+        crate::hostns::expose_everywhere(addr);
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(TokenServer {
             addr,

@@ -46,23 +46,7 @@ async fn running(
     (pod.0, ctr)
 }
 
-async fn exec(
-    env: &Env,
-    id: &str,
-    cmd: &[&str],
-    timeout: i64,
-) -> Result<cri::ExecSyncResponse, tonic::Status> {
-    let rt = env.d.runtime().await.expect("client");
-    // crictl and kubelet accept 16 MiB answers.
-    let mut rt = rt.max_decoding_message_size(16 << 20);
-    rt.exec_sync(cri::ExecSyncRequest {
-        container_id: id.into(),
-        cmd: cmd.iter().map(|s| s.to_string()).collect(),
-        timeout,
-    })
-    .await
-    .map(|r| r.into_inner())
-}
+use crictl_tests::pods::exec_sync as exec;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

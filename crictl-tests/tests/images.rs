@@ -1067,7 +1067,9 @@ impl FakeRegistry {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
+        let local = listener.local_addr().expect("addr");
+        crictl_tests::hostns::expose_everywhere(local);
+        let addr = local.to_string();
         let hits = Arc::new(AtomicUsize::new(0));
         let answer = Arc::new(answer);
         let counter = hits.clone();

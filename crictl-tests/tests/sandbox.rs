@@ -28,11 +28,7 @@ fn pod(name: &str, attempt: u32) -> cri::PodSandboxConfig {
             options: vec!["ndots:5".into()],
         }),
         linux: Some(cri::LinuxPodSandboxConfig {
-            sysctls: [(
-                "net.ipv4.ping_group_range".to_owned(),
-                "0 2147483647".to_owned(),
-            )]
-            .into(),
+            sysctls: [("net.ipv4.ping_group_range".to_owned(), "0 1000".to_owned())].into(),
             ..Default::default()
         }),
         ..Default::default()
@@ -152,19 +148,20 @@ async fn sandbox_lifecycle_with_pinned_namespaces() {
     let links = nsenter("net", &net, &["ip", "-o", "link", "show"]);
     assert_eq!(
         links.lines().count(),
-        1,
-        "only loopback in a pod without CNI: {links}"
+        2,
+        "loopback and the default network's eth0: {links}"
     );
+    assert!(links.contains(" eth0@"), "{links}");
     let range = nsenter("net", &net, &["cat", "/proc/sys/net/ipv4/ping_group_range"]);
     assert_eq!(
         range.split_whitespace().collect::<Vec<_>>(),
-        ["0", "2147483647"],
-        "sysctl set in the pod"
+        ["0", "1000"],
+        "sysctl set in the pod, over berth's default"
     );
     let host_range = std::fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").expect("host");
     assert_ne!(
         host_range.split_whitespace().collect::<Vec<_>>(),
-        ["0", "2147483647"],
+        ["0", "1000"],
         "host untouched"
     );
     let files = d.state().join("sandboxes").join(&id);

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::events::{Event, EventBus, EventKind};
+use crate::network::PodNetwork;
 
 /// sandbox id → JSON [`SandboxRecord`].
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
@@ -59,6 +60,13 @@ pub struct SandboxRecord {
     /// Pid of the init of the pod's PID namespace (pod PID mode POD), as berthd sees it.
     #[serde(default)]
     pub init_pid: Option<i32>,
+    /// The CNI network the pod is (or, while Creating, may be partly) attached to; None once
+    /// torn down, and for pods on the host network.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// The pod's addresses on that network, the primary first.
+    #[serde(default)]
+    pub ips: Vec<String>,
 }
 
 impl SandboxRecord {
@@ -117,6 +125,8 @@ pub struct SandboxManager {
     /// Where a new pod's created and started events go (ContainerManager, which stops and
     /// removes pods with their containers, sends the others).
     events: EventBus,
+    /// The pods' CNI networks.
+    network: Arc<PodNetwork>,
 }
 
 impl SandboxManager {
@@ -126,6 +136,7 @@ impl SandboxManager {
         state_dir: &Path,
         shim_binary: PathBuf,
         events: EventBus,
+        network: Arc<PodNetwork>,
     ) -> Result<Self> {
         let tx = db.begin_write()?;
         tx.open_table(SANDBOXES)?;
@@ -137,17 +148,21 @@ impl SandboxManager {
             shim_binary,
             locks: Mutex::default(),
             events,
+            network,
         };
         m.recover()?;
         Ok(m)
     }
 
+    /// Runs on a blocking thread of the runtime (berthd's start), so it may wait for the
+    /// network teardown's futures.
     fn recover(&self) -> Result<()> {
+        let rt = tokio::runtime::Handle::current();
         for r in self.all()? {
             match r.state {
                 State::Creating => {
                     tracing::info!(sandbox_id = %r.id, "rolling back a sandbox a crash left half-created");
-                    self.teardown(&r);
+                    rt.block_on(self.teardown(&r));
                     self.delete_record(&r)?;
                 }
                 State::Ready if !r.pins.iter().all(|p| ns_linux::is_pinned(p)) => {
@@ -156,10 +171,20 @@ impl SandboxManager {
                         let pidfile = self.ns_dir(&r.id).join(pod_init::PIDFILE);
                         let _ = pod_init::kill(pid, &pidfile, None);
                     }
+                    // The interfaces went with the namespace; the addresses are still
+                    // allocated until DEL (without a netns) releases them.
+                    if let Some(net) = &r.network
+                        && let Err(e) =
+                            rt.block_on(self.network.detach(net, &r.id, None, &r.config))
+                    {
+                        tracing::warn!(sandbox_id = %r.id, error = %e, "release the network of a pod whose namespaces are gone");
+                    }
                     let _ = ns_linux::unpin(&r.pins);
                     self.put(&SandboxRecord {
                         state: State::NotReady,
                         pins: vec![],
+                        network: None,
+                        ips: vec![],
                         ..r
                     })?;
                 }
@@ -167,6 +192,11 @@ impl SandboxManager {
             }
         }
         Ok(())
+    }
+
+    /// The pods' networks.
+    pub fn network(&self) -> &PodNetwork {
+        &self.network
     }
 
     fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -293,9 +323,28 @@ impl SandboxManager {
                 "TARGET namespace mode applies to pid only".into(),
             ));
         }
-        let sysctls = checked_sysctls(&config, &ns)?;
+        let mut sysctls = checked_sysctls(&config, &ns)?;
+        if !is_node(ns.network) {
+            // As containerd 2 (enable_unprivileged_icmp/ports): in a pod's own network
+            // namespace, any user may ping and bind low ports, unless the pod says otherwise.
+            for (k, v) in [
+                ("net.ipv4.ping_group_range", "0 2147483647"),
+                ("net.ipv4.ip_unprivileged_port_start", "0"),
+            ] {
+                if !sysctls.iter().any(|(key, _)| key == k) {
+                    sysctls.push((k.to_owned(), v.to_owned()));
+                }
+            }
+        }
+        PodNetwork::validate(&config)?;
         let id = hex::encode(rand::random::<[u8; 32]>());
         let host_net = is_node(ns.network);
+        // Without a usable network config the pod fails before anything is made for it.
+        let network = if host_net {
+            None
+        } else {
+            Some(self.network.network()?)
+        };
         let hostname = if host_net {
             nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
@@ -314,6 +363,8 @@ impl SandboxManager {
             pins: vec![],
             hostname,
             init_pid: None,
+            network: None,
+            ips: vec![],
         };
         self.reserve(&record)?;
         let lock = self.lock(&id);
@@ -365,14 +416,39 @@ impl SandboxManager {
             .await
             .map_err(|e| Error::Internal(format!("sandbox setup thread: {e}")))?
         };
-        // The network of the pod is set up here once CNI exists; loopback is up already.
+        let setup = match (setup, network) {
+            (Ok((pins, init_pid)), Some(net)) => {
+                record.pins = pins;
+                record.init_pid = init_pid;
+                // Recorded before ADD runs: a crash in the middle of it is rolled back with
+                // a DEL at the next start.
+                record.network = Some(net.name().to_owned());
+                match self.put(&record) {
+                    Ok(()) => match record.ns_path("net") {
+                        Some(netns) => self
+                            .network
+                            .attach(&net, &id, netns, &record.config)
+                            .await
+                            .map(|a| {
+                                record.ips = a.ips;
+                                (record.pins.clone(), record.init_pid)
+                            }),
+                        None => Err(Error::Internal(
+                            "the pod's network namespace was not pinned".into(),
+                        )),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+            (setup, _) => setup,
+        };
         match setup {
             Ok((pins, init_pid)) => {
                 record.pins = pins;
                 record.init_pid = init_pid;
                 record.state = State::Ready;
                 if let Err(e) = self.put(&record) {
-                    self.teardown(&record);
+                    self.teardown(&record).await;
                     let _ = self.delete_record(&record);
                     return Err(e);
                 }
@@ -389,17 +465,25 @@ impl SandboxManager {
                 Ok(id)
             }
             Err(e) => {
-                self.teardown(&record);
+                self.teardown(&record).await;
                 self.delete_record(&record)?;
                 Err(e)
             }
         }
     }
 
-    /// Releases what a sandbox holds on the host: pins and its files. Safe to call twice; logs
-    /// what it could not undo.
-    fn teardown(&self, r: &SandboxRecord) {
+    /// Releases what a sandbox holds on the host: its network, pins and files. Safe to call
+    /// twice; logs what it could not undo and goes on.
+    async fn teardown(&self, r: &SandboxRecord) {
         let ns_dir = self.ns_dir(&r.id);
+        // DEL first: plugins need the namespace to undo what they did inside it.
+        if let Some(net) = &r.network {
+            let netns = ns_dir.join("net");
+            let netns = ns_linux::is_pinned(&netns).then_some(netns.as_path());
+            if let Err(e) = self.network.detach(net, &r.id, netns, &r.config).await {
+                tracing::warn!(sandbox_id = %r.id, error = %e, "tear down the pod network");
+            }
+        }
         // The init goes first: its pid file is in the namespace dir, and its cgroup cannot be
         // removed while it lives.
         let pidfile = ns_dir.join(pod_init::PIDFILE);
@@ -458,8 +542,12 @@ impl SandboxManager {
                 .map_err(|e| Error::Internal(format!("pod init kill thread: {e}")))?
                 .map_err(Error::Internal)?;
         }
-        // The CNI network is torn down here once it exists. The network namespace goes with
-        // the network, as in containerd.
+        // The network namespace goes with the network, as in containerd. A failed DEL keeps
+        // both, so the stop can be tried again.
+        if let Some(name) = &r.network {
+            let netns = r.ns_path("net").filter(|p| ns_linux::is_pinned(p));
+            self.network.detach(name, &r.id, netns, &r.config).await?;
+        }
         let net: Vec<PathBuf> = r
             .ns_path("net")
             .map(Path::to_path_buf)
@@ -475,6 +563,8 @@ impl SandboxManager {
         self.put(&SandboxRecord {
             state: State::NotReady,
             pins,
+            network: None,
+            ips: vec![],
             ..r
         })?;
         tracing::info!(sandbox_id = %id, "pod sandbox stopped");
@@ -498,7 +588,7 @@ impl SandboxManager {
             Err(Error::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        self.teardown(&r);
+        self.teardown(&r).await;
         self.delete_record(&r)?;
         tracing::info!(sandbox_id = %r.id, "pod sandbox removed");
         Ok(())

@@ -1,0 +1,322 @@
+//! Pod networking: attaching pod sandboxes to the default CNI network, as containerd's and
+//! CRI-O's CRI plugins do.
+//!
+//! - **Networks** come from the configured conf dirs, then berth's managed dir
+//!   (`<root>/networks`). The first valid network is the pods' network. When no config file
+//!   exists at all, berthd writes its own `berth` network there at start ([`DEFAULT_FILE`]:
+//!   `berth-bridge` on `berth0`, `10.88.0.0/16` from `berth-host-local`, host ports by
+//!   `berth-portmap`), so a fresh install has pod networking with no set-up. A broken config
+//!   is never replaced: the runtime reports NetworkReady=false with the reason instead.
+//! - **Plugins** are looked up in the configured bin dirs, then in the dir berthd runs from.
+//! - **Attach** (RunPodSandbox) runs the chain's ADDs for interface `eth0` of the pod's pinned
+//!   network namespace with the Kubernetes `CNI_ARGS`, the pod's host ports (`portMappings`),
+//!   DNS config (`dns`) and the node's pod CIDR (`ipRanges`, from UpdateRuntimeConfig).
+//!   **Detach** (StopPodSandbox, rollback, recovery) runs DEL from the result cache, so it
+//!   tears down what ADD set up even when the config changed since or berthd restarted.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use api::cri;
+use cni::runtime::{
+    Attachment, Cni, CniConfig, CniResult, DnsConfig, IpRange, Network, NotReady, PortMapping,
+};
+use serde_json::json;
+
+use crate::config::CniSection;
+use crate::error::{Error, Result};
+
+/// The pod's interface name, as every CRI runtime names it.
+pub const POD_IFNAME: &str = "eth0";
+/// The name of the network berthd writes when none exists.
+pub const DEFAULT_NETWORK: &str = "berth";
+/// Its file in the managed dir.
+pub const DEFAULT_FILE: &str = "10-berth.conflist";
+
+/// What a successful attach gave the pod.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    /// The network's name.
+    pub network: String,
+    /// The pod's addresses on it, the primary (IPv4 if any, as kubelet expects) first.
+    pub ips: Vec<String>,
+}
+
+/// The pods' CNI networks.
+pub struct PodNetwork {
+    cni: Cni,
+    /// `ipRanges` from the node's pod CIDR, one range set per CIDR.
+    pod_cidrs: Mutex<Vec<String>>,
+}
+
+impl PodNetwork {
+    /// The networks of `cfg`, with berth's managed dir under `root` and the result cache and
+    /// IP allocations of berth's default network under `state`. Writes the default network if
+    /// there is no network config anywhere.
+    pub fn new(
+        cfg: &CniSection,
+        root: &Path,
+        state: &Path,
+        own_dir: Option<PathBuf>,
+    ) -> Result<Self> {
+        let managed = root.join("networks");
+        let mut conf_dirs = cfg.conf_dirs.clone();
+        conf_dirs.push(managed.clone());
+        let mut bin_dirs = cfg.bin_dirs.clone();
+        bin_dirs.extend(own_dir);
+        let cni = Cni::new(CniConfig {
+            conf_dirs,
+            bin_dirs,
+            cache_dir: state.join("cni").join("cache"),
+            timeout: Duration::from_secs(cfg.plugin_timeout_secs),
+        });
+        let configs = cni.configs();
+        if configs.networks.is_empty() && configs.skipped.is_empty() {
+            write_default(cfg, &managed, &state.join("cni").join("ipam"))?;
+            tracing::info!(path = %managed.join(DEFAULT_FILE).display(), bridge = %cfg.default_bridge, subnet = %cfg.default_subnet, "no CNI network config found: wrote berth's default network");
+        }
+        Ok(PodNetwork {
+            cni,
+            pod_cidrs: Mutex::default(),
+        })
+    }
+
+    /// The CNI runtime underneath.
+    pub fn cni(&self) -> &Cni {
+        &self.cni
+    }
+
+    /// Whether pods can be attached now: a valid network exists, all its plugins are installed
+    /// and answer STATUS. The error says why not, for NetworkReady's message.
+    pub async fn ready(&self) -> std::result::Result<(), String> {
+        let net = self
+            .cni
+            .default_network()
+            .map_err(|NotReady { reason }| reason)?;
+        self.cni
+            .status(&net)
+            .await
+            .map_err(|e| format!("network {:?}: {e}", net.name()))
+    }
+
+    /// Sets the node's pod CIDR(s) (`UpdateRuntimeConfig`): a comma-separated list of subnets,
+    /// handed to plugins as the `ipRanges` capability. Empty clears it.
+    pub fn set_pod_cidr(&self, cidr: &str) -> Result<()> {
+        let mut cidrs = Vec::new();
+        for c in cidr.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            c.parse::<cni::plugins::ipnet::IpNet>().map_err(|e| {
+                Error::InvalidArgument(format!("pod CIDR {c:?} is not a subnet: {e}"))
+            })?;
+            cidrs.push(c.to_owned());
+        }
+        tracing::info!(pod_cidrs = ?cidrs, "pod CIDR updated");
+        *self.pod_cidrs.lock().unwrap_or_else(|p| p.into_inner()) = cidrs;
+        Ok(())
+    }
+
+    /// The pods' network now, or FailedPrecondition saying why there is none.
+    pub fn network(&self) -> Result<Arc<Network>> {
+        self.cni.default_network().map_err(|NotReady { reason }| {
+            Error::FailedPrecondition(format!("pod networking is not ready: {reason}"))
+        })
+    }
+
+    fn attachment(
+        &self,
+        id: &str,
+        netns: Option<&Path>,
+        config: &cri::PodSandboxConfig,
+    ) -> Attachment {
+        let meta = config.metadata.clone().unwrap_or_default();
+        let mut att = Attachment::new(id, netns.map(Path::to_path_buf), POD_IFNAME).with_pod(
+            &meta.namespace,
+            &meta.name,
+            &meta.uid,
+        );
+        // As containerd: only mappings with a host port become hostPorts.
+        let ports: Vec<PortMapping> = config
+            .port_mappings
+            .iter()
+            .filter(|p| p.host_port > 0)
+            .map(|p| PortMapping {
+                host_port: p.host_port as u16,
+                container_port: p.container_port as u16,
+                protocol: match cri::Protocol::try_from(p.protocol) {
+                    Ok(cri::Protocol::Udp) => "udp",
+                    Ok(cri::Protocol::Sctp) => "sctp",
+                    _ => "tcp",
+                }
+                .to_owned(),
+                host_ip: p.host_ip.clone(),
+            })
+            .collect();
+        if !ports.is_empty() {
+            att = att.with_port_mappings(&ports);
+        }
+        if let Some(d) = &config.dns_config {
+            att = att.with_dns(&DnsConfig {
+                servers: d.servers.clone(),
+                searches: d.searches.clone(),
+                options: d.options.clone(),
+            });
+        }
+        let cidrs = self
+            .pod_cidrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !cidrs.is_empty() {
+            let ranges: Vec<Vec<IpRange>> = cidrs
+                .into_iter()
+                .map(|subnet| {
+                    vec![IpRange {
+                        subnet,
+                        ..Default::default()
+                    }]
+                })
+                .collect();
+            att = att.with_ip_ranges(&ranges);
+        }
+        att
+    }
+
+    /// Checks the port mappings before anything is set up.
+    pub fn validate(config: &cri::PodSandboxConfig) -> Result<()> {
+        for p in &config.port_mappings {
+            let bad = |what: &str| {
+                Err(Error::InvalidArgument(format!(
+                    "port mapping {}:{} is invalid: {what}",
+                    p.host_port, p.container_port
+                )))
+            };
+            if p.host_port > 0 && !(1..=65535).contains(&p.container_port) {
+                return bad("the container port must be 1-65535");
+            }
+            if !(0..=65535).contains(&p.host_port) {
+                return bad("the host port must be 0-65535");
+            }
+            if !p.host_ip.is_empty() && p.host_ip.parse::<IpAddr>().is_err() {
+                return bad("the host IP is not an address");
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches pod `id` (network namespace `netns`) to `net`. A failure may leave part of
+    /// the chain set up: the caller rolls it back with [`PodNetwork::detach`].
+    pub async fn attach(
+        &self,
+        net: &Network,
+        id: &str,
+        netns: &Path,
+        config: &cri::PodSandboxConfig,
+    ) -> Result<Attached> {
+        let att = self.attachment(id, Some(netns), config);
+        let result = self.cni.add(net, &att).await.map_err(|e| {
+            Error::Internal(format!(
+                "set up the pod network {:?}: {}",
+                net.name(),
+                crate::error::chain(&e)
+            ))
+        })?;
+        Ok(Attached {
+            network: net.name().to_owned(),
+            ips: pod_ips(&result),
+        })
+    }
+
+    /// Detaches pod `id` from network `name`: DEL from the result cache when there is an
+    /// entry, else with the network's current config (an ADD that failed or was cut short
+    /// cached nothing). Succeeds when there is nothing to tear down.
+    pub async fn detach(
+        &self,
+        name: &str,
+        id: &str,
+        netns: Option<&Path>,
+        config: &cri::PodSandboxConfig,
+    ) -> Result<()> {
+        let fail = |e: cni::runtime::Error| {
+            Error::Internal(format!(
+                "tear down the pod network {name:?}: {}",
+                crate::error::chain(&e)
+            ))
+        };
+        let cached = self
+            .cni
+            .cached_attachment(name, id, POD_IFNAME)
+            .await
+            .map_err(fail)?;
+        if let Some(mut entry) = cached {
+            if netns.is_some() {
+                entry.netns = netns.map(Path::to_path_buf);
+            }
+            return self.cni.del_cached(&entry).await.map_err(fail);
+        }
+        match self.cni.network(name) {
+            Some(net) => self
+                .cni
+                .del(&net, &self.attachment(id, netns, config))
+                .await
+                .map_err(fail),
+            None => {
+                tracing::warn!(sandbox_id = %id, network = name, "network config and cache entry are both gone: nothing to tear down with");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The pod's addresses from a result: those of the sandbox interfaces (all, when the result
+/// names no interfaces), IPv4 first as kubelet takes the first as the pod IP.
+fn pod_ips(r: &CniResult) -> Vec<String> {
+    let mut ips: Vec<IpAddr> = r.sandbox_ips().map(|c| c.address.addr()).collect();
+    ips.sort_by_key(|ip| !ip.is_ipv4());
+    ips.dedup();
+    ips.into_iter().map(|ip| ip.to_string()).collect()
+}
+
+/// Writes berth's default network into `dir`, atomically.
+fn write_default(cfg: &CniSection, dir: &Path, ipam_dir: &Path) -> Result<()> {
+    cfg.default_subnet
+        .parse::<cni::plugins::ipnet::IpNet>()
+        .map_err(|e| {
+            Error::InvalidArgument(format!(
+                "cni.default_subnet {:?} is not a subnet: {e}",
+                cfg.default_subnet
+            ))
+        })?;
+    let conflist = json!({
+        "cniVersion": "1.1.0",
+        "name": DEFAULT_NETWORK,
+        "plugins": [
+            {
+                "type": "berth-bridge",
+                "bridge": cfg.default_bridge,
+                "isGateway": true,
+                "isDefaultGateway": true,
+                "ipMasq": true,
+                "hairpinMode": true,
+                "capabilities": { "ipRanges": true },
+                "ipam": {
+                    "type": "berth-host-local",
+                    "ranges": [[{ "subnet": cfg.default_subnet }]],
+                    "dataDir": ipam_dir,
+                },
+            },
+        ],
+    });
+    let io = |what: &str, e: std::io::Error| Error::internal(what, e);
+    std::fs::create_dir_all(dir).map_err(|e| io("create the managed network dir", e))?;
+    let path = dir.join(DEFAULT_FILE);
+    let tmp = dir.join(format!(".{DEFAULT_FILE}.tmp"));
+    let bytes =
+        serde_json::to_vec_pretty(&conflist).map_err(|e| Error::internal("encode conflist", e))?;
+    std::fs::write(&tmp, bytes).map_err(|e| io("write the default network", e))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("sync the default network", e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io("install the default network", e))?;
+    Ok(())
+}

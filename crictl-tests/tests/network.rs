@@ -1,0 +1,379 @@
+//! Pod networking through a real berthd: CNI ADD on RunPodSandbox, DEL on stop, the pod IPs in
+//! PodSandboxStatus, NetworkReady, the pod CIDR, recovery after kill -9, and no leftovers.
+//!
+//! Each daemon runs in a network namespace of its own that stands in for the host (see
+//! `crictl_tests::hostns`), so the bridge, veths and nftables rules the plugins make never touch
+//! the real host, and every test can use berth's default network (`berth0`, 10.88.0.0/16).
+
+use std::io::Read;
+use std::net::{IpAddr, TcpListener};
+
+use api::cri;
+use crictl_tests::daemon::Daemon;
+use crictl_tests::pods::{
+    Env, assert_clean, assert_network_clean, create, ctr_config, env, env_with, exec_sync,
+    network_leftovers, pod_config, remove_pod, run_pod, run_pod_with, start, warnings,
+};
+use tonic::Code;
+
+async fn pod_ips(env: &Env, id: &str) -> Vec<String> {
+    let mut rt = env.d.runtime().await.expect("client");
+    let s = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: false,
+        })
+        .await
+        .expect("pod status")
+        .into_inner()
+        .status
+        .expect("status");
+    let net = s.network.expect("network status");
+    let mut ips = vec![net.ip];
+    ips.extend(net.additional_ips.into_iter().map(|p| p.ip));
+    ips.retain(|ip| !ip.is_empty());
+    ips
+}
+
+async fn network_ready(d: &Daemon) -> cri::RuntimeCondition {
+    let mut rt = d.runtime().await.expect("client");
+    rt.status(cri::StatusRequest { verbose: false })
+        .await
+        .expect("status")
+        .into_inner()
+        .status
+        .expect("runtime status")
+        .conditions
+        .into_iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .expect("a NetworkReady condition")
+}
+
+/// A running pod with a `sleep` container running as root (busybox's ping needs a raw
+/// socket: CAP_NET_RAW, which root has by default); returns (pod id, container id).
+async fn sleeper(env: &Env, name: &str) -> (String, String) {
+    let pod = run_pod(env, name).await;
+    let cfg = cri::ContainerConfig {
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 0 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..ctr_config(env, name, &["sleep", "3600"])
+    };
+    let ctr = create(env, &pod, cfg)
+        .await
+        .unwrap_or_else(|e| panic!("create: {e:?}\n{}", warnings(env)));
+    start(env, &ctr).await;
+    (pod.0, ctr)
+}
+
+async fn sh(env: &Env, ctr: &str, script: &str) -> (i32, String) {
+    let r = exec_sync(env, ctr, &["sh", "-c", script], 20)
+        .await
+        .expect("exec");
+    let mut out = String::from_utf8_lossy(&r.stdout).into_owned();
+    out.push_str(&String::from_utf8_lossy(&r.stderr));
+    (r.exit_code, out)
+}
+
+async fn stop_pod(env: &Env, id: &str) -> Result<(), tonic::Status> {
+    let mut rt = env.d.runtime().await.expect("client");
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    })
+    .await
+    .map(|_| ())
+}
+
+fn in_default_subnet(ip: &str) -> bool {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.octets()[..2] == [10, 88],
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_on_the_default_network_reach_each_other_and_the_host() {
+    let env = env().await;
+    let ready = network_ready(&env.d).await;
+    assert!(ready.status, "network not ready: {ready:?}");
+    let conflist = env.d.root().join("networks").join("10-berth.conflist");
+    let text = std::fs::read_to_string(&conflist).expect("berthd wrote its default network");
+    assert!(
+        text.contains("\"berth0\"") && text.contains("10.88.0.0/16"),
+        "{text}"
+    );
+
+    let (pod_a, a) = sleeper(&env, "neta").await;
+    let (pod_b, b) = sleeper(&env, "netb").await;
+    let ips_a = pod_ips(&env, &pod_a).await;
+    let ips_b = pod_ips(&env, &pod_b).await;
+    assert_eq!(ips_a.len(), 1, "{ips_a:?}");
+    assert!(in_default_subnet(&ips_a[0]), "{ips_a:?}");
+    assert!(in_default_subnet(&ips_b[0]), "{ips_b:?}");
+    assert_ne!(ips_a, ips_b);
+
+    // The pod sees its address on eth0, and a default route via the bridge.
+    let (code, out) = sh(&env, &a, "ip -4 addr show eth0; ip route").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("inet {}/16", ips_a[0])), "{out}");
+    assert!(out.contains("default via 10.88.0.1"), "{out}");
+    // As containerd 2: unprivileged ICMP and low ports in the pod's own network namespace.
+    let (_, out) = sh(
+        &env,
+        &a,
+        "cat /proc/sys/net/ipv4/ping_group_range /proc/sys/net/ipv4/ip_unprivileged_port_start",
+    )
+    .await;
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["0", "2147483647", "0"]
+    );
+
+    // Pod to pod, pod to gateway, and back.
+    for (ctr, target) in [
+        (&a, &ips_b[0]),
+        (&b, &ips_a[0]),
+        (&a, &"10.88.0.1".to_owned()),
+    ] {
+        let (code, out) = sh(&env, ctr, &format!("ping -c1 -W3 {target}")).await;
+        assert_eq!(code, 0, "ping {target}: {out}");
+    }
+
+    // A server on the host (the daemon's namespace) answers a pod, and sees the pod's own
+    // address: traffic inside the pod subnet is not masqueraded.
+    let listener = env
+        .d
+        .netns()
+        .run(|| TcpListener::bind("10.88.0.1:0"))
+        .expect("listen on the bridge address");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().expect("accept");
+        let mut got = String::new();
+        conn.read_to_string(&mut got).expect("read");
+        (peer.ip().to_string(), got)
+    });
+    let (code, out) = sh(
+        &env,
+        &b,
+        &format!("echo hello-from-pod | nc -w3 10.88.0.1 {port}"),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let (peer, got) = server.join().expect("server");
+    assert_eq!(got, "hello-from-pod\n");
+    assert_eq!(peer, ips_b[0]);
+
+    for pod in [&pod_a, &pod_b] {
+        stop_pod(&env, pod).await.expect("stop");
+        assert!(
+            pod_ips(&env, pod).await.is_empty(),
+            "a stopped pod has no IP"
+        );
+        // Stop is idempotent.
+        stop_pod(&env, pod).await.expect("stop again");
+        remove_pod(&env, pod).await;
+    }
+    assert_clean(&env);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_network_is_torn_down_after_berthd_is_killed_and_restarted() {
+    let mut env = env().await;
+    let (pod, ctr) = sleeper(&env, "netkill").await;
+    let ips = pod_ips(&env, &pod).await;
+    assert!(in_default_subnet(&ips[0]), "{ips:?}");
+    let (pod2, _) = sleeper(&env, "netkill2").await;
+
+    env.d.kill9().await.expect("kill -9");
+    env.d.restart().await.expect("restart");
+    assert_eq!(pod_ips(&env, &pod).await, ips, "the IP survives a restart");
+    let (code, out) = sh(&env, &ctr, "ping -c1 -W3 10.88.0.1").await;
+    assert_eq!(code, 0, "the network still works: {out}");
+
+    // One pod stopped and removed by the restarted daemon (DEL from the result cache), the
+    // other removed without a stop first.
+    stop_pod(&env, &pod).await.expect("stop");
+    remove_pod(&env, &pod).await;
+    remove_pod(&env, &pod2).await;
+    remove_pod(&env, &pod2).await;
+    assert_clean(&env);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_concurrent_pods_get_distinct_addresses_and_cycles_leave_nothing() {
+    let env = env().await;
+    for round in 0..3 {
+        let runs = (0..20).map(|i| {
+            let env = &env;
+            async move {
+                let cfg = pod_config(env, &format!("cyc{round}-{i}"));
+                run_pod_with(env, cfg).await.0
+            }
+        });
+        let pods = futures::future::join_all(runs).await;
+        let mut ips = Vec::new();
+        for p in &pods {
+            let mine = pod_ips(&env, p).await;
+            assert_eq!(mine.len(), 1, "{mine:?}");
+            ips.push(mine[0].clone());
+        }
+        let mut unique = ips.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 20, "addresses handed out twice: {ips:?}");
+        let removes = pods.iter().map(|p| remove_pod(&env, p));
+        futures::future::join_all(removes).await;
+        assert_network_clean(&env.d);
+    }
+    assert_clean(&env);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pod_cidr_from_update_runtime_config_is_used() {
+    let env = env().await;
+    let mut rt = env.d.runtime().await.expect("client");
+    let update = |cidr: &str| cri::UpdateRuntimeConfigRequest {
+        runtime_config: Some(cri::RuntimeConfig {
+            network_config: Some(cri::NetworkConfig {
+                pod_cidr: cidr.into(),
+            }),
+        }),
+    };
+    let e = rt
+        .update_runtime_config(update("10.89.7.0/33"))
+        .await
+        .expect_err("a bad CIDR");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    rt.update_runtime_config(update("10.89.7.0/24"))
+        .await
+        .expect("update");
+    let (pod, ctr) = sleeper(&env, "cidr").await;
+    let ips = pod_ips(&env, &pod).await;
+    assert!(ips[0].starts_with("10.89.7."), "{ips:?}");
+    let (code, out) = sh(&env, &ctr, "ping -c1 -W3 10.89.7.1").await;
+    assert_eq!(code, 0, "the gateway of the pod CIDR answers: {out}");
+    remove_pod(&env, &pod).await;
+    assert_clean(&env);
+}
+
+/// Sets up a daemon whose only conf dir is `net.d` under a temp dir the caller fills.
+async fn env_with_conf_dir(extra: &str) -> (Env, tempfile::TempDir) {
+    let confs = tempfile::Builder::new()
+        .prefix("berth-test-netd-")
+        .tempdir()
+        .expect("conf dir");
+    let config = format!("[cni]\nconf_dirs = [{:?}]\n{extra}", confs.path());
+    // A broken file before the daemon starts, so it writes no default network.
+    std::fs::write(
+        confs.path().join("00-broken.conflist"),
+        "{ \"cniVersion\": ",
+    )
+    .expect("write");
+    (env_with(&config, None).await, confs)
+}
+
+fn nothing_made_for_pods(env: &Env) {
+    for dir in ["sandboxes", "ns"] {
+        let entries: Vec<_> = std::fs::read_dir(env.d.state().join(dir))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(entries.is_empty(), "{dir} left: {entries:?}");
+    }
+    assert_network_clean(&env.d);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_conflist_or_a_missing_plugin_is_not_ready_and_pods_fail_cleanly() {
+    let (env, confs) = env_with_conf_dir("").await;
+    assert!(
+        !env.d
+            .root()
+            .join("networks")
+            .join("10-berth.conflist")
+            .exists(),
+        "a broken config is reported, never replaced by the default"
+    );
+    let ready = network_ready(&env.d).await;
+    assert!(!ready.status);
+    assert_eq!(ready.reason, "NetworkPluginNotReady");
+    assert!(ready.message.contains("00-broken.conflist"), "{ready:?}");
+
+    let mut rt = env.d.runtime().await.expect("client");
+    let run = |name: &str| cri::RunPodSandboxRequest {
+        config: Some(pod_config(&env, name)),
+        runtime_handler: String::new(),
+    };
+    let e = rt
+        .run_pod_sandbox(run("broken"))
+        .await
+        .expect_err("no network");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("00-broken.conflist"), "{e:?}");
+    nothing_made_for_pods(&env);
+
+    // A valid network whose plugin is not installed: not ready, and the pod fails before any
+    // plugin ran.
+    std::fs::remove_file(confs.path().join("00-broken.conflist")).expect("rm");
+    let missing = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "nope",
+        "plugins": [{"type": "no-such-plugin"}],
+    });
+    std::fs::write(confs.path().join("10-nope.conflist"), missing.to_string()).expect("write");
+    let ready = network_ready(&env.d).await;
+    assert!(!ready.status);
+    assert!(ready.message.contains("no-such-plugin"), "{ready:?}");
+    let e = rt
+        .run_pod_sandbox(run("missing"))
+        .await
+        .expect_err("no plugin");
+    assert!(e.message().contains("no-such-plugin"), "{e:?}");
+    nothing_made_for_pods(&env);
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "{pods:?}");
+
+    // Host-network pods need no CNI network.
+    let host = cri::PodSandboxConfig {
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..pod_config(&env, "hostnet")
+    };
+    let (id, _) = run_pod_with(&env, host).await;
+    assert!(pod_ips(&env, &id).await.is_empty());
+    remove_pod(&env, &id).await;
+
+    // Fixing the config makes the network ready without a restart.
+    let good = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "fixed",
+        "plugins": [{
+            "type": "berth-bridge", "bridge": "berthfix0", "isGateway": true,
+            "ipam": {"type": "berth-host-local", "ranges": [[{"subnet": "10.90.0.0/24"}]],
+                     "dataDir": env.d.state().join("cni").join("ipam")},
+        }],
+    });
+    std::fs::write(confs.path().join("10-nope.conflist"), good.to_string()).expect("write");
+    let ready = network_ready(&env.d).await;
+    assert!(ready.status, "{ready:?}");
+    let (pod, _) = run_pod(&env, "fixed").await;
+    assert!(pod_ips(&env, &pod).await[0].starts_with("10.90.0."));
+    remove_pod(&env, &pod).await;
+    assert_clean(&env);
+    assert!(network_leftovers(&env.d).is_empty());
+}
