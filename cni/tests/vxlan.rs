@@ -64,10 +64,16 @@ struct Cluster {
     switch: String,
     hosts: Vec<Host>,
     pods: Vec<String>,
+    /// The underlay is IPv6 (fd00:241::/64) instead of IPv4.
+    v6: bool,
 }
 
 impl Cluster {
     fn new(hosts: usize) -> Self {
+        Self::with_underlay(hosts, false)
+    }
+
+    fn with_underlay(hosts: usize, v6: bool) -> Self {
         require_root();
         let tag = format!(
             "bvx-{}-{}",
@@ -79,6 +85,7 @@ impl Cluster {
             tag,
             hosts: Vec::new(),
             pods: Vec::new(),
+            v6,
         };
         ip_ok(&["netns", "add", &cluster.switch]);
         let sw = cluster.switch.clone();
@@ -95,7 +102,11 @@ impl Cluster {
         ip_ok(&["netns", "add", &ns]);
         self.hosts.push(Host {
             ns: ns.clone(),
-            underlay: format!("192.168.241.{}", 10 + i),
+            underlay: if self.v6 {
+                format!("fd00:241::{:x}", 0x10 + i)
+            } else {
+                format!("192.168.241.{}", 10 + i)
+            },
             subnet: format!("10.241.{}.0/24", i + 1),
             data_dir: tempfile::tempdir().expect("tempdir"),
         });
@@ -105,8 +116,14 @@ impl Cluster {
             "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ]);
         ip_ok(&["-n", &sw, "link", "set", &port, "master", "sw0", "up"]);
-        let addr = format!("{}/24", self.hosts[i].underlay);
-        ip_ok(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+        if self.v6 {
+            // Without DAD the address is usable at once (a tentative one cannot send).
+            let addr = format!("{}/64", self.hosts[i].underlay);
+            ip_ok(&["-n", &ns, "addr", "add", &addr, "dev", "eth0", "nodad"]);
+        } else {
+            let addr = format!("{}/24", self.hosts[i].underlay);
+            ip_ok(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+        }
         ip_ok(&["-n", &ns, "link", "set", "eth0", "up"]);
         ip_ok(&["-n", &ns, "link", "set", "lo", "up"]);
     }
@@ -474,6 +491,27 @@ fn a_host_that_changes_its_underlay_address_is_followed() {
     );
     assert!(ping(&pod_a, &ip_b), "old pods talk over the moved host");
     assert!(ping(&pod_b, &ip_a), "and back");
+}
+
+#[test]
+fn an_ipv6_underlay_carries_the_ipv4_pod_network() {
+    let mut c = Cluster::with_underlay(2, true);
+    let (pod_a, pod_b) = (c.add_pod(), c.add_pod());
+    let res_a = c.add(0, &c.conf(0), "pod-a", &pod_a);
+    let ip_a = result_ips(&res_a)[0].clone();
+    let ip_b = result_ips(&c.add(1, &c.conf(1), "pod-b", &pod_b))[0].clone();
+    let dev = c.ip(0, &["-d", "link", "show", DEVICE]);
+    assert!(
+        dev.contains("local fd00:241::10 ") && dev.contains("mtu 1430 "),
+        "IPv6 encapsulation costs 70 bytes:\n{dev}"
+    );
+    let fdb = c.fdb(0);
+    assert!(fdb.contains("dst fd00:241::11 self permanent"), "{fdb}");
+    assert!(ping(&pod_a, &ip_b), "pod a cannot reach pod b over IPv6");
+    assert!(ping(&pod_b, &ip_a), "pod b cannot reach pod a over IPv6");
+    assert_eq!(tcp_source(&pod_b, &pod_a, &ip_a).to_string(), ip_b);
+    c.run(0, "CHECK", &with_prev(&c.conf(0), &res_a), "pod-a", &pod_a)
+        .expect_ok("CHECK");
 }
 
 #[test]
