@@ -4,7 +4,9 @@
 //! Configuration keys (those of the reference `bridge` plugin): `bridge` (default `cni0`),
 //! `mtu`, `isGateway` (the gateway address goes on the bridge), `isDefaultGateway`
 //! (implies `isGateway`; a default route via the gateway in the pod), `hairpinMode`,
-//! `promiscMode`, `ipMasq`, `ipam`.
+//! `promiscMode`, `ipMasq`, `ipam`; and berth's own `nonMasqueradeCIDRs`: destinations
+//! besides the pod subnet that `ipMasq` leaves alone (`berth-vxlan` passes its cluster CIDR,
+//! so pods on different hosts see each other's real addresses).
 //!
 //! Like the reference plugin it leaves the bridge in place on DEL: other pods use it.
 
@@ -21,7 +23,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::ipnet::IpNet;
-use super::netlink::{Link, Netlink};
+use super::netlink::{self, Link, Netlink};
 use super::{Error, Result, delegate, nft, runner};
 
 /// The bridge used when the configuration names none.
@@ -40,6 +42,8 @@ struct BridgeSection {
     hairpin_mode: bool,
     #[serde(default)]
     promisc_mode: bool,
+    #[serde(default, rename = "nonMasqueradeCIDRs")]
+    non_masquerade_cidrs: Vec<IpNet>,
 }
 
 /// A resolved `berth-bridge` configuration.
@@ -61,6 +65,9 @@ pub struct Config {
     pub promisc_mode: bool,
     /// Masquerade pod traffic leaving the pod subnet.
     pub ip_masq: bool,
+    /// Destinations besides the pod subnet that masquerading leaves alone (an overlay's
+    /// cluster CIDR, where pods must see each other's real addresses).
+    pub non_masquerade_cidrs: Vec<IpNet>,
     /// The IPAM plugin type.
     pub ipam: String,
     /// DNS settings passed through to the result.
@@ -74,12 +81,7 @@ impl Config {
             serde_json::from_value(Value::Object(conf.custom.clone().into_iter().collect()))
                 .map_err(|e| Error::InvalidConfig(e.to_string()))?;
         let bridge = section.bridge.unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
-        if bridge.is_empty()
-            || bridge.len() > 15
-            || bridge.contains(['/', ' ', '\0', ':'])
-            || bridge == "."
-            || bridge == ".."
-        {
+        if !netlink::is_valid_ifname(&bridge) {
             return Err(Error::InvalidConfig(format!(
                 "bridge name {bridge:?} is not a valid interface name"
             )));
@@ -99,6 +101,7 @@ impl Config {
             hairpin_mode: section.hairpin_mode,
             promisc_mode: section.promisc_mode,
             ip_masq: conf.ip_masq.unwrap_or(false),
+            non_masquerade_cidrs: section.non_masquerade_cidrs,
             ipam,
             dns: conf.dns.clone(),
         })
@@ -353,7 +356,13 @@ fn configure(
         }
     }
     if call.conf.ip_masq {
-        nft::add(&call.conf.network, &call.container_id, &call.ifname, &addrs)?;
+        nft::add(
+            &call.conf.network,
+            &call.container_id,
+            &call.ifname,
+            &addrs,
+            &call.conf.non_masquerade_cidrs,
+        )?;
     }
 
     // The bridge takes a port's MAC when it has none of its own: read it again.
@@ -629,6 +638,23 @@ mod tests {
         }))
         .expect("netconf");
         assert!(Config::from_netconf(&long).is_err());
+
+        let keep: NetConf = serde_json::from_value(serde_json::json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "berth-bridge", "ipMasq": true,
+            "nonMasqueradeCIDRs": ["10.244.0.0/16"], "ipam": {"type": "x"}
+        }))
+        .expect("netconf");
+        let c = Config::from_netconf(&keep).expect("config");
+        assert_eq!(
+            c.non_masquerade_cidrs,
+            ["10.244.0.0/16".parse().expect("net")]
+        );
+        let bad: NetConf = serde_json::from_value(serde_json::json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "berth-bridge",
+            "nonMasqueradeCIDRs": ["10.244.0.0"], "ipam": {"type": "x"}
+        }))
+        .expect("netconf");
+        assert!(Config::from_netconf(&bad).is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Running a delegated plugin (the IPAM plugin named in `ipam.type`) as CNI plugins do:
-//! found in `CNI_PATH`, run with our environment and the same stdin.
+//! Running a delegated plugin as CNI plugins do (the IPAM plugin named in `ipam.type`, or
+//! `berth-bridge` under `berth-vxlan`): found in `CNI_PATH`, run with our environment and
+//! the given stdin.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ pub fn exec(
 ) -> Result<Option<CNIResult>> {
     if plugin_type.is_empty() || plugin_type.contains('/') {
         return Err(Error::InvalidConfig(format!(
-            "bad IPAM plugin type {plugin_type:?}"
+            "bad delegated plugin type {plugin_type:?}"
         )));
     }
     let binary = cni_path
@@ -30,7 +31,7 @@ pub fn exec(
         .find(|p| p.is_file())
         .ok_or_else(|| {
             Error::InvalidConfig(format!(
-                "IPAM plugin {plugin_type:?} not found in CNI_PATH {cni_path:?}"
+                "plugin {plugin_type:?} not found in CNI_PATH {cni_path:?}"
             ))
         })?;
     let io_err = |op: &'static str, e| Error::io(op, &binary, e);
@@ -40,14 +41,14 @@ pub fn exec(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| io_err("run IPAM plugin", e))?;
+        .map_err(|e| io_err("run delegated plugin", e))?;
     if let Some(mut pipe) = child.stdin.take() {
         pipe.write_all(stdin)
-            .map_err(|e| io_err("write IPAM plugin stdin", e))?;
+            .map_err(|e| io_err("write delegated plugin stdin", e))?;
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| io_err("wait for IPAM plugin", e))?;
+        .map_err(|e| io_err("wait for delegated plugin", e))?;
     if !out.status.success() {
         let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         let text = |k: &str| reply[k].as_str().unwrap_or_default().to_string();

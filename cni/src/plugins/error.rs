@@ -64,7 +64,8 @@ pub enum Error {
     /// Several teardown steps failed (CNI code 106); every failure is listed.
     #[error("teardown failed: {}", .0.iter().map(Error::chain).collect::<Vec<_>>().join("; "))]
     Teardown(Vec<Error>),
-    /// A delegated plugin (the IPAM plugin of `berth-bridge`) failed; its own code is kept.
+    /// A delegated plugin (the IPAM plugin of `berth-bridge`, the bridge plugin of
+    /// `berth-vxlan`) failed; its own code is kept.
     #[error("{plugin}: {msg}")]
     Delegate {
         /// The delegated plugin's type.

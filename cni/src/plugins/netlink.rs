@@ -1,5 +1,5 @@
-//! A small synchronous rtnetlink client: just the link, address and route requests the
-//! bridge plugin needs.
+//! A small synchronous rtnetlink client: just the link, address, route, neighbour and
+//! forwarding-database requests the bridge and vxlan plugins need.
 //!
 //! A netlink socket stays in the network namespace it was created in, so
 //! [`Netlink::in_netns`] creates one on a short-lived thread that `setns`es into the
@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 
+use netlink_packet_core::NLM_F_REPLACE;
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
     NetlinkPayload,
@@ -20,10 +21,14 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -48,6 +53,63 @@ pub struct Link {
     pub up: bool,
     /// The link kind (`bridge`, `veth`, ...), if the kernel reported one.
     pub kind: Option<String>,
+    /// The VXLAN parameters, for a link of kind `vxlan`.
+    pub vxlan: Option<VxlanInfo>,
+}
+
+/// The parameters of a VXLAN link that the vxlan plugin sets and compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanInfo {
+    /// The VXLAN network identifier.
+    pub vni: u32,
+    /// The local underlay address (source of the encapsulated packets).
+    pub local: Option<IpAddr>,
+    /// The UDP destination port.
+    pub port: u16,
+    /// Whether the device learns remote MACs from received packets.
+    pub learning: bool,
+}
+
+/// A neighbour (ARP or NDP) entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    /// The interface index.
+    pub index: u32,
+    /// The neighbour's IP address.
+    pub ip: IpAddr,
+    /// Its link-layer address, `aa:bb:..` form (empty if unresolved).
+    pub mac: String,
+    /// The entry is `NUD_PERMANENT`.
+    pub permanent: bool,
+}
+
+/// A forwarding-database entry of a device itself (`bridge fdb ... self`), as VXLAN
+/// devices keep them: which underlay address a MAC is sent to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdbEntry {
+    /// The interface index.
+    pub index: u32,
+    /// The MAC, `aa:bb:..` form.
+    pub mac: String,
+    /// The remote underlay address.
+    pub dst: Option<IpAddr>,
+}
+
+/// Whether `name` is usable as an interface name (at most 15 bytes, no `/`, space, `:`).
+pub fn is_valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && !name.contains(['/', ' ', '\0', ':'])
+        && name != "."
+        && name != ".."
+}
+
+/// `aa:bb:cc:dd:ee:ff` form of a MAC.
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Link {
@@ -60,23 +122,22 @@ impl Link {
             master: None,
             up: msg.header.flags.contains(LinkFlags::Up),
             kind: None,
+            vxlan: None,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(name) => link.name = name.clone(),
-                LinkAttribute::Address(mac) => {
-                    link.mac = mac
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":");
-                }
+                LinkAttribute::Address(mac) => link.mac = format_mac(mac),
                 LinkAttribute::Mtu(mtu) => link.mtu = Some(*mtu),
                 LinkAttribute::Controller(index) => link.master = Some(*index),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
-                        if let LinkInfo::Kind(kind) = info {
-                            link.kind = Some(kind.to_string());
+                        match info {
+                            LinkInfo::Kind(kind) => link.kind = Some(kind.to_string()),
+                            LinkInfo::Data(InfoData::Vxlan(attrs)) => {
+                                link.vxlan = Some(VxlanInfo::from_attributes(attrs));
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -84,6 +145,28 @@ impl Link {
             }
         }
         link
+    }
+}
+
+impl VxlanInfo {
+    fn from_attributes(attrs: &[InfoVxlan]) -> Self {
+        let mut info = VxlanInfo {
+            vni: 0,
+            local: None,
+            port: 0,
+            learning: true,
+        };
+        for attr in attrs {
+            match attr {
+                InfoVxlan::Id(id) => info.vni = *id,
+                InfoVxlan::Local(ip) if !ip.is_unspecified() => info.local = Some((*ip).into()),
+                InfoVxlan::Local6(ip) if !ip.is_unspecified() => info.local = Some((*ip).into()),
+                InfoVxlan::Port(port) => info.port = *port,
+                InfoVxlan::Learning(on) => info.learning = *on,
+                _ => {}
+            }
+        }
+        info
     }
 }
 
@@ -277,6 +360,43 @@ impl Netlink {
         self.ack(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
     }
 
+    /// Creates VXLAN device `name` with the parameters of `info`, MAC `mac` and `mtu`. An
+    /// existing link of that name is left alone (the caller compares it).
+    pub fn add_vxlan(
+        &mut self,
+        name: &str,
+        info: &VxlanInfo,
+        mac: [u8; 6],
+        mtu: Option<u32>,
+    ) -> Result<()> {
+        let mut data = vec![
+            InfoVxlan::Id(info.vni),
+            InfoVxlan::Port(info.port),
+            InfoVxlan::Learning(info.learning),
+        ];
+        match info.local {
+            Some(IpAddr::V4(ip)) => data.push(InfoVxlan::Local(ip)),
+            Some(IpAddr::V6(ip)) => data.push(InfoVxlan::Local6(ip)),
+            None => {}
+        }
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        if let Some(mtu) = mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(data)),
+        ]));
+        match self.ack(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
+                Err(nl_err(&format!("create vxlan device {name}"), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Sets link `index` up, optionally enslaving it to `master` and setting promiscuous mode.
     pub fn set_link(&mut self, index: u32, master: Option<u32>, promisc: bool) -> Result<()> {
         let mut msg = LinkMessage::default();
@@ -362,8 +482,35 @@ impl Netlink {
         }
     }
 
+    /// Removes `addr` from link `index`; an address not there is success.
+    pub fn del_address(&mut self, index: u32, addr: IpNet) -> Result<()> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = family(addr.addr);
+        msg.header.prefix_len = addr.prefix;
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(addr.addr));
+        msg.attributes.push(AddressAttribute::Address(addr.addr));
+        match self.ack(RouteNetlinkMessage::DelAddress(msg), 0) {
+            Err(e) if e.raw_os_error() != Some(libc::EADDRNOTAVAIL) => Err(nl_err(
+                &format!("remove address {addr} from link #{index}"),
+                e,
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The addresses on link `index`.
     pub fn addresses(&mut self, index: u32) -> Result<Vec<IpNet>> {
+        Ok(self
+            .all_addresses()?
+            .into_iter()
+            .filter(|(i, _)| *i == index)
+            .map(|(_, addr)| addr)
+            .collect())
+    }
+
+    /// Every address of every link, with the link's index.
+    pub fn all_addresses(&mut self) -> Result<Vec<(u32, IpNet)>> {
         let msg = AddressMessage::default();
         let replies = self
             .request(RouteNetlinkMessage::GetAddress(msg), NLM_F_DUMP)
@@ -373,9 +520,6 @@ impl Netlink {
             let RouteNetlinkMessage::NewAddress(a) = reply else {
                 continue;
             };
-            if a.header.index != index {
-                continue;
-            }
             let addr = a.attributes.iter().find_map(|attr| match attr {
                 AddressAttribute::Local(ip) => Some(*ip),
                 _ => None,
@@ -387,10 +531,13 @@ impl Netlink {
                 })
             });
             if let Some(ip) = addr {
-                out.push(IpNet {
-                    addr: ip,
-                    prefix: a.header.prefix_len,
-                });
+                out.push((
+                    a.header.index,
+                    IpNet {
+                        addr: ip,
+                        prefix: a.header.prefix_len,
+                    },
+                ));
             }
         }
         Ok(out)
@@ -399,25 +546,7 @@ impl Netlink {
     /// Adds a route to `dst` via `gw` out of `oif` in the main table; an existing one is
     /// success.
     pub fn add_route(&mut self, dst: IpNet, gw: Option<IpAddr>, oif: u32) -> Result<()> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = family(dst.addr);
-        msg.header.destination_prefix_length = dst.prefix;
-        msg.header.table = RouteHeader::RT_TABLE_MAIN;
-        msg.header.protocol = RouteProtocol::Boot;
-        msg.header.kind = RouteType::Unicast;
-        msg.header.scope = if gw.is_some() {
-            RouteScope::Universe
-        } else {
-            RouteScope::Link
-        };
-        if dst.prefix > 0 {
-            msg.attributes
-                .push(RouteAttribute::Destination(route_addr(dst.network())));
-        }
-        if let Some(gw) = gw {
-            msg.attributes.push(RouteAttribute::Gateway(route_addr(gw)));
-        }
-        msg.attributes.push(RouteAttribute::Oif(oif));
+        let msg = route_message(dst, gw, oif);
         match self.ack(
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_CREATE | NLM_F_EXCL,
@@ -426,6 +555,177 @@ impl Netlink {
                 let via = gw.map(|g| format!(" via {g}")).unwrap_or_default();
                 Err(nl_err(&format!("add route {dst}{via}"), e))
             }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sets the main table's route to `dst` to go via `gw` out of `oif`, with the gateway
+    /// taken as directly reachable on `oif` (`onlink`) whatever the link's addresses; it
+    /// replaces a route to `dst` that went elsewhere.
+    pub fn replace_onlink_route(&mut self, dst: IpNet, gw: IpAddr, oif: u32) -> Result<()> {
+        let mut msg = route_message(dst, Some(gw), oif);
+        msg.header.flags = RouteFlags::Onlink;
+        self.ack(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map_err(|e| nl_err(&format!("set route {dst} via {gw} onlink"), e))
+    }
+
+    /// Deletes the main table's route to `dst` via `gw` out of `oif`; none is success.
+    pub fn del_route(&mut self, dst: IpNet, gw: Option<IpAddr>, oif: u32) -> Result<()> {
+        let mut msg = route_message(dst, gw, oif);
+        msg.header.protocol = RouteProtocol::Unspec;
+        msg.header.scope = RouteScope::NoWhere;
+        match self.ack(RouteNetlinkMessage::DelRoute(msg), 0) {
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                Err(nl_err(&format!("delete route {dst}"), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The neighbour entries (ARP for `v4`, else NDP) of every link.
+    pub fn neighbours(&mut self, v4: bool) -> Result<Vec<Neighbour>> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = if v4 {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let replies = self
+            .request(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_DUMP)
+            .map_err(|e| nl_err("list neighbours", e))?;
+        let mut out = Vec::new();
+        for reply in replies {
+            let RouteNetlinkMessage::NewNeighbour(n) = reply else {
+                continue;
+            };
+            let mut ip = None;
+            let mut mac = String::new();
+            for attr in &n.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(a) => ip = neighbour_ip(a),
+                    NeighbourAttribute::LinkLayerAddress(m) => mac = format_mac(m),
+                    _ => {}
+                }
+            }
+            if let Some(ip) = ip {
+                out.push(Neighbour {
+                    index: n.header.ifindex,
+                    ip,
+                    mac,
+                    permanent: n.header.state == NeighbourState::Permanent,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets a permanent neighbour entry `ip` → `mac` on link `index` (replacing another).
+    pub fn replace_neighbour(&mut self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(ip);
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neighbour_addr(ip)));
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        self.ack(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map_err(|e| {
+            nl_err(
+                &format!("set neighbour {ip} lladdr {} on #{index}", format_mac(&mac)),
+                e,
+            )
+        })
+    }
+
+    /// Deletes the neighbour entry `ip` on link `index`; none is success.
+    pub fn del_neighbour(&mut self, index: u32, ip: IpAddr) -> Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(ip);
+        msg.header.ifindex = index;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neighbour_addr(ip)));
+        match self.ack(RouteNetlinkMessage::DelNeighbour(msg), 0) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                Err(nl_err(&format!("delete neighbour {ip} on #{index}"), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The forwarding-database entries of every device.
+    pub fn fdb(&mut self) -> Result<Vec<FdbEntry>> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        let replies = self
+            .request(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_DUMP)
+            .map_err(|e| nl_err("list forwarding database", e))?;
+        let mut out = Vec::new();
+        for reply in replies {
+            let RouteNetlinkMessage::NewNeighbour(n) = reply else {
+                continue;
+            };
+            let mut entry = FdbEntry {
+                index: n.header.ifindex,
+                mac: String::new(),
+                dst: None,
+            };
+            for attr in &n.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(a) => entry.dst = neighbour_ip(a),
+                    NeighbourAttribute::LinkLayerAddress(m) => entry.mac = format_mac(m),
+                    _ => {}
+                }
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// Sets the permanent forwarding entry of device `index` itself for `mac` to `dst`
+    /// (`bridge fdb replace <mac> dev <index> dst <dst> self permanent`).
+    pub fn replace_fdb(&mut self, index: u32, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neighbour_addr(dst)));
+        self.ack(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map_err(|e| {
+            nl_err(
+                &format!("set fdb {} dst {dst} on #{index}", format_mac(&mac)),
+                e,
+            )
+        })
+    }
+
+    /// Deletes device `index`'s own forwarding entry for `mac` (all its destinations);
+    /// none is success.
+    pub fn del_fdb(&mut self, index: u32, mac: [u8; 6]) -> Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        match self.ack(RouteNetlinkMessage::DelNeighbour(msg), 0) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(nl_err(
+                &format!("delete fdb {} on #{index}", format_mac(&mac)),
+                e,
+            )),
             _ => Ok(()),
         }
     }
@@ -485,6 +785,53 @@ fn family(ip: IpAddr) -> AddressFamily {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
+    }
+}
+
+/// A main-table unicast route message (scope link without a gateway).
+fn route_message(dst: IpNet, gw: Option<IpAddr>, oif: u32) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family(dst.addr);
+    msg.header.destination_prefix_length = dst.prefix;
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Boot;
+    msg.header.kind = RouteType::Unicast;
+    msg.header.scope = if gw.is_some() {
+        RouteScope::Universe
+    } else {
+        RouteScope::Link
+    };
+    if dst.prefix > 0 {
+        msg.attributes
+            .push(RouteAttribute::Destination(route_addr(dst.network())));
+    }
+    if let Some(gw) = gw {
+        msg.attributes.push(RouteAttribute::Gateway(route_addr(gw)));
+    }
+    msg.attributes.push(RouteAttribute::Oif(oif));
+    msg
+}
+
+fn neighbour_addr(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+    }
+}
+
+/// The IP of a neighbour attribute; forwarding entries carry it as raw bytes.
+fn neighbour_ip(addr: &NeighbourAddress) -> Option<IpAddr> {
+    match addr {
+        NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        NeighbourAddress::Other(bytes) => match bytes.len() {
+            4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(bytes.as_slice())
+                .ok()
+                .map(IpAddr::from),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

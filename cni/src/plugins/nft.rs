@@ -9,6 +9,7 @@
 //!     chain postrouting { type nat hook postrouting priority srcnat; ip saddr vmap @masq }
 //!     chain n<network hash>-<attachment hash> {     # one per (network, container, ifname)
 //!         ip daddr 10.88.0.0/16 accept              # traffic inside the pod subnet is not NATed
+//!         ip daddr 10.244.0.0/16 accept             # nor to any `nonMasqueradeCIDRs` network
 //!         ip daddr != 224.0.0.0/4 masquerade
 //!     }
 //! }
@@ -97,8 +98,15 @@ pub fn chain_name(network: &str, container_id: &str, ifname: &str) -> String {
     )
 }
 
-/// Masquerades traffic from each of `addrs` (pod address and subnet) to outside its subnet.
-pub fn add(network: &str, container_id: &str, ifname: &str, addrs: &[IpNet]) -> Result<()> {
+/// Masquerades traffic from each of `addrs` (pod address and subnet) to outside its subnet
+/// and outside every network of `keep` (destinations reached with the pod's own address).
+pub fn add(
+    network: &str,
+    container_id: &str,
+    ifname: &str,
+    addrs: &[IpNet],
+    keep: &[IpNet],
+) -> Result<()> {
     let _lock = lock()?;
     let chain = chain_name(network, container_id, ifname);
     let mut script = String::new();
@@ -123,7 +131,8 @@ pub fn add(network: &str, container_id: &str, ifname: &str, addrs: &[IpNet]) -> 
              flush chain {f} {t} {chain}\n",
             ty = family.addr_type()
         ));
-        for a in &mine {
+        let own = keep.iter().filter(|k| Family::of(k.addr) == family);
+        for a in mine.iter().copied().chain(own) {
             script.push_str(&format!(
                 "add rule {f} {t} {chain} {f} daddr {} accept\n",
                 a.canonical()

@@ -39,6 +39,9 @@ pub struct Call<'a> {
     pub netns: &'a str,
     pub cni_path: String,
     pub cni_args: &'a str,
+    /// Run the plugin in this named netns (`ip netns exec`, which also gives it that
+    /// netns's /sys), as a runtime on that host would.
+    pub host_netns: Option<&'a str>,
 }
 
 impl<'a> Call<'a> {
@@ -51,7 +54,13 @@ impl<'a> Call<'a> {
             netns: "",
             cni_path: plugin_dir(),
             cni_args: "",
+            host_netns: None,
         }
+    }
+
+    pub fn host(mut self, netns: &'a str) -> Self {
+        self.host_netns = Some(netns);
+        self
     }
 
     pub fn id(mut self, id: &'a str) -> Self {
@@ -81,7 +90,14 @@ impl<'a> Call<'a> {
 
     /// Runs the plugin with `conf` on stdin.
     pub fn run(&self, conf: &Value) -> Run {
-        let mut cmd = Command::new(self.plugin);
+        let mut cmd = match self.host_netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(self.plugin);
+                cmd
+            }
+            None => Command::new(self.plugin),
+        };
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("CNI_COMMAND", self.command)
