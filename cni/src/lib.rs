@@ -4,8 +4,9 @@
 //!   conf dirs, runs plugin chains (ADD, DEL, CHECK, STATUS, GC, VERSION) with `prevResult`
 //!   chaining, `CNI_ARGS` and `runtimeConfig` capabilities, and caches results on disk so DEL
 //!   works after a restart.
-//! - [`plugins`]: the code of berth's own plugin binaries (`berth-host-local`, `berth-bridge`),
-//!   written on `rscni-plugin`; each binary in `src/bin/` is a thin main over it.
+//! - [`plugins`]: the code of berth's own plugin binaries (`berth-host-local`, `berth-bridge`,
+//!   `berth-portmap`), written on `rscni-plugin`; each binary in `src/bin/` is a thin main
+//!   over it.
 #![warn(missing_docs)]
 
 pub mod plugins;

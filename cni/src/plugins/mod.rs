@@ -1,4 +1,5 @@
-//! Code shared by berth's own CNI plugin binaries (`berth-host-local`, `berth-bridge`).
+//! Code shared by berth's own CNI plugin binaries (`berth-host-local`, `berth-bridge`,
+//! `berth-portmap`).
 //!
 //! Each binary in `src/bin/` is a thin `main` that hands a [`rscni_plugin::cni::Cni`]
 //! implementation from here to [`runner::run`], which speaks the CNI protocol
@@ -11,6 +12,7 @@ pub mod host_local;
 pub mod ipnet;
 pub mod netlink;
 pub mod nft;
+pub mod portmap;
 pub mod runner;
 
 pub use error::{Error, Result};
