@@ -32,7 +32,8 @@
 //!         fib daddr type local jump n<net>-<att>-dnat         # one rule per attachment
 //!     }
 //!     chain output {                              # connections the host itself makes
-//!         type nat hook output priority dstnat; policy accept;
+//!         type nat hook output priority -100; policy accept;   # dstnat (nft 1.0.6 has no
+//!                                                              # name for it on output)
 //!         fib daddr type local jump n<net>-<att>-dnat
 //!     }
 //!     chain postrouting {
@@ -597,7 +598,7 @@ fn script(
     s.push_str(&format!(
         "add table {f} {t}\n\
          add chain {f} {t} {PREROUTING} {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
-         add chain {f} {t} {OUTPUT} {{ type nat hook output priority dstnat; policy accept; }}\n\
+         add chain {f} {t} {OUTPUT} {{ type nat hook output priority -100; policy accept; }}\n\
          add chain {f} {t} {dnat_chain}\n\
          flush chain {f} {t} {dnat_chain}\n"
     ));
