@@ -184,6 +184,8 @@ impl Net {
             "bridge": "bpm0",
             "isDefaultGateway": true,
             "hairpinMode": true,
+            // Masquerading makes conntrack track every flow of the stand-in, as on a real host.
+            "ipMasq": true,
             "ipam": {
                 "type": "berth-host-local",
                 "ranges": ranges,
@@ -346,9 +348,18 @@ fn tcp_get(ns: Option<&str>, host: &str, port: u16) -> Result<String, String> {
 
 /// Sends one datagram from namespace `ns` to `host:port` and returns the answer.
 fn udp_get(ns: Option<&str>, host: &str, port: u16) -> Result<String, String> {
+    udp_get_from(ns, 0, host, port)
+}
+
+/// [`udp_get`] from source port `from` (any if 0).
+fn udp_get_from(ns: Option<&str>, from: u16, host: &str, port: u16) -> Result<String, String> {
     let to = addr(host, port);
     in_ns(ns, || {
-        let local = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let local = if to.is_ipv4() {
+            format!("0.0.0.0:{from}")
+        } else {
+            format!("[::]:{from}")
+        };
         let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
         socket
             .set_read_timeout(Some(TIMEOUT))
@@ -524,14 +535,25 @@ fn tcp_host_port_reaches_the_pod_from_the_host_outside_other_pods_and_itself() {
 }
 
 #[test]
-fn udp_host_port_answers() {
+fn udp_host_port_answers_also_a_client_that_tried_before_add() {
     require_root();
     private_host_netns();
     let mut net = Net::new(false);
     let ext = net.external();
-    let mapping = json!([{"hostPort": 5353, "containerPort": 53, "protocol": "udp"}]);
-    let a = net.pod("pod-a", mapping, json!({}));
+    let mut a = net.pod("pod-a", json!([]), json!({}));
     let _server = Server::udp(&a.ns, 53, "pod-a");
+    // A client that sent before the mapping existed left a conntrack entry without NAT;
+    // its next datagrams from the same port must be forwarded all the same.
+    let early = udp_get_from(Some(&ext), 40053, LINK_HOST, 5353);
+    assert!(early.is_err(), "answered before ADD: {early:?}");
+    a.portmap_conf["runtimeConfig"]["portMappings"] =
+        json!([{"hostPort": 5353, "containerPort": 53, "protocol": "udp"}]);
+    a.portmap("ADD").expect_ok("ADD with the mapping");
+    assert_eq!(
+        udp_get_from(Some(&ext), 40053, LINK_HOST, 5353),
+        Ok(format!("pod-a {LINK_FAR}")),
+        "the client that tried before ADD"
+    );
     assert_eq!(
         udp_get(Some(&ext), LINK_HOST, 5353),
         Ok(format!("pod-a {LINK_FAR}"))

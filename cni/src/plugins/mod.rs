@@ -6,6 +6,7 @@
 //! (environment, stdin, stdout, error JSON) around `rscni-plugin`.
 
 pub mod bridge;
+pub mod conntrack;
 pub mod delegate;
 pub mod error;
 pub mod host_local;

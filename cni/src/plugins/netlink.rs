@@ -339,6 +339,16 @@ impl Netlink {
 
     /// The addresses on link `index`.
     pub fn addresses(&mut self, index: u32) -> Result<Vec<IpNet>> {
+        Ok(self
+            .all_addresses()?
+            .into_iter()
+            .filter(|(i, _)| *i == index)
+            .map(|(_, addr)| addr)
+            .collect())
+    }
+
+    /// Every address of every link, with the link's index.
+    pub fn all_addresses(&mut self) -> Result<Vec<(u32, IpNet)>> {
         let msg = AddressMessage::default();
         let replies = self
             .request(RouteNetlinkMessage::GetAddress(msg), NLM_F_DUMP)
@@ -348,9 +358,6 @@ impl Netlink {
             let RouteNetlinkMessage::NewAddress(a) = reply else {
                 continue;
             };
-            if a.header.index != index {
-                continue;
-            }
             let addr = a.attributes.iter().find_map(|attr| match attr {
                 AddressAttribute::Local(ip) => Some(*ip),
                 _ => None,
@@ -362,10 +369,13 @@ impl Netlink {
                 })
             });
             if let Some(ip) = addr {
-                out.push(IpNet {
-                    addr: ip,
-                    prefix: a.header.prefix_len,
-                });
+                out.push((
+                    a.header.index,
+                    IpNet {
+                        addr: ip,
+                        prefix: a.header.prefix_len,
+                    },
+                ));
             }
         }
         Ok(out)

@@ -60,6 +60,9 @@
 //! routes to the pod (a packet from 127.0.0.1 may not leave the host otherwise) and the
 //! masquerade above; ADD sets that sysctl in the network namespace it runs in, as the
 //! reference plugin does. IPv6 has no such switch, so `[::1]` is never forwarded.
+//!
+//! After ADD, conntrack entries of UDP flows to a mapped local host port that began before
+//! the mapping existed are deleted (see [`conntrack`]), as the reference plugin does.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -75,7 +78,7 @@ use serde_json::Value;
 use super::ipnet::IpNet;
 use super::netlink::Netlink;
 use super::nft::{self, Family};
-use super::{Error, Result, runner};
+use super::{Error, Result, conntrack, runner};
 
 /// The name of berth's port-mapping tables (one per address family).
 pub const TABLE: &str = "berth-portmap";
@@ -754,7 +757,45 @@ fn add(call: &Call, conf: &Config) -> Result<CNIResult> {
     }
     let name = call.name();
     apply(&|a| a == name, &name, &plans, "add port mappings")?;
+    // Best effort, as in the reference plugin: the mappings work for every new flow anyway.
+    let _ = forget_stale_udp_flows(&plans);
     Ok(prev.clone())
+}
+
+/// Deletes the conntrack entries of UDP flows to the host ports of `plans` that began
+/// before the mappings existed (see [`conntrack`]).
+fn forget_stale_udp_flows(plans: &[Plan]) -> Result<()> {
+    let udp = |p: &Plan| {
+        p.dnat
+            .iter()
+            .filter(|d| d.protocol == Protocol::Udp)
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    if plans.iter().all(|p| udp(p).is_empty()) {
+        return Ok(());
+    }
+    let local: Vec<IpAddr> = Netlink::new()?
+        .all_addresses()?
+        .into_iter()
+        .map(|(_, a)| a.addr)
+        .collect();
+    for plan in plans {
+        let rules = udp(plan);
+        if rules.is_empty() {
+            continue;
+        }
+        conntrack::delete_udp(plan.family == Family::V4, |dst, port| {
+            rules.iter().any(|d| {
+                d.host_port == port
+                    && match d.host_ip {
+                        Some(ip) => ip == dst,
+                        None => dst.is_loopback() || local.contains(&dst),
+                    }
+            })
+        })?;
+    }
+    Ok(())
 }
 
 fn del(call: &Call) -> Result<()> {
