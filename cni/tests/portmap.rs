@@ -903,3 +903,56 @@ fn bad_input_is_a_cni_error_and_changes_nothing() {
         );
     }
 }
+
+#[test]
+fn berths_cni_runtime_passes_port_mappings_to_the_chained_plugin() {
+    use berth_cni::runtime::{Attachment, Cni, CniConfig, Network, PortMapping};
+    require_root();
+    private_host_netns();
+    let mut net = Net::new(false);
+    let ns = net.add_netns();
+    let mut bridge = net.bridge_conf();
+    for key in ["cniVersion", "name"] {
+        bridge.as_object_mut().expect("conf").remove(key);
+    }
+    let conflist = json!({
+        "cniVersion": "1.1.0",
+        "name": net.network(),
+        "plugins": [bridge, {"type": "berth-portmap", "capabilities": {"portMappings": true}}],
+    });
+    net.networks.push(net.network());
+    let network = Network::from_conflist_bytes(conflist.to_string().as_bytes()).expect("conflist");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cni = Cni::new(CniConfig {
+        conf_dirs: vec![tmp.path().join("net.d")],
+        bin_dirs: vec![portmap_bin().parent().expect("bin dir").to_path_buf()],
+        cache_dir: tmp.path().join("cache"),
+        timeout: Duration::from_secs(30),
+    });
+    let att = Attachment::new("pod-rt", Some(PathBuf::from(netns_path(&ns))), "eth0")
+        .with_port_mappings(&[PortMapping {
+            host_port: 8080,
+            container_port: 80,
+            protocol: "tcp".into(),
+            host_ip: String::new(),
+        }]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+
+    rt.block_on(cni.add(&network, &att))
+        .expect("ADD of the chain");
+    let _server = Server::tcp(&ns, 80, "pod-rt");
+    assert_eq!(tcp_get(None, HOST_A, 8080), Ok(format!("pod-rt {HOST_A}")));
+    assert_eq!(
+        tcp_get(None, "127.0.0.1", 8080),
+        Ok(format!("pod-rt {}", net.gateway()))
+    );
+    rt.block_on(cni.check(&network, &att))
+        .expect("CHECK of the chain");
+    rt.block_on(cni.del(&network, &att))
+        .expect("DEL of the chain");
+    assert_eq!(table("ip"), None, "DEL through the runtime left rules");
+    assert!(tcp_get(None, HOST_A, 8080).is_err());
+}
