@@ -13,7 +13,10 @@
 //! Configuration keys (those of the reference `portmap` plugin):
 //! - `snat` (default true): masquerade forwarded connections from the host's loopback and
 //!   from the pod's own subnet (the pod itself, or its neighbours on the bridge, through a
-//!   host port), so that the pod's replies go back through the host and get un-NATed;
+//!   host port), so that the pod's replies go back through the host and get un-NATed. The
+//!   whole subnet, as the reference iptables backend does, not only the pod as its nftables
+//!   backend does: without `br_netfilter` a neighbour's reply would otherwise go straight
+//!   over the bridge, un-NATed, and the connection hang;
 //! - `masqAll` (default false, only with `snat`): masquerade every forwarded connection,
 //!   whatever its source;
 //! - `markMasqBit` (0-31) and `externalSetMarkChain` are accepted (and checked as the
