@@ -5,7 +5,8 @@
 //!   chaining, `CNI_ARGS` and `runtimeConfig` capabilities, and caches results on disk so DEL
 //!   works after a restart.
 //! - [`plugins`]: the code of berth's own plugin binaries (`berth-host-local`, `berth-bridge`,
-//!   `berth-vxlan`), written on `rscni-plugin`; each binary in `src/bin/` is a thin main over it.
+//!   `berth-portmap`, `berth-vxlan`), written on `rscni-plugin`; each binary in `src/bin/` is a
+//!   thin main over it.
 #![warn(missing_docs)]
 
 pub mod plugins;

@@ -7,41 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::{Call, allocation_files, require_root, result_ips};
+use common::{Call, allocation_files, private_host_netns, require_root, result_ips};
 use serde_json::{Value, json};
-
-/// Moves the calling test thread into a network namespace of its own that stands in for the
-/// host: the bridge, the veths' host ends, the nftables rules and the forwarding sysctls the
-/// plugin sets all live there and vanish with it, and the real host is never changed.
-fn private_host_netns() {
-    use nix::mount::{MsFlags, mount};
-    use nix::sched::CloneFlags;
-    // A mount namespace of the thread's own too (CLONE_FS lets one thread have it), with a
-    // sysfs of the new network namespace: the plugin reads /sys/class/net of its own netns.
-    nix::sched::unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET)
-        .expect("unshare mount and network namespaces for this test thread");
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("make mounts private");
-    mount(
-        Some("sysfs"),
-        "/sys",
-        Some("sysfs"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .expect("mount the new netns's sysfs");
-    let up = std::process::Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .expect("ip");
-    assert!(up.success(), "ip link set lo up");
-}
 
 fn bridge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_berth-bridge"))

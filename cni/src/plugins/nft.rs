@@ -37,20 +37,22 @@ pub const LOCK_FILE: &str = "/run/berth-nat.lock";
 const MAP: &str = "masq";
 const POSTROUTING: &str = "postrouting";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
+/// An nftables address family of berth's tables: `ip` or `ip6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Family {
     V4,
     V6,
 }
 
 impl Family {
-    const ALL: [Family; 2] = [Family::V4, Family::V6];
+    pub(crate) const ALL: [Family; 2] = [Family::V4, Family::V6];
 
-    fn of(ip: IpAddr) -> Self {
+    pub(crate) fn of(ip: IpAddr) -> Self {
         if ip.is_ipv4() { Family::V4 } else { Family::V6 }
     }
 
-    fn table(self) -> &'static str {
+    /// The nftables family keyword (`ip`, `ip6`), also the address match keyword.
+    pub(crate) fn table(self) -> &'static str {
         match self {
             Family::V4 => "ip",
             Family::V6 => "ip6",
@@ -231,7 +233,7 @@ fn remove_chains(matches: impl Fn(&str) -> bool) -> Result<()> {
 }
 
 /// Takes berth's nftables lock (blocking); released when the file is dropped.
-fn lock() -> Result<std::fs::File> {
+pub(crate) fn lock() -> Result<std::fs::File> {
     let err = |e: std::io::Error| Error::Nft {
         op: format!("lock {LOCK_FILE}"),
         detail: e.to_string(),
@@ -251,10 +253,15 @@ struct TableState {
     elements: Vec<(IpAddr, String)>,
 }
 
-/// The chains and map elements of our table of `family`; `None` if there is no table.
-fn list(family: Family) -> Result<Option<TableState>> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", family.table(), TABLE])
+/// Table `table` of `family` as `nft -j` prints it (with rule handles if `handles`);
+/// `None` if there is no such table.
+pub(crate) fn list_json(family: Family, table: &str, handles: bool) -> Result<Option<Value>> {
+    let mut cmd = Command::new("nft");
+    if handles {
+        cmd.arg("-a");
+    }
+    let out = cmd
+        .args(["-j", "list", "table", family.table(), table])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| Error::Nft {
@@ -267,14 +274,23 @@ fn list(family: Family) -> Result<Option<TableState>> {
             return Ok(None);
         }
         return Err(Error::Nft {
-            op: format!("list table {} {TABLE}", family.table()),
+            op: format!("list table {} {table}", family.table()),
             detail: stderr.trim().to_string(),
         });
     }
-    let json: Value = serde_json::from_slice(&out.stdout).map_err(|e| Error::Nft {
-        op: "parse nft -j output".into(),
-        detail: e.to_string(),
-    })?;
+    serde_json::from_slice(&out.stdout)
+        .map(Some)
+        .map_err(|e| Error::Nft {
+            op: "parse nft -j output".into(),
+            detail: e.to_string(),
+        })
+}
+
+/// The chains and map elements of our table of `family`; `None` if there is no table.
+fn list(family: Family) -> Result<Option<TableState>> {
+    let Some(json) = list_json(family, TABLE, false)? else {
+        return Ok(None);
+    };
     let mut state = TableState {
         chains: Vec::new(),
         elements: Vec::new(),
@@ -296,7 +312,8 @@ fn list(family: Family) -> Result<Option<TableState>> {
     Ok(Some(state))
 }
 
-fn nft_script(script: &str, op: &str) -> Result<()> {
+/// Runs `script` with `nft -f -`: one atomic transaction. `op` names it in errors.
+pub(crate) fn nft_script(script: &str, op: &str) -> Result<()> {
     let err = |detail: String| Error::Nft {
         op: op.to_string(),
         detail,

@@ -8,7 +8,10 @@
 //!   the spec makes `CNI_NETNS` optional on DEL and `CNI_ARGS` optional everywhere;
 //! - it returns errors instead of printing the CNI error JSON and exiting non-zero;
 //! - its GC attachment type wants `container_id` where the spec (and libcni) send
-//!   `containerID`, so it fails to parse every real GC request (see [`valid_attachments`]).
+//!   `containerID`, so it fails to parse every real GC request (see [`valid_attachments`]);
+//! - its `runtimeConfig.portMappings` type has no `hostIP` and no `sctp`, so a request with
+//!   an SCTP mapping fails to parse before the plugin sees it. The library gets a copy
+//!   without `portMappings`; `berth-portmap` reads them from [`stdin_data`].
 //!
 //! So [`run`] fills the optional variables with empty values, keeps a copy of stdin (a
 //! delegating plugin passes it on unchanged, see [`stdin_data`]), captures what the library
@@ -70,7 +73,7 @@ pub fn run<T: Cni>(about: &str, plugin: &T) -> ExitCode {
         let replay = if command == "GC" {
             gc_compatible(&data)
         } else {
-            data.clone()
+            without_port_mappings(&data)
         };
         if let Err(err) = replace_fd_with(0, &replay) {
             return fail(
@@ -157,6 +160,23 @@ fn gc_compatible(data: &[u8]) -> Vec<u8> {
                 obj.insert("container_id".into(), id);
             }
         }
+    }
+    serde_json::to_vec(&conf).unwrap_or_else(|_| data.to_vec())
+}
+
+/// The request without `runtimeConfig.portMappings` (unchanged if it has none), which
+/// rscni-plugin's `NetConf` cannot always parse (see the module doc).
+fn without_port_mappings(data: &[u8]) -> Vec<u8> {
+    let Ok(mut conf) = serde_json::from_slice::<Value>(data) else {
+        return data.to_vec();
+    };
+    let removed = conf
+        .get_mut("runtimeConfig")
+        .and_then(Value::as_object_mut)
+        .and_then(|rc| rc.remove("portMappings"))
+        .is_some();
+    if !removed {
+        return data.to_vec();
     }
     serde_json::to_vec(&conf).unwrap_or_else(|_| data.to_vec())
 }
@@ -272,6 +292,22 @@ mod tests {
         let v: Value = serde_json::from_str(&out).expect("json");
         assert_eq!(v["cniVersion"], "1.1.0");
         assert!(v["ips"][0].get("version").is_none());
+    }
+
+    #[test]
+    fn port_mappings_the_library_cannot_parse_are_kept_from_it() {
+        let req = br#"{"cniVersion":"1.0.0","name":"n","type":"t","runtimeConfig":{
+            "portMappings":[{"hostPort":1,"containerPort":2,"protocol":"sctp","hostIP":"::1"}],
+            "ips":["10.0.0.2"]}}"#;
+        assert!(serde_json::from_slice::<rscni_plugin::types::NetConf>(req).is_err());
+        let fixed = without_port_mappings(req);
+        let conf: rscni_plugin::types::NetConf =
+            serde_json::from_slice(&fixed).expect("rscni parses the rewritten request");
+        let rc = conf.runtime_config.expect("runtimeConfig kept");
+        assert!(rc.port_mappings.is_empty());
+        assert!(rc.custom.contains_key("ips"), "other capabilities stay");
+        let plain = br#"{"cniVersion":"1.0.0","name":"n","type":"t"}"#;
+        assert_eq!(without_port_mappings(plain), plain.to_vec());
     }
 
     #[test]
