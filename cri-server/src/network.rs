@@ -305,6 +305,7 @@ fn write_default(cfg: &CniSection, dir: &Path, ipam_dir: &Path) -> Result<()> {
                     "dataDir": ipam_dir,
                 },
             },
+            { "type": "berth-portmap", "capabilities": { "portMappings": true } },
         ],
     });
     let io = |what: &str, e: std::io::Error| Error::internal(what, e);

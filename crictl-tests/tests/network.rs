@@ -7,12 +7,15 @@
 
 use std::io::Read;
 use std::net::{IpAddr, TcpListener};
+use std::path::Path;
+use std::time::Duration;
 
 use api::cri;
 use crictl_tests::daemon::Daemon;
+use crictl_tests::hostns::HostNs;
 use crictl_tests::pods::{
     Env, assert_clean, assert_network_clean, create, ctr_config, env, env_with, exec_sync,
-    network_leftovers, pod_config, remove_pod, run_pod, run_pod_with, start, warnings,
+    network_leftovers, pod_config, remove_pod, run_pod, run_pod_with, sh_config, start, warnings,
 };
 use tonic::Code;
 
@@ -211,7 +214,16 @@ async fn twenty_concurrent_pods_get_distinct_addresses_and_cycles_leave_nothing(
         let runs = (0..20).map(|i| {
             let env = &env;
             async move {
-                let cfg = pod_config(env, &format!("cyc{round}-{i}"));
+                let mut cfg = pod_config(env, &format!("cyc{round}-{i}"));
+                if i % 2 == 0 {
+                    // Host ports too: their nftables rules must go with the pod.
+                    cfg.port_mappings = vec![cri::PortMapping {
+                        protocol: cri::Protocol::Tcp as i32,
+                        container_port: 80,
+                        host_port: 20000 + i,
+                        host_ip: String::new(),
+                    }];
+                }
                 run_pod_with(env, cfg).await.0
             }
         });
@@ -376,4 +388,236 @@ async fn a_broken_conflist_or_a_missing_plugin_is_not_ready_and_pods_fail_cleanl
     remove_pod(&env, &pod).await;
     assert_clean(&env);
     assert!(network_leftovers(&env.d).is_empty());
+}
+
+/// A pod serving `hello-<name>` over HTTP on port 80 with busybox httpd, its port 80 mapped
+/// to `host_port`; returns (pod id, container id).
+async fn web_pod(env: &Env, name: &str, host_port: i32) -> (String, String) {
+    let cfg = cri::PodSandboxConfig {
+        port_mappings: vec![cri::PortMapping {
+            protocol: cri::Protocol::Tcp as i32,
+            container_port: 80,
+            host_port,
+            host_ip: String::new(),
+        }],
+        ..pod_config(env, name)
+    };
+    let pod = run_pod_with(env, cfg).await;
+    let script = format!(
+        "mkdir -p /tmp/www && echo hello-{name} > /tmp/www/index.html && exec httpd -f -p 80 -h /tmp/www"
+    );
+    let ctr = create(env, &pod, sh_config(env, name, &script))
+        .await
+        .unwrap_or_else(|e| panic!("create: {e:?}\n{}", warnings(env)));
+    start(env, &ctr).await;
+    (pod.0, ctr)
+}
+
+/// GET / from `addr` over plain TCP, from the calling thread's namespace: the body, or the
+/// error.
+fn http_get(addr: &str) -> Result<String, String> {
+    use std::io::Write;
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut last = String::new();
+    // httpd may still be starting: a few tries.
+    for _ in 0..50 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(mut c) => {
+                c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                c.write_all(b"GET / HTTP/1.0\r\n\r\n")
+                    .map_err(|e| e.to_string())?;
+                let mut out = String::new();
+                c.read_to_string(&mut out).map_err(|e| e.to_string())?;
+                return Ok(out);
+            }
+            Err(e) => last = format!("connect {addr}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(last)
+}
+
+/// A shell script GETting / from `host:port` with busybox nc (busybox-static's wget crashes
+/// in its resolver).
+fn get_script(host: &str, port: u16) -> String {
+    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w5 {host} {port}")
+}
+
+/// Puts an "outside" machine (a namespace of its own) on a link to the daemon's host:
+/// the host gets `192.168.77.1/24` on `ext0`, the outside `192.168.77.2/24`.
+fn outside_host(d: &Daemon) -> std::sync::Arc<HostNs> {
+    let outside = HostNs::new().expect("outside namespace");
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let host = d.netns().name();
+    ip(&[
+        "-n",
+        host,
+        "link",
+        "add",
+        "ext0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ext1",
+        "netns",
+        outside.name(),
+    ]);
+    ip(&["-n", host, "addr", "add", "192.168.77.1/24", "dev", "ext0"]);
+    ip(&["-n", host, "link", "set", "ext0", "up"]);
+    ip(&[
+        "-n",
+        outside.name(),
+        "addr",
+        "add",
+        "192.168.77.2/24",
+        "dev",
+        "ext1",
+    ]);
+    ip(&["-n", outside.name(), "link", "set", "ext1", "up"]);
+    outside
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_ports_reach_the_pod_from_the_host_outside_other_pods_and_itself() {
+    let env = env().await;
+    let outside = outside_host(&env.d);
+    let (web, web_ctr) = web_pod(&env, "web", 18080).await;
+    let (_client, client) = sleeper(&env, "client").await;
+
+    // From the host itself: loopback, its external address, its bridge address.
+    for addr in ["127.0.0.1:18080", "192.168.77.1:18080", "10.88.0.1:18080"] {
+        let body = env.d.netns().run(|| http_get(addr));
+        assert!(
+            body.as_deref().is_ok_and(|b| b.contains("hello-web")),
+            "from the host to {addr}: {body:?}"
+        );
+    }
+    // From another machine.
+    let body = outside.run(|| http_get("192.168.77.1:18080"));
+    assert!(
+        body.as_deref().is_ok_and(|b| b.contains("hello-web")),
+        "from outside: {body:?}"
+    );
+    // From another pod, and from the pod itself (hairpin), through the host's address.
+    for ctr in [&client, &web_ctr] {
+        let (code, out) = sh(&env, ctr, &get_script("192.168.77.1", 18080)).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("hello-web"), "{out}");
+    }
+
+    // Stopping the pod takes the mapping away.
+    stop_pod(&env, &web).await.expect("stop");
+    let gone = env.d.netns().run(|| {
+        std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:18080".parse().expect("addr"),
+            Duration::from_secs(1),
+        )
+    });
+    assert!(gone.is_err(), "the host port still answers after stop");
+    remove_pod(&env, &web).await;
+    remove_pod(&env, &_client).await;
+    let del = std::process::Command::new("ip")
+        .args(["-n", env.d.netns().name(), "link", "del", "ext0"])
+        .status()
+        .expect("ip");
+    assert!(del.success());
+    drop(outside);
+    assert_clean(&env);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reference_plugins_from_debian_work_the_same() {
+    for p in ["bridge", "host-local", "portmap"] {
+        assert!(
+            Path::new("/usr/lib/cni").join(p).is_file(),
+            "/usr/lib/cni/{p} missing: run scripts/deps (containernetworking-plugins)"
+        );
+    }
+    let confs = tempfile::Builder::new()
+        .prefix("berth-test-netd-")
+        .tempdir()
+        .expect("conf dir");
+    let ipam = tempfile::Builder::new()
+        .prefix("berth-test-ipam-")
+        .tempdir()
+        .expect("ipam dir");
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "reference",
+        "plugins": [
+            {
+                "type": "bridge", "bridge": "cni-ref0", "isGateway": true, "ipMasq": true,
+                "hairpinMode": true,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.77.0.0/24"}]],
+                         "routes": [{"dst": "0.0.0.0/0"}], "dataDir": ipam.path()},
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+        ],
+    });
+    std::fs::write(
+        confs.path().join("10-reference.conflist"),
+        conflist.to_string(),
+    )
+    .expect("write");
+    let config = format!(
+        "[cni]\nconf_dirs = [{:?}]\nbin_dirs = [\"/usr/lib/cni\"]\n",
+        confs.path()
+    );
+    let env = env_with(&config, None).await;
+    let ready = network_ready(&env.d).await;
+    assert!(ready.status, "{ready:?}");
+
+    let (web, web_ctr) = web_pod(&env, "refweb", 18081).await;
+    let (other, other_ctr) = sleeper(&env, "refother").await;
+    let ips = pod_ips(&env, &web).await;
+    assert!(ips[0].starts_with("10.77.0."), "{ips:?}");
+    let (code, out) = sh(&env, &other_ctr, &format!("ping -c1 -W3 {}", ips[0])).await;
+    assert_eq!(code, 0, "pod to pod: {out}");
+    let body = env.d.netns().run(|| http_get("10.77.0.1:18081"));
+    assert!(
+        body.as_deref().is_ok_and(|b| b.contains("hello-refweb")),
+        "{body:?}"
+    );
+    let (code, out) = sh(&env, &web_ctr, &get_script("10.77.0.1", 18081)).await;
+    assert!(code == 0 && out.contains("hello-refweb"), "hairpin: {out}");
+
+    for pod in [&web, &other] {
+        stop_pod(&env, pod).await.expect("stop");
+        remove_pod(&env, pod).await;
+    }
+    assert_clean(&env);
+    let allocations: Vec<_> = walk(ipam.path())
+        .into_iter()
+        .filter(|f| {
+            let name = f.file_name().unwrap_or_default().to_string_lossy();
+            name.parse::<IpAddr>().is_ok()
+        })
+        .collect();
+    assert!(
+        allocations.is_empty(),
+        "addresses still allocated: {allocations:?}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
