@@ -621,3 +621,122 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_whose_network_setup_was_cut_short_by_kill_9_is_rolled_back() {
+    // A chain whose second plugin blocks in ADD after berth-bridge set the pod up: berthd is
+    // killed right there.
+    let dir = tempfile::Builder::new()
+        .prefix("berth-test-blocker-")
+        .tempdir()
+        .expect("dir");
+    let started = dir.path().join("started");
+    let blocker = dir.path().join("bin").join("blocker");
+    std::fs::create_dir_all(blocker.parent().expect("bin")).expect("mkdir");
+    std::fs::write(
+        &blocker,
+        format!(
+            "#!/bin/sh\n[ \"$CNI_COMMAND\" = ADD ] || exit 0\necho $$ > {}\nexec sleep 3600\n",
+            started.display()
+        ),
+    )
+    .expect("write blocker");
+    std::fs::set_permissions(
+        &blocker,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let confs = dir.path().join("net.d");
+    std::fs::create_dir_all(&confs).expect("mkdir");
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "blocking",
+        "plugins": [
+            {"type": "berth-bridge", "bridge": "berth0", "isGateway": true,
+             "ipam": {"type": "berth-host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]],
+                      "dataDir": dir.path().join("ipam")}},
+            {"type": "blocker"},
+        ],
+    });
+    std::fs::write(confs.join("10-blocking.conflist"), conflist.to_string()).expect("write");
+    let config = format!(
+        "[cni]\nconf_dirs = [{:?}]\nbin_dirs = [{:?}]\n",
+        confs,
+        blocker.parent().expect("bin")
+    );
+    let mut env = env_with(&config, None).await;
+
+    let cfg = pod_config(&env, "cut");
+    let socket = env.d.socket.clone();
+    let run = tokio::spawn(async move {
+        let channel = crictl_tests::daemon::connect(&socket)
+            .await
+            .expect("connect");
+        let mut rt = cri::runtime_service_client::RuntimeServiceClient::new(channel);
+        rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg),
+            runtime_handler: String::new(),
+        })
+        .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !started.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blocker never ran\n{}",
+            warnings(&env)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let blocker_pid: i32 = std::fs::read_to_string(&started)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid number");
+    // The bridge did its part: the pod has an interface and an address.
+    let during = network_leftovers(&env.d);
+    assert!(during.iter().any(|l| l.starts_with("link ")), "{during:?}");
+    env.d.kill9().await.expect("kill -9");
+    assert!(
+        run.await.expect("join").is_err(),
+        "RunPodSandbox cannot succeed"
+    );
+    // The plugin died with berthd instead of running on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{blocker_pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{blocker_pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the plugin outlived berthd"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    env.d.restart().await.expect("restart");
+    let mut rt = env.d.runtime().await.expect("client");
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "{pods:?}");
+    nothing_made_for_pods(&env);
+    let allocations: Vec<_> = walk(&dir.path().join("ipam"))
+        .into_iter()
+        .filter(|f| {
+            f.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .parse::<IpAddr>()
+                .is_ok()
+        })
+        .collect();
+    assert!(
+        allocations.is_empty(),
+        "addresses still allocated: {allocations:?}"
+    );
+    assert_clean(&env);
+}

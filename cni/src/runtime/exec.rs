@@ -117,6 +117,23 @@ pub(crate) async fn invoke(inv: Invocation<'_>) -> Result<Vec<u8>> {
         .stderr(Stdio::piped())
         // Its own process group, so a timeout kills whatever the plugin started too.
         .process_group(0);
+    // A plugin dies with the runtime: one left running after a crash would go on changing the
+    // network while the restarted runtime rolls the same attachment back.
+    let parent = std::process::id();
+    // SAFETY: prctl and getppid are async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if nix::libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other(
+                    "the runtime died before the plugin started",
+                ));
+            }
+            Ok(())
+        });
+    }
 
     let exec_err = |source| Error::ExecPlugin {
         plugin: inv.plugin.to_owned(),
