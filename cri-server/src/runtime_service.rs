@@ -1,6 +1,6 @@
-//! CRI RuntimeService. Version, Status and RuntimeConfig are answered; the pod and container
-//! calls arrive with the RuntimeService issue and answer UNIMPLEMENTED until then — never a fake
-//! success.
+//! CRI RuntimeService: translates each call into calls on the core managers (sandboxes,
+//! containers, pod networks). The streaming calls and checkpointing answer UNIMPLEMENTED until
+//! they are built — never a fake success.
 
 use std::sync::Arc;
 
