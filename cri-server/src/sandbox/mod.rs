@@ -370,9 +370,12 @@ impl SandboxManager {
         let lock = self.lock(&id);
         let _held = lock.lock().await;
 
-        let setup = {
+        // Stage one makes the namespaces. Then the pod's PID namespace init and its network
+        // are set up side by side: neither needs the other, and each takes milliseconds.
+        let ns_dir = self.ns_dir(&id);
+        let pins = {
             let files_dir = self.sandbox_dir(&id);
-            let ns_dir = self.ns_dir(&id);
+            let ns_dir = ns_dir.clone();
             let req = ns_linux::NsRequest {
                 net: !host_net,
                 ipc: !is_node(ns.ipc),
@@ -380,67 +383,80 @@ impl SandboxManager {
                 hostname: Some(record.hostname.clone()),
                 sysctls,
             };
-            let pid_ns = ns.pid == cri::NamespaceMode::Pod as i32;
-            let cgroup = owned_cgroup(&record);
-            let limits = record
-                .config
-                .linux
-                .as_ref()
-                .and_then(cgroup_linux::pod_limits);
-            let shim = self.shim_binary.clone();
             let record = record.clone();
-            tokio::task::spawn_blocking(move || -> Result<(Vec<PathBuf>, Option<i32>)> {
+            tokio::task::spawn_blocking(move || -> Result<Vec<PathBuf>> {
                 write_pod_files(&files_dir, &record, host_net)?;
-                let mut pins = ns_linux::pin(&ns_dir, &req).map_err(Error::Internal)?;
-                // Whatever fails from here on, teardown finds the pins, the init (by its pid
-                // file) and the cgroup on its own.
-                if let Some(cg) = &cgroup
-                    && (pid_ns || limits.is_some())
-                {
-                    cg.create(limits.as_ref())?;
-                }
-                let mut init = None;
-                if pid_ns {
-                    let pidfile = ns_dir.join(pod_init::PIDFILE);
-                    let pid = pod_init::spawn(&shim, &pidfile).map_err(Error::Internal)?;
-                    init = Some(pid);
-                    if let Some(cg) = &cgroup {
-                        cg.add(pid)?;
-                    }
-                    let pin = pod_init::pin(pid, &pidfile, &ns_dir.join(pod_init::PIN))
-                        .map_err(Error::Internal)?;
-                    pins.push(pin);
-                }
-                Ok((pins, init))
+                ns_linux::pin(&ns_dir, &req).map_err(Error::Internal)
             })
             .await
             .map_err(|e| Error::Internal(format!("sandbox setup thread: {e}")))?
         };
-        let setup = match (setup, network) {
-            (Ok((pins, init_pid)), Some(net)) => {
+        let setup = match pins {
+            Err(e) => Err(e),
+            Ok(pins) => {
                 record.pins = pins;
-                record.init_pid = init_pid;
-                // Recorded before ADD runs: a crash in the middle of it is rolled back with
-                // a DEL at the next start.
-                record.network = Some(net.name().to_owned());
-                match self.put(&record) {
-                    Ok(()) => match record.ns_path("net") {
-                        Some(netns) => self
-                            .network
-                            .attach(&net, &id, netns, &record.config)
-                            .await
-                            .map(|a| {
-                                record.ips = a.ips;
-                                (record.pins.clone(), record.init_pid)
-                            }),
-                        None => Err(Error::Internal(
-                            "the pod's network namespace was not pinned".into(),
-                        )),
+                let pid_ns = ns.pid == cri::NamespaceMode::Pod as i32;
+                let cgroup = owned_cgroup(&record);
+                let limits = record
+                    .config
+                    .linux
+                    .as_ref()
+                    .and_then(cgroup_linux::pod_limits);
+                let shim = self.shim_binary.clone();
+                let init_dir = ns_dir.clone();
+                // Whatever fails from here on, teardown finds the pins, the init (by its pid
+                // file), the cgroup and the network (by the record) on its own.
+                let init = tokio::task::spawn_blocking(
+                    move || -> Result<(Option<PathBuf>, Option<i32>)> {
+                        if let Some(cg) = &cgroup
+                            && (pid_ns || limits.is_some())
+                        {
+                            cg.create(limits.as_ref())?;
+                        }
+                        if !pid_ns {
+                            return Ok((None, None));
+                        }
+                        let pidfile = init_dir.join(pod_init::PIDFILE);
+                        let pid = pod_init::spawn(&shim, &pidfile).map_err(Error::Internal)?;
+                        if let Some(cg) = &cgroup {
+                            cg.add(pid)?;
+                        }
+                        let pin = pod_init::pin(pid, &pidfile, &init_dir.join(pod_init::PIN))
+                            .map_err(Error::Internal)?;
+                        Ok((Some(pin), Some(pid)))
                     },
-                    Err(e) => Err(e),
+                );
+                let attach = async {
+                    let Some(net) = &network else {
+                        return Ok(None);
+                    };
+                    // Recorded before ADD runs: a crash in the middle of it is rolled back
+                    // with a DEL at the next start.
+                    record.network = Some(net.name().to_owned());
+                    self.put(&record)?;
+                    let netns = record.ns_path("net").ok_or_else(|| {
+                        Error::Internal("the pod's network namespace was not pinned".into())
+                    })?;
+                    self.network
+                        .attach(net, &id, netns, &record.config)
+                        .await
+                        .map(|a| Some(a.ips))
+                };
+                let (init, attached) = tokio::join!(init, attach);
+                let init = init
+                    .map_err(|e| Error::Internal(format!("pod init thread: {e}")))
+                    .and_then(|r| r);
+                match (init, attached) {
+                    (Ok((pid_pin, init_pid)), Ok(ips)) => {
+                        record.ips = ips.unwrap_or_default();
+                        Ok((
+                            record.pins.iter().cloned().chain(pid_pin).collect(),
+                            init_pid,
+                        ))
+                    }
+                    (Err(e), _) | (_, Err(e)) => Err(e),
                 }
             }
-            (setup, _) => setup,
         };
         match setup {
             Ok((pins, init_pid)) => {
