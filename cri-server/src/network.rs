@@ -35,15 +35,6 @@ pub const DEFAULT_NETWORK: &str = "berth";
 /// Its file in the managed dir.
 pub const DEFAULT_FILE: &str = "10-berth.conflist";
 
-/// What a successful attach gave the pod.
-#[derive(Debug, Clone)]
-pub struct Attached {
-    /// The network's name.
-    pub network: String,
-    /// The pod's addresses on it, the primary (IPv4 if any, as kubelet expects) first.
-    pub ips: Vec<String>,
-}
-
 /// The pods' CNI networks.
 pub struct PodNetwork {
     cni: Cni,
@@ -81,11 +72,6 @@ impl PodNetwork {
             cni,
             pod_cidrs: Mutex::default(),
         })
-    }
-
-    /// The CNI runtime underneath.
-    pub fn cni(&self) -> &Cni {
-        &self.cni
     }
 
     /// Whether pods can be attached now: a valid network exists, all its plugins are installed
@@ -204,15 +190,16 @@ impl PodNetwork {
         Ok(())
     }
 
-    /// Attaches pod `id` (network namespace `netns`) to `net`. A failure may leave part of
-    /// the chain set up: the caller rolls it back with [`PodNetwork::detach`].
+    /// Attaches pod `id` (network namespace `netns`) to `net` and returns the pod's addresses,
+    /// the primary (IPv4 if any, as kubelet expects) first. A failure may leave part of the
+    /// chain set up: the caller rolls it back with [`PodNetwork::detach`].
     pub async fn attach(
         &self,
         net: &Network,
         id: &str,
         netns: &Path,
         config: &cri::PodSandboxConfig,
-    ) -> Result<Attached> {
+    ) -> Result<Vec<String>> {
         let att = self.attachment(id, Some(netns), config);
         let result = self.cni.add(net, &att).await.map_err(|e| {
             Error::Internal(format!(
@@ -221,10 +208,7 @@ impl PodNetwork {
                 crate::error::chain(&e)
             ))
         })?;
-        Ok(Attached {
-            network: net.name().to_owned(),
-            ips: pod_ips(&result),
-        })
+        Ok(pod_ips(&result))
     }
 
     /// Detaches pod `id` from network `name`: DEL from the result cache when there is an

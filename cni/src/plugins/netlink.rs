@@ -588,11 +588,7 @@ impl Netlink {
     /// The neighbour entries (ARP for `v4`, else NDP) of every link.
     pub fn neighbours(&mut self, v4: bool) -> Result<Vec<Neighbour>> {
         let mut msg = NeighbourMessage::default();
-        msg.header.family = if v4 {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
+        msg.header.family = family_v4(v4);
         let replies = self
             .request(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_DUMP)
             .map_err(|e| nl_err("list neighbours", e))?;
@@ -733,11 +729,7 @@ impl Netlink {
     /// The routes of the main table for `v4`'s family.
     pub fn routes(&mut self, v4: bool) -> Result<Vec<RouteEntry>> {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = if v4 {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
+        msg.header.address_family = family_v4(v4);
         let replies = self
             .request(RouteNetlinkMessage::GetRoute(msg), NLM_F_DUMP)
             .map_err(|e| nl_err("list routes", e))?;
@@ -781,7 +773,11 @@ impl Netlink {
 }
 
 fn family(ip: IpAddr) -> AddressFamily {
-    if ip.is_ipv4() {
+    family_v4(ip.is_ipv4())
+}
+
+fn family_v4(v4: bool) -> AddressFamily {
+    if v4 {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6

@@ -363,7 +363,9 @@ impl SandboxManager {
             pins: vec![],
             hostname,
             init_pid: None,
-            network: None,
+            // Recorded from the start: a crash in the middle of ADD is rolled back with a DEL
+            // at the next start (a DEL of what never ran is harmless).
+            network: network.as_ref().map(|n| n.name().to_owned()),
             ips: vec![],
         };
         self.reserve(&record)?;
@@ -428,40 +430,30 @@ impl SandboxManager {
                 );
                 let attach = async {
                     let Some(net) = &network else {
-                        return Ok(None);
+                        return Ok(vec![]);
                     };
-                    // Recorded before ADD runs: a crash in the middle of it is rolled back
-                    // with a DEL at the next start.
-                    record.network = Some(net.name().to_owned());
-                    self.put(&record)?;
                     let netns = record.ns_path("net").ok_or_else(|| {
                         Error::Internal("the pod's network namespace was not pinned".into())
                     })?;
-                    self.network
-                        .attach(net, &id, netns, &record.config)
-                        .await
-                        .map(|a| Some(a.ips))
+                    self.network.attach(net, &id, netns, &record.config).await
                 };
-                let (init, attached) = tokio::join!(init, attach);
+                let (init, ips) = tokio::join!(init, attach);
                 let init = init
                     .map_err(|e| Error::Internal(format!("pod init thread: {e}")))
                     .and_then(|r| r);
-                match (init, attached) {
+                match (init, ips) {
                     (Ok((pid_pin, init_pid)), Ok(ips)) => {
-                        record.ips = ips.unwrap_or_default();
-                        Ok((
-                            record.pins.iter().cloned().chain(pid_pin).collect(),
-                            init_pid,
-                        ))
+                        record.pins.extend(pid_pin);
+                        record.init_pid = init_pid;
+                        record.ips = ips;
+                        Ok(())
                     }
                     (Err(e), _) | (_, Err(e)) => Err(e),
                 }
             }
         };
         match setup {
-            Ok((pins, init_pid)) => {
-                record.pins = pins;
-                record.init_pid = init_pid;
+            Ok(()) => {
                 record.state = State::Ready;
                 if let Err(e) = self.put(&record) {
                     self.teardown(&record).await;
