@@ -1,0 +1,1 @@
+//! WebSocket framing and handshakes (to be written).
