@@ -12,6 +12,7 @@ pub mod events;
 pub mod image;
 pub mod image_service;
 pub mod network;
+pub mod quantity;
 pub mod runtime_service;
 pub mod sandbox;
 pub mod server;

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use api::cri;
 use cni::runtime::{
-    Attachment, Cni, CniConfig, CniResult, DnsConfig, IpRange, Network, NotReady, PortMapping,
+    Attachment, Bandwidth, Cni, CniConfig, CniResult, DnsConfig, IpRange, Network, NotReady, PortMapping,
 };
 use serde_json::json;
 
@@ -148,6 +148,9 @@ impl PodNetwork {
                 options: d.options.clone(),
             });
         }
+        if let Ok(Some(bw)) = bandwidth(config) {
+            att = att.with_bandwidth(&bw);
+        }
         let cidrs = self
             .pod_cidrs
             .lock()
@@ -168,8 +171,9 @@ impl PodNetwork {
         att
     }
 
-    /// Checks the port mappings before anything is set up.
+    /// Checks the port mappings and bandwidth annotations before anything is set up.
     pub fn validate(config: &cri::PodSandboxConfig) -> Result<()> {
+        bandwidth(config)?;
         for p in &config.port_mappings {
             let bad = |what: &str| {
                 Err(Error::InvalidArgument(format!(
@@ -250,6 +254,40 @@ impl PodNetwork {
             }
         }
     }
+}
+
+/// The pod annotation limiting traffic into the pod, in bits per second.
+pub const INGRESS_BANDWIDTH: &str = "kubernetes.io/ingress-bandwidth";
+/// The pod annotation limiting traffic out of the pod, in bits per second.
+pub const EGRESS_BANDWIDTH: &str = "kubernetes.io/egress-bandwidth";
+
+/// The `bandwidth` capability from the pod's annotations, as kubelet and containerd read them:
+/// each rate a quantity from 1k to 1P bits per second, the burst unlimited (as containerd).
+fn bandwidth(config: &cri::PodSandboxConfig) -> Result<Option<Bandwidth>> {
+    let rate = |key: &str| -> Result<Option<u64>> {
+        let Some(v) = config.annotations.get(key) else {
+            return Ok(None);
+        };
+        let bits = crate::quantity::parse_value(v)
+            .map_err(|e| Error::InvalidArgument(format!("annotation {key}: {e}")))?;
+        if !(1_000..=1_000_000_000_000_000).contains(&bits) {
+            return Err(Error::InvalidArgument(format!(
+                "annotation {key}: {v} is outside 1k..1P bits per second"
+            )));
+        }
+        Ok(Some(bits))
+    };
+    let (ingress, egress) = (rate(INGRESS_BANDWIDTH)?, rate(EGRESS_BANDWIDTH)?);
+    if ingress.is_none() && egress.is_none() {
+        return Ok(None);
+    }
+    let burst = |r: Option<u64>| r.map(|_| u64::from(u32::MAX));
+    Ok(Some(Bandwidth {
+        ingress_rate: ingress,
+        ingress_burst: burst(ingress),
+        egress_rate: egress,
+        egress_burst: burst(egress),
+    }))
 }
 
 /// The pod's addresses from a result: those of the sandbox interfaces (all, when the result

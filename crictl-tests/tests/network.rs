@@ -537,7 +537,7 @@ async fn host_ports_reach_the_pod_from_the_host_outside_other_pods_and_itself() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_reference_plugins_from_debian_work_the_same() {
-    for p in ["bridge", "host-local", "portmap"] {
+    for p in ["bridge", "host-local", "portmap", "bandwidth"] {
         assert!(
             Path::new("/usr/lib/cni").join(p).is_file(),
             "/usr/lib/cni/{p} missing: run scripts/deps (containernetworking-plugins)"
@@ -561,6 +561,7 @@ async fn the_reference_plugins_from_debian_work_the_same() {
                          "routes": [{"dst": "0.0.0.0/0"}], "dataDir": ipam.path()},
             },
             {"type": "portmap", "capabilities": {"portMappings": true}},
+            {"type": "bandwidth", "capabilities": {"bandwidth": true}},
         ],
     });
     std::fs::write(
@@ -590,11 +591,39 @@ async fn the_reference_plugins_from_debian_work_the_same() {
     let (code, out) = sh(&env, &web_ctr, &get_script("10.77.0.1", 18081)).await;
     assert!(code == 0 && out.contains("hello-refweb"), "hairpin: {out}");
 
-    for pod in [&web, &other] {
+    // The bandwidth annotations reach the bandwidth plugin, which shapes the pod's traffic.
+    let mut cfg = pod_config(&env, "refbw");
+    cfg.annotations
+        .insert("kubernetes.io/ingress-bandwidth".into(), "1M".into());
+    cfg.annotations
+        .insert("kubernetes.io/egress-bandwidth".into(), "2M".into());
+    let (shaped, _) = run_pod_with(&env, cfg.clone()).await;
+    let qdiscs = tc_shaping(&env.d);
+    assert!(
+        qdiscs.contains("rate 1Mbit") && qdiscs.contains("rate 2Mbit"),
+        "{qdiscs}"
+    );
+    cfg.annotations
+        .insert("kubernetes.io/egress-bandwidth".into(), "lots".into());
+    cfg.metadata.as_mut().expect("metadata").name = "refbw-bad".into();
+    let mut rt = env.d.runtime().await.expect("client");
+    let err = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect_err("a bad bandwidth annotation");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("egress-bandwidth"), "{err:?}");
+
+    for pod in [&web, &other, &shaped] {
         stop_pod(&env, pod).await.expect("stop");
         remove_pod(&env, pod).await;
     }
     assert_clean(&env);
+    let qdiscs = tc_shaping(&env.d);
+    assert!(!qdiscs.contains("tbf"), "shaping left: {qdiscs}");
     let allocations: Vec<_> = walk(ipam.path())
         .into_iter()
         .filter(|f| {
@@ -606,6 +635,20 @@ async fn the_reference_plugins_from_debian_work_the_same() {
         allocations.is_empty(),
         "addresses still allocated: {allocations:?}"
     );
+}
+
+/// The daemon host's qdiscs and ifb devices (the bandwidth plugin's shaping).
+fn tc_shaping(d: &Daemon) -> String {
+    d.netns().run(|| {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .expect("run tc/ip");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        run(&["tc", "qdisc", "show"]) + &run(&["ip", "-o", "link", "show", "type", "ifb"])
+    })
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
