@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use api::cri;
 use cni::runtime::{
-    Attachment, Bandwidth, Cni, CniConfig, CniResult, DnsConfig, IpRange, Network, NotReady, PortMapping,
+    Attachment, Bandwidth, GcAttachment, Cni, CniConfig, CniResult, DnsConfig, IpRange, Network, NotReady, PortMapping,
 };
 use serde_json::json;
 
@@ -38,6 +38,8 @@ pub const DEFAULT_FILE: &str = "10-berth.conflist";
 /// The pods' CNI networks.
 pub struct PodNetwork {
     cni: Cni,
+    /// berth's managed conf dir: networks there are berth's own, so GC may run their plugins.
+    managed: PathBuf,
     /// `ipRanges` from the node's pod CIDR, one range set per CIDR.
     pod_cidrs: Mutex<Vec<String>>,
 }
@@ -70,6 +72,7 @@ impl PodNetwork {
         }
         Ok(PodNetwork {
             cni,
+            managed,
             pod_cidrs: Mutex::default(),
         })
     }
@@ -169,6 +172,47 @@ impl PodNetwork {
             att = att.with_ip_ranges(&ranges);
         }
         att
+    }
+
+    /// Releases what berthd's networks hold for pods it no longer knows: `pods` are the sandbox
+    /// ids with a network. Cached attachments of other pods are deleted (the cache is berth's
+    /// alone), and the plugins of networks in berth's managed dir get CNI GC with the valid
+    /// attachments. Networks from shared conf dirs get no plugin GC: their plugins' state (an
+    /// IPAM data dir, say) may be another runtime's too. Runs before berthd serves, so no ADD
+    /// is in flight. Errors are logged, not returned: a stale allocation is no reason to fail
+    /// a start.
+    pub async fn gc(&self, pods: &[String]) {
+        let valid: Vec<GcAttachment> = pods
+            .iter()
+            .map(|id| GcAttachment {
+                container_id: id.clone(),
+                ifname: POD_IFNAME.to_owned(),
+            })
+            .collect();
+        let cached = match self.cni.cached_attachments().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "CNI GC: list the result cache");
+                Vec::new()
+            }
+        };
+        for entry in cached {
+            if entry.ifname == POD_IFNAME && pods.contains(&entry.container_id) {
+                continue;
+            }
+            tracing::info!(network = %entry.network_name, sandbox_id = %entry.container_id, "CNI GC: tearing down an attachment of a pod berthd does not know");
+            if let Err(e) = self.cni.del_cached(&entry).await {
+                tracing::warn!(network = %entry.network_name, sandbox_id = %entry.container_id, error = %e, "CNI GC: delete a stale attachment");
+            }
+        }
+        for net in self.cni.configs().networks.iter() {
+            if !net.source().is_some_and(|p| p.starts_with(&self.managed)) {
+                continue;
+            }
+            if let Err(e) = self.cni.gc(net, &valid).await {
+                tracing::warn!(network = net.name(), error = %e, "CNI GC");
+            }
+        }
     }
 
     /// Checks the port mappings and bandwidth annotations before anything is set up.

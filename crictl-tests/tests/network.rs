@@ -193,7 +193,17 @@ async fn the_network_is_torn_down_after_berthd_is_killed_and_restarted() {
     let (pod2, _) = sleeper(&env, "netkill2").await;
 
     env.d.kill9().await.expect("kill -9");
+    // An address allocated to a pod berthd never heard of (a crash of an older berthd between
+    // IPAM and its record, say): the start's CNI GC releases it, and only it.
+    let ipam = env.d.state().join("cni/ipam/berth");
+    let owned = std::fs::read_dir(&ipam).expect("ipam dir").count();
+    std::fs::write(ipam.join("10.88.0.200"), "stale-pod\r\neth0").expect("plant");
     env.d.restart().await.expect("restart");
+    assert!(
+        !ipam.join("10.88.0.200").exists(),
+        "the stale allocation survived the start's GC"
+    );
+    assert_eq!(std::fs::read_dir(&ipam).expect("ipam dir").count(), owned);
     assert_eq!(pod_ips(&env, &pod).await, ips, "the IP survives a restart");
     let (code, out) = sh(&env, &ctr, "ping -c1 -W3 10.88.0.1").await;
     assert_eq!(code, 0, "the network still works: {out}");

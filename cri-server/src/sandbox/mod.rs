@@ -191,6 +191,13 @@ impl SandboxManager {
                 _ => {}
             }
         }
+        let attached: Vec<String> = self
+            .all()?
+            .into_iter()
+            .filter(|r| r.network.is_some())
+            .map(|r| r.id)
+            .collect();
+        rt.block_on(self.network.gc(&attached));
         Ok(())
     }
 
