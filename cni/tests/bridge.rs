@@ -263,6 +263,54 @@ fn two_pods_ping_each_other_and_the_gateway_and_del_removes_everything() {
 }
 
 #[test]
+fn del_for_a_netns_the_runtime_disposes_of_leaves_the_veth_to_the_kernel() {
+    require_root();
+    private_host_netns();
+    let mut net = Net::new();
+    let ns_a = net.add_netns();
+    let ns_b = net.add_netns();
+    let conf = net.conf(json!({}));
+    let res_a = add(&conf, "pod-a", &ns_a);
+    let res_b = add(&conf, "pod-b", &ns_b);
+    let ip_a = result_ips(&res_a)[0].clone();
+    let veth_a = res_a["interfaces"][1]["name"]
+        .as_str()
+        .expect("veth")
+        .to_string();
+
+    let path = netns_path(&ns_a);
+    for round in 0..2 {
+        Call::new(&bridge_bin(), "DEL")
+            .id("pod-a")
+            .netns(&path)
+            .args("IgnoreUnknown=1;BERTH_NETNS_DISPOSED=true")
+            .run(&with_prev(&conf, &res_a))
+            .expect_ok(&format!("DEL a #{round}"));
+    }
+    // The address is released and answers nowhere; the pair waits for its namespace.
+    assert!(link_exists(&veth_a), "{veth_a} was deleted, not left");
+    let addrs = ip(&["-n", &ns_a, "-o", "addr", "show", "dev", "eth0"]);
+    let addrs = String::from_utf8_lossy(&addrs.stdout).into_owned();
+    assert!(!addrs.contains(" inet"), "eth0 kept addresses: {addrs}");
+    assert!(
+        !allocation_files(&net.alloc_dir(&conf)).contains(&ip_a),
+        "{ip_a} still allocated"
+    );
+    assert!(!nft_table().contains(&ip_a), "a's masquerade rule survived");
+    assert!(!ping(&ns_b, &ip_a), "{ip_a} still answers after DEL");
+
+    let out = ip(&["netns", "del", &ns_a]);
+    assert!(out.status.success(), "{out:?}");
+    net.netns.retain(|n| *n != ns_a);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while link_exists(&veth_a) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!link_exists(&veth_a), "{veth_a} outlived its namespace");
+    run("DEL", &with_prev(&conf, &res_b), "pod-b", &ns_b).expect_ok("DEL b");
+}
+
+#[test]
 fn failed_add_rolls_back_and_check_sees_a_broken_pod() {
     require_root();
     private_host_netns();

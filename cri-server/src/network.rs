@@ -20,8 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use api::cri;
+use cni::plugins::bridge::NETNS_DISPOSED_ARG;
 use cni::runtime::{
-    Attachment, Bandwidth, GcAttachment, Cni, CniConfig, CniResult, DnsConfig, IpRange, Network, NotReady, PortMapping,
+    Attachment, Bandwidth, Cni, CniConfig, CniResult, DnsConfig, GcAttachment, IpRange, Network,
+    NotReady, PortMapping,
 };
 use serde_json::json;
 
@@ -261,7 +263,8 @@ impl PodNetwork {
 
     /// Detaches pod `id` from network `name`: DEL from the result cache when there is an
     /// entry, else with the network's current config (an ADD that failed or was cut short
-    /// cached nothing). Succeeds when there is nothing to tear down.
+    /// cached nothing). Succeeds when there is nothing to tear down. A `netns` given is one the
+    /// caller destroys right after, and plugins are told so (see [`NETNS_DISPOSED_ARG`]).
     pub async fn detach(
         &self,
         name: &str,
@@ -280,18 +283,23 @@ impl PodNetwork {
             .cached_attachment(name, id, POD_IFNAME)
             .await
             .map_err(fail)?;
+        // berthd unpins the netns right after: berth-bridge may leave the veth to the kernel.
+        let disposed = (NETNS_DISPOSED_ARG.to_owned(), "true".to_owned());
         if let Some(mut entry) = cached {
             if netns.is_some() {
                 entry.netns = netns.map(Path::to_path_buf);
+                entry.args.push(disposed);
             }
             return self.cni.del_cached(&entry).await.map_err(fail);
         }
         match self.cni.network(name) {
-            Some(net) => self
-                .cni
-                .del(&net, &self.attachment(id, netns, config))
-                .await
-                .map_err(fail),
+            Some(net) => {
+                let mut att = self.attachment(id, netns, config);
+                if netns.is_some() {
+                    att.args.push(disposed);
+                }
+                self.cni.del(&net, &att).await.map_err(fail)
+            }
             None => {
                 tracing::warn!(sandbox_id = %id, network = name, "network config and cache entry are both gone: nothing to tear down with");
                 Ok(())

@@ -102,7 +102,9 @@ mod tests {
 
     #[test]
     fn bad_quantities_are_errors() {
-        for s in ["", "k", "-1M", "1.2.3", "10X", "1Mi5", "1e", "1e99", "99E", "1 M"] {
+        for s in [
+            "", "k", "-1M", "1.2.3", "10X", "1Mi5", "1e", "1e99", "99E", "1 M",
+        ] {
             assert!(parse_value(s).is_err(), "{s} parsed");
         }
     }

@@ -300,17 +300,26 @@ pub fn assert_clean(env: &Env) {
 /// loopback and bridges, CNI result cache entries, IP allocations of berth's default network,
 /// and berth's nftables tables.
 pub fn network_leftovers(d: &Daemon) -> Vec<String> {
-    let mut left = Vec::new();
-    let links = std::process::Command::new("ip")
-        .args(["-n", d.netns().name(), "-o", "-d", "link", "show"])
-        .output()
-        .expect("ip link");
-    for line in String::from_utf8_lossy(&links.stdout).lines() {
-        let name = line.split(": ").nth(1).unwrap_or_default();
-        if name != "lo" && !line.contains(" bridge ") {
-            left.push(format!("link {name}"));
+    // A pod's veth pair goes with its network namespace, which the kernel destroys in the
+    // background once berthd unpins it: give that a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut left = loop {
+        let links = std::process::Command::new("ip")
+            .args(["-n", d.netns().name(), "-o", "-d", "link", "show"])
+            .output()
+            .expect("ip link");
+        let mut left = Vec::new();
+        for line in String::from_utf8_lossy(&links.stdout).lines() {
+            let name = line.split(": ").nth(1).unwrap_or_default();
+            if name != "lo" && !line.contains(" bridge ") {
+                left.push(format!("link {name}"));
+            }
         }
-    }
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     let files = |dir: &Path| -> Vec<String> {
         std::fs::read_dir(dir)
             .map(|rd| {
