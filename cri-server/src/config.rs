@@ -3,6 +3,7 @@
 //! ```toml
 //! snapshotter = "overlay"          # or "native", or "auto" (overlay where the kernel has it)
 //! max_concurrent_downloads = 3
+//! pod_namespace_pool = 4           # pod namespaces made ahead of time (0: none)
 //!
 //! [registry."docker.io"]
 //! mirrors = ["http://127.0.0.1:5000"]
@@ -36,6 +37,9 @@ pub struct Config {
     pub registry: BTreeMap<String, RegistryConfig>,
     /// Pod networking.
     pub cni: CniSection,
+    /// How many sets of pod namespaces (network, IPC, UTS) berthd keeps made ahead of time,
+    /// so pod starts do not wait for them. 0 makes them on demand.
+    pub pod_namespace_pool: usize,
 }
 
 /// Where CNI network configs and plugins are found, and berth's own default network.
@@ -99,6 +103,7 @@ impl Default for Config {
             max_concurrent_downloads: 3,
             registry: BTreeMap::new(),
             cni: CniSection::default(),
+            pod_namespace_pool: 4,
         }
     }
 }
@@ -113,6 +118,12 @@ impl Config {
         };
         let config: Config =
             toml::from_str(&text).with_context(|| format!("parse config {}", path.display()))?;
+        if config.pod_namespace_pool > 64 {
+            anyhow::bail!(
+                "config {}: pod_namespace_pool must be at most 64",
+                path.display()
+            );
+        }
         if config.cni.plugin_timeout_secs == 0 {
             anyhow::bail!(
                 "config {}: cni.plugin_timeout_secs must be at least 1",

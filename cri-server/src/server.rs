@@ -71,12 +71,14 @@ pub async fn run(
     let result = tonic::transport::Server::builder()
         .layer(RequestSpanLayer)
         .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(
-            sandboxes, containers,
+            sandboxes.clone(),
+            containers,
         )))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(images)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serve CRI");
+    sandboxes.shutdown();
     let _ = std::fs::remove_file(&paths.listen);
     result
 }
@@ -125,6 +127,7 @@ async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
             )?)
         };
         let cni_config = config.cni.clone();
+        let pod_namespace_pool = config.pod_namespace_pool;
         let images = Arc::new(ImageManager::new(
             db.clone(),
             content,
@@ -148,6 +151,7 @@ async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
             paths.shim.clone(),
             events.clone(),
             network,
+            pod_namespace_pool,
         )?);
         let containers = Arc::new(ContainerManager::new(
             db,

@@ -249,7 +249,24 @@ pub fn read_cri_log(path: &Path) -> (String, String) {
     (out, err)
 }
 
+/// Mounts under `dir` that belong to pods: all but the namespace pool's pins, which berthd
+/// keeps for pods to come (see [`pool_mounts`]).
 pub fn mounts_under(dir: &Path) -> Vec<String> {
+    all_mounts_under(dir)
+        .into_iter()
+        .filter(|m| !m.contains("/ns/.pool-"))
+        .collect()
+}
+
+/// The namespace pool's pins under the daemon's state dir.
+pub fn pool_mounts(d: &Daemon) -> Vec<String> {
+    all_mounts_under(&d.state())
+        .into_iter()
+        .filter(|m| m.contains("/ns/.pool-"))
+        .collect()
+}
+
+fn all_mounts_under(dir: &Path) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .expect("mountinfo")
         .lines()

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use api::cri;
 use crictl_tests::daemon::{Daemon, require_root};
-use crictl_tests::pods::mounts_under;
+use crictl_tests::pods::{mounts_under, pool_mounts};
 use tonic::Code;
 
 fn pod(name: &str, attempt: u32) -> cri::PodSandboxConfig {
@@ -371,6 +371,80 @@ async fn sandboxes_survive_kill_9() {
     assert_eq!(st.state, cri::PodSandboxState::SandboxNotready as i32);
     remove(&d, &id).await.expect("remove");
     assert!(mounts_under(&d.state()).is_empty());
+}
+
+/// Waits until the daemon's namespace pool holds `entries` entries (three pins each).
+async fn pool_settles(d: &Daemon, entries: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let pins = pool_mounts(d);
+        if pins.len() == entries * 3 || std::time::Instant::now() > deadline {
+            return pins;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn inode(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).expect("stat pin"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_namespaces_come_from_a_pool_kept_full() {
+    require_root();
+    let mut d = Daemon::start().await.expect("daemon");
+    let pool = pool_settles(&d, 4).await;
+    assert_eq!(pool.len(), 12, "the default pool is 4 sets: {pool:?}");
+    let pooled: Vec<u64> = pool
+        .iter()
+        .filter(|p| p.ends_with("/net"))
+        .map(|p| inode(Path::new(p)))
+        .collect();
+
+    // More pods than the pool holds: pooled and fresh namespaces alike are the pod's own and
+    // configured for it.
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(run(&d, pod(&format!("pooled{i}"), 0)).await.expect("run"));
+    }
+    let mut nets = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let [net, _, uts] = <[PathBuf; 3]>::try_from(pins(&d, id)).expect("three pins");
+        assert_eq!(
+            nsenter("uts", &uts, &["hostname"]).trim(),
+            format!("pooled{i}-host")
+        );
+        let range = nsenter("net", &net, &["cat", "/proc/sys/net/ipv4/ping_group_range"]);
+        assert_eq!(range.split_whitespace().collect::<Vec<_>>(), ["0", "1000"]);
+        let lo = nsenter("net", &net, &["ip", "-o", "link", "show", "lo"]);
+        assert!(lo.contains("UP"), "lo is up: {lo}");
+        nets.push(inode(&net));
+    }
+    assert!(pooled.contains(&nets[0]), "the first pod took a pooled set");
+    let mut distinct = nets.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), nets.len(), "a namespace shared by two pods");
+
+    // The pool refills in the background, with namespaces no pod has.
+    let pool = pool_settles(&d, 4).await;
+    assert_eq!(pool.len(), 12, "{pool:?}");
+    for p in pool.iter().filter(|p| p.ends_with("/net")) {
+        assert!(!nets.contains(&inode(Path::new(p))), "{p} is a pod's");
+    }
+
+    // kill -9 leaves the pool behind; the next start releases it and makes a new one.
+    d.kill9().await.expect("kill");
+    d.restart().await.expect("restart");
+    let pool = pool_settles(&d, 4).await;
+    assert_eq!(pool.len(), 12, "stale entries released: {pool:?}");
+    for id in &ids {
+        remove(&d, id).await.expect("remove");
+    }
+    assert!(mounts_under(&d.state()).is_empty());
+    // A clean stop releases the pool.
+    d.stop().await.expect("stop");
+    assert!(pool_mounts(&d).is_empty(), "{:?}", pool_mounts(&d));
 }
 
 fn nix_umount(p: &Path) -> std::io::Result<()> {

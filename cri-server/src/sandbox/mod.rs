@@ -127,6 +127,8 @@ pub struct SandboxManager {
     events: EventBus,
     /// The pods' CNI networks.
     network: Arc<PodNetwork>,
+    /// Pod namespaces made ahead of time.
+    ns_pool: Arc<ns_linux::NsPool>,
 }
 
 impl SandboxManager {
@@ -137,11 +139,15 @@ impl SandboxManager {
         shim_binary: PathBuf,
         events: EventBus,
         network: Arc<PodNetwork>,
+        ns_pool_size: usize,
     ) -> Result<Self> {
         let tx = db.begin_write()?;
         tx.open_table(SANDBOXES)?;
         tx.open_table(NAMES)?;
         tx.commit()?;
+        let ns_root = state_dir.join("ns");
+        std::fs::create_dir_all(&ns_root)
+            .map_err(|e| Error::Internal(format!("create {}: {e}", ns_root.display())))?;
         let m = SandboxManager {
             db,
             state_dir: state_dir.to_owned(),
@@ -149,8 +155,10 @@ impl SandboxManager {
             locks: Mutex::default(),
             events,
             network,
+            ns_pool: ns_linux::NsPool::new(&ns_root, ns_pool_size),
         };
         m.recover()?;
+        m.ns_pool.refill();
         Ok(m)
     }
 
@@ -199,6 +207,11 @@ impl SandboxManager {
             .collect();
         rt.block_on(self.network.gc(&attached));
         Ok(())
+    }
+
+    /// Releases what the manager holds for pods to come (berthd's shutdown).
+    pub fn shutdown(&self) {
+        self.ns_pool.drain();
     }
 
     /// The pods' networks.
@@ -393,12 +406,17 @@ impl SandboxManager {
                 sysctls,
             };
             let record = record.clone();
-            tokio::task::spawn_blocking(move || -> Result<Vec<PathBuf>> {
+            let pool = self.ns_pool.clone();
+            let pins = tokio::task::spawn_blocking(move || -> Result<Vec<PathBuf>> {
                 write_pod_files(&files_dir, &record, host_net)?;
-                ns_linux::pin(&ns_dir, &req).map_err(Error::Internal)
+                pool.take(&ns_dir, &req)
+                    .unwrap_or_else(|| ns_linux::pin(&ns_dir, &req))
+                    .map_err(Error::Internal)
             })
             .await
-            .map_err(|e| Error::Internal(format!("sandbox setup thread: {e}")))?
+            .map_err(|e| Error::Internal(format!("sandbox setup thread: {e}")))?;
+            self.ns_pool.refill();
+            pins
         };
         let setup = match pins {
             Err(e) => Err(e),

@@ -89,15 +89,7 @@ fn pin_in_this_thread(dir: &Path, req: &NsRequest) -> Result<Vec<PathBuf>, Strin
         if req.net {
             loopback_up()?;
         }
-        for (key, value) in &req.sysctls {
-            let path = Path::new("/proc/sys").join(key.replace('.', "/"));
-            OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .and_then(|mut f| f.write_all(value.as_bytes()))
-                .map_err(|e| format!("set sysctl {key}={value}: {e}"))?;
-        }
-        Ok(())
+        write_sysctls(&req.sysctls)
     })();
     match result {
         Ok(()) => Ok(pinned),
@@ -165,4 +157,172 @@ pub fn unpin(pins: &[PathBuf]) -> Result<(), String> {
 pub fn is_pinned(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+}
+
+/// The name prefix of pool entries in the namespace root.
+const POOL_PREFIX: &str = ".pool-";
+
+/// Network, IPC and UTS namespaces made ahead of time, so a pod start does not wait for
+/// `unshare` (a new network namespace alone costs milliseconds: every pernet subsystem
+/// initialises). Each entry is a directory `<root>/.pool-<n>/` holding the three pins, `lo`
+/// up, nothing else set. A pod takes one by renaming the directory to its own namespace dir
+/// (the bind mounts move with it), then sets its hostname and sysctls from inside. A refill
+/// thread keeps the pool full in the background.
+#[derive(Debug)]
+pub struct NsPool {
+    root: PathBuf,
+    size: usize,
+    ready: std::sync::Mutex<Vec<PathBuf>>,
+    filling: std::sync::atomic::AtomicBool,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl NsPool {
+    /// A pool of `size` entries under `root` (0: no pool). Entries a previous berthd left are
+    /// released first: their namespaces may be from before a reboot. Fill it with
+    /// [`NsPool::refill`].
+    pub fn new(root: &Path, size: usize) -> std::sync::Arc<Self> {
+        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(POOL_PREFIX) {
+                release(&e.path());
+            }
+        }
+        std::sync::Arc::new(NsPool {
+            root: root.to_owned(),
+            size,
+            ready: std::sync::Mutex::default(),
+            filling: std::sync::atomic::AtomicBool::new(false),
+            next: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn ready(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Entries ready now.
+    pub fn len(&self) -> usize {
+        self.ready().len()
+    }
+
+    /// Whether no entry is ready.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Starts a background thread that tops the pool up, unless one runs already.
+    pub fn refill(self: &std::sync::Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.len() >= self.size || self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("berth-ns-pool".into())
+            .spawn(move || {
+                while pool.len() < pool.size {
+                    let n = pool.next.fetch_add(1, Ordering::Relaxed);
+                    let dir = pool.root.join(format!("{POOL_PREFIX}{n}"));
+                    let req = NsRequest {
+                        net: true,
+                        ipc: true,
+                        uts: true,
+                        ..NsRequest::default()
+                    };
+                    match pin(&dir, &req) {
+                        Ok(_) => pool.ready().push(dir),
+                        Err(e) => {
+                            let _ = std::fs::remove_dir(&dir);
+                            tracing::warn!(error = %e, "namespace pool: cannot make namespaces");
+                            break;
+                        }
+                    }
+                }
+                pool.filling.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            self.filling.store(false, Ordering::Release);
+            tracing::warn!(error = %e, "namespace pool: cannot start the refill thread");
+        }
+    }
+
+    /// Moves a ready entry to `dir` (which must not exist) and configures it as `req` asks:
+    /// the pins, or None when the pool is empty or the entry could not be used (the caller
+    /// then makes fresh namespaces). Only for requests of all three kinds.
+    pub fn take(&self, dir: &Path, req: &NsRequest) -> Option<Result<Vec<PathBuf>, String>> {
+        if !(req.net && req.ipc && req.uts) {
+            return None;
+        }
+        let entry = self.ready().pop()?;
+        if let Err(e) = std::fs::rename(&entry, dir) {
+            tracing::warn!(entry = %entry.display(), error = %e, "namespace pool: cannot take an entry");
+            release(&entry);
+            return None;
+        }
+        let pins: Vec<PathBuf> = KINDS.iter().map(|k| dir.join(k)).collect();
+        let configured = {
+            let (pins, req) = (pins.clone(), req.clone());
+            std::thread::Builder::new()
+                .name("berth-ns".into())
+                .spawn(move || configure_in_this_thread(&pins, &req))
+                .map_err(|e| format!("spawn namespace thread: {e}"))
+                .and_then(|t| {
+                    t.join()
+                        .map_err(|_| "namespace thread panicked".to_owned())?
+                })
+        };
+        Some(match configured {
+            Ok(()) => Ok(pins),
+            Err(e) => {
+                let _ = unpin(&pins);
+                Err(e)
+            }
+        })
+    }
+
+    /// Releases every ready entry (berthd's shutdown).
+    pub fn drain(&self) {
+        for entry in std::mem::take(&mut *self.ready()) {
+            release(&entry);
+        }
+    }
+}
+
+/// Unpins a pool entry's namespaces and removes its directory.
+fn release(entry: &Path) {
+    let pins: Vec<PathBuf> = KINDS.iter().map(|k| entry.join(k)).collect();
+    if let Err(e) = unpin(&pins) {
+        tracing::warn!(entry = %entry.display(), error = %e, "namespace pool: release an entry");
+    }
+    let _ = std::fs::remove_dir(entry);
+}
+
+/// Joins the pinned namespaces (`pins` in [`KINDS`] order) and sets the hostname and sysctls
+/// `req` asks for.
+fn configure_in_this_thread(pins: &[PathBuf], req: &NsRequest) -> Result<(), String> {
+    for (pin, flag) in pins.iter().zip([
+        CloneFlags::CLONE_NEWNET,
+        CloneFlags::CLONE_NEWIPC,
+        CloneFlags::CLONE_NEWUTS,
+    ]) {
+        let f = std::fs::File::open(pin).map_err(|e| format!("open {}: {e}", pin.display()))?;
+        nix::sched::setns(&f, flag).map_err(|e| format!("join {}: {e}", pin.display()))?;
+    }
+    if let Some(h) = req.hostname.as_deref() {
+        nix::unistd::sethostname(h).map_err(|e| format!("set hostname {h:?}: {e}"))?;
+    }
+    write_sysctls(&req.sysctls)
+}
+
+/// Writes namespaced sysctls (`net.ipv4.ip_forward` form) in the calling thread's namespaces.
+fn write_sysctls(sysctls: &[(String, String)]) -> Result<(), String> {
+    for (key, value) in sysctls {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(value.as_bytes()))
+            .map_err(|e| format!("set sysctl {key}={value}: {e}"))?;
+    }
+    Ok(())
 }
