@@ -511,7 +511,15 @@ async fn write_message<W: AsyncWrite + Unpin>(
     msg: Message,
     config: &Config,
 ) -> (Result<(), Error>, bool) {
-    let io_err = |source| (Err(Error::Io { op: "write", source }), true);
+    let io_err = |source| {
+        (
+            Err(Error::Io {
+                op: "write",
+                source,
+            }),
+            true,
+        )
+    };
     match msg {
         Message::Text(text) => write_data(out, shared, OpCode::Text, text.as_bytes(), config).await,
         Message::Binary(data) => write_data(out, shared, OpCode::Binary, &data, config).await,
@@ -580,7 +588,13 @@ async fn write_data<W: AsyncWrite + Unpin>(
         if let Some(p) = pong
             && let Err(source) = out.frame(true, OpCode::Pong, &p).await
         {
-            return (Err(Error::Io { op: "write", source }), true);
+            return (
+                Err(Error::Io {
+                    op: "write",
+                    source,
+                }),
+                true,
+            );
         }
         let end = payload.len().min(start + step);
         let fin = end == payload.len();
@@ -590,7 +604,13 @@ async fn write_data<W: AsyncWrite + Unpin>(
             OpCode::Continuation
         };
         if let Err(source) = out.frame(fin, op, &payload[start..end]).await {
-            return (Err(Error::Io { op: "write", source }), true);
+            return (
+                Err(Error::Io {
+                    op: "write",
+                    source,
+                }),
+                true,
+            );
         }
         if fin {
             return (Ok(()), false);

@@ -267,6 +267,8 @@ pub(crate) fn close_payload(frame: Option<&CloseFrame>) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     const RFC_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
@@ -323,7 +325,9 @@ mod tests {
         );
         assert_eq!(
             encoded(true, OpCode::Pong, b"Hello", Some(RFC_MASK)),
-            [0x8a, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]
+            [
+                0x8a, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58
+            ]
         );
     }
 

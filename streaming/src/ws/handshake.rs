@@ -46,7 +46,7 @@ pub enum HandshakeError {
     #[error("`Connection` header lacks the `upgrade` token")]
     NoConnectionUpgrade,
     /// `Sec-WebSocket-Version` is missing or not 13.
-    #[error("Sec-WebSocket-Version {0:?} is not 13")]
+    #[error("unsupported Sec-WebSocket-Version {} (only 13 is spoken)", .0.as_deref().unwrap_or("(none)"))]
     Version(Option<String>),
     /// `Sec-WebSocket-Key` is missing or not 16 bytes in base64.
     #[error("Sec-WebSocket-Key is missing or not 16 base64-encoded bytes")]
@@ -196,7 +196,14 @@ pub async fn accept<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut buf, end) = read_head(&mut io).await?;
+    let (mut buf, end) = match read_head(&mut io).await {
+        Ok(v) => v,
+        Err(e @ Error::BadHead(_)) => {
+            refuse(&mut io, &e).await;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let parsed = parse_request(&buf[..end]).and_then(|(method, path, headers)| {
         server_handshake(&method, &headers, protocols)
             .map(|hs| (hs, path, headers))
@@ -205,23 +212,7 @@ where
     let (hs, path_and_query, headers) = match parsed {
         Ok(v) => v,
         Err(e) => {
-            let (status, extra) = match &e {
-                Error::Handshake(h) => (h.status(), h.response_headers()),
-                _ => (StatusCode::BAD_REQUEST, HeaderMap::new()),
-            };
-            let body = format!("{e}\n");
-            let mut head = format!(
-                "HTTP/1.1 {} {}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or(""),
-                body.len()
-            );
-            write_headers(&mut head, &extra);
-            head.push_str("\r\n");
-            head.push_str(&body);
-            // The refusal is a courtesy; the error below is what matters.
-            let _ = io.write_all(head.as_bytes()).await;
-            let _ = io.shutdown().await;
+            refuse(&mut io, &e).await;
             return Err(e);
         }
     };
@@ -248,6 +239,26 @@ where
             protocol: hs.protocol,
         },
     ))
+}
+
+/// Answers a refused request with its status and the error as text, then shuts the stream down.
+async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, e: &Error) {
+    let (status, extra, body) = match e {
+        Error::Handshake(h) => (h.status(), h.response_headers(), format!("{h}\n")),
+        _ => (StatusCode::BAD_REQUEST, HeaderMap::new(), format!("{e}\n")),
+    };
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    write_headers(&mut head, &extra);
+    head.push_str("\r\n");
+    head.push_str(&body);
+    // The refusal is a courtesy to the client; the caller gets the error itself.
+    let _ = io.write_all(head.as_bytes()).await;
+    let _ = io.shutdown().await;
 }
 
 /// A client's upgrade request.
@@ -400,13 +411,10 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> Result<(BytesMut, usize)
             return Err(Error::BadHead(format!("longer than {MAX_HEAD} bytes")));
         }
         buf.reserve(1024);
-        let n = io
-            .read_buf(&mut buf)
-            .await
-            .map_err(|source| Error::Io {
-                op: "handshake read",
-                source,
-            })?;
+        let n = io.read_buf(&mut buf).await.map_err(|source| Error::Io {
+            op: "handshake read",
+            source,
+        })?;
         if n == 0 {
             return Err(Error::Io {
                 op: "handshake read",

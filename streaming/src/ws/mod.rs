@@ -100,8 +100,8 @@ pub struct Config {
     pub write_fragment_size: usize,
     /// Send a Ping this often (none by default).
     pub ping_interval: Option<Duration>,
-    /// Fail `recv` with [`Error::IdleTimeout`] when nothing at all (not even a pong) arrives for
-    /// this long (no limit by default). Pair it with `ping_interval`.
+    /// Fail `recv` with [`Error::IdleTimeout`] when, while it waits, nothing at all (not even a
+    /// pong) arrives for this long (no limit by default). Pair it with `ping_interval`.
     pub idle_timeout: Option<Duration>,
     /// How long the writer task tries to get a Close frame out to a peer that does not read before
     /// it gives up and drops the stream. Default 5 s.
