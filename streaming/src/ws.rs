@@ -1,1 +1,0 @@
-//! WebSocket framing and handshakes (to be written).
