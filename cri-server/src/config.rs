@@ -11,6 +11,10 @@
 //! [registry."10.0.0.5:5000"]
 //! insecure = true                  # plain HTTP
 //!
+//! [streaming]
+//! address = "127.0.0.1:0"          # exec/attach/port-forward URLs lead here; port 0 = any
+//! idle_timeout_secs = 14400
+//!
 //! [cni]
 //! conf_dirs = ["/etc/cni/net.d"]   # then berth's managed dir, <root>/networks
 //! bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]   # then berthd's own dir
@@ -37,6 +41,8 @@ pub struct Config {
     pub registry: BTreeMap<String, RegistryConfig>,
     /// Pod networking.
     pub cni: CniSection,
+    /// The streaming server (exec, attach, port-forward).
+    pub streaming: StreamingSection,
     /// How many sets of pod namespaces (network, IPC, UTS) berthd keeps made ahead of time,
     /// so pod starts do not wait for them. 0 makes them on demand.
     pub pod_namespace_pool: usize,
@@ -73,6 +79,27 @@ impl Default for CniSection {
     }
 }
 
+/// Where the streaming server listens, and its timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamingSection {
+    /// `host:port` to listen on; port 0 picks a free one. Loopback by default, as containerd:
+    /// kubelet proxies the streams to the API server.
+    pub address: String,
+    /// A streaming connection with no traffic for this long is closed (kubelet's default is
+    /// 4 hours).
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for StreamingSection {
+    fn default() -> Self {
+        StreamingSection {
+            address: "127.0.0.1:0".into(),
+            idle_timeout_secs: 4 * 60 * 60,
+        }
+    }
+}
+
 /// Snapshotter choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +130,7 @@ impl Default for Config {
             max_concurrent_downloads: 3,
             registry: BTreeMap::new(),
             cni: CniSection::default(),
+            streaming: StreamingSection::default(),
             pod_namespace_pool: 4,
         }
     }

@@ -31,6 +31,9 @@ pub enum Error {
     /// A deadline the request set passed (an ExecSync timeout).
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A limit was reached (too many pending streaming requests).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Not built yet.
     #[error("{0} is not implemented by berth yet")]
     Unimplemented(&'static str),
@@ -77,6 +80,7 @@ impl From<Error> for tonic::Status {
             Error::BadContent(_) => tonic::Status::data_loss(msg),
             Error::Remote(_) => tonic::Status::unknown(msg),
             Error::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(msg),
+            Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
             Error::Unimplemented(_) => tonic::Status::unimplemented(msg),
             Error::Internal(_) => tonic::Status::internal(msg),
         }

@@ -17,3 +17,4 @@ pub mod runtime_service;
 pub mod sandbox;
 pub mod server;
 pub mod spec;
+pub mod streaming;

@@ -1,6 +1,7 @@
 //! CRI RuntimeService: translates each call into calls on the core managers (sandboxes,
-//! containers, pod networks). The streaming calls and checkpointing answer UNIMPLEMENTED until
-//! they are built — never a fake success.
+//! containers, pod networks). Exec, Attach and PortForward hand out URLs of the streaming
+//! server. Checkpointing and the metrics calls answer UNIMPLEMENTED until they are built —
+//! never a fake success.
 
 use std::sync::Arc;
 
@@ -9,8 +10,11 @@ use api::cri::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
 use crate::container::{ContainerManager, Observed};
+use crate::error::Error;
 use crate::events::{Event, EventKind, Subscription};
 use crate::sandbox::{SandboxManager, SandboxRecord, State};
+use crate::streaming::StreamingServer;
+use crate::streaming::cache::Pending;
 
 /// The name and version berthd reports.
 pub const RUNTIME_NAME: &str = "berth";
@@ -21,16 +25,49 @@ pub const CRI_VERSION: &str = "v1";
 pub struct RuntimeServiceImpl {
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
+    streaming: Arc<StreamingServer>,
 }
 
 impl RuntimeServiceImpl {
-    /// Serves the given core.
-    pub fn new(sandboxes: Arc<SandboxManager>, containers: Arc<ContainerManager>) -> Self {
+    /// Serves the given core; streaming URLs lead to `streaming`.
+    pub fn new(
+        sandboxes: Arc<SandboxManager>,
+        containers: Arc<ContainerManager>,
+        streaming: Arc<StreamingServer>,
+    ) -> Self {
         RuntimeServiceImpl {
             sandboxes,
             containers,
+            streaming,
         }
     }
+
+    /// The container, which must be running (NotFound, FailedPrecondition otherwise).
+    async fn running(&self, id: &str) -> Result<(), Error> {
+        let r = self.containers.get(id)?;
+        let state = self.containers.observe(r).await.state;
+        if state != cri::ContainerState::ContainerRunning {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What kubelet's streaming server checks of an exec or attach request's streams.
+fn check_streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result<(), Error> {
+    if !(stdin || stdout || stderr) {
+        return Err(Error::InvalidArgument(
+            "one of stdin, stdout, or stderr is required".into(),
+        ));
+    }
+    if tty && stderr {
+        return Err(Error::InvalidArgument(
+            "tty and stderr cannot both be true".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn container_matches(o: &Observed, f: &cri::ContainerFilter) -> bool {
@@ -530,10 +567,50 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
 
+    async fn exec(
+        &self,
+        request: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        let req = request.into_inner();
+        if req.cmd.is_empty() {
+            return Err(Error::InvalidArgument("cmd is required".into()).into());
+        }
+        check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
+        self.running(&req.container_id).await?;
+        let url = self.streaming.url(Pending::Exec(req))?;
+        Ok(Response::new(cri::ExecResponse { url }))
+    }
+
+    async fn attach(
+        &self,
+        request: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        let req = request.into_inner();
+        check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
+        self.running(&req.container_id).await?;
+        let url = self.streaming.url(Pending::Attach(req))?;
+        Ok(Response::new(cri::AttachResponse { url }))
+    }
+
+    async fn port_forward(
+        &self,
+        request: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        let req = request.into_inner();
+        if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
+            return Err(Error::InvalidArgument(format!("port {p} is not 1-65535")).into());
+        }
+        let pod = self.sandboxes.get(&req.pod_sandbox_id)?;
+        if pod.state != State::Ready {
+            return Err(
+                Error::FailedPrecondition(format!("pod sandbox {} is not ready", pod.id)).into(),
+            );
+        }
+        let url = self.streaming.url(Pending::PortForward(req))?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
+    }
+
     not_yet! {
-        exec(cri::ExecRequest) -> cri::ExecResponse;
-        attach(cri::AttachRequest) -> cri::AttachResponse;
-        port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse;
         checkpoint_container(cri::CheckpointContainerRequest) -> cri::CheckpointContainerResponse;
         list_metric_descriptors(cri::ListMetricDescriptorsRequest) -> cri::ListMetricDescriptorsResponse;
         list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest) -> cri::ListPodSandboxMetricsResponse;

@@ -26,6 +26,7 @@ use crate::image_service::ImageServiceImpl;
 use crate::network::PodNetwork;
 use crate::runtime_service::RuntimeServiceImpl;
 use crate::sandbox::SandboxManager;
+use crate::streaming::StreamingServer;
 
 /// Where berthd keeps things; all are flags so tests run many daemons side by side.
 #[derive(Debug, Clone)]
@@ -48,6 +49,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // The socket first: a second daemon pointed at a live one stops before touching storage.
     let listener = bind(&paths.listen)?;
+    let streaming_config = config.streaming.clone();
     let (images, sandboxes, containers) = match open_core(&paths, config).await {
         Ok(core) => core,
         Err(e) => {
@@ -55,7 +57,18 @@ pub async fn run(
             return Err(e);
         }
     };
-    tracing::info!(listen = %paths.listen.display(), root = %paths.root.display(), "berthd serving CRI");
+    let backend = Arc::new(crate::streaming::backend::CoreBackend {
+        sandboxes: sandboxes.clone(),
+        containers: containers.clone(),
+    });
+    let streaming = match StreamingServer::start(&streaming_config, backend).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            let _ = std::fs::remove_file(&paths.listen);
+            return Err(anyhow::anyhow!(e));
+        }
+    };
+    tracing::info!(listen = %paths.listen.display(), root = %paths.root.display(), streaming = %streaming.addr(), "berthd serving CRI");
     if let Err(e) = containers.watch_exits() {
         tracing::warn!(error = %e, "cannot watch running containers for their exits");
     }
@@ -73,6 +86,7 @@ pub async fn run(
         .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(
             sandboxes.clone(),
             containers,
+            streaming,
         )))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(images)))
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -47,12 +47,12 @@ async fn version_status_and_runtime_config() {
         cri::CgroupDriver::Cgroupfs as i32
     );
 
-    // Not built yet: UNIMPLEMENTED, never a fake success.
     let err = rt
         .exec(cri::ExecRequest::default())
         .await
-        .expect_err("streaming exec is not built yet");
-    assert_eq!(err.code(), Code::Unimplemented);
+        .expect_err("no command");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Not built yet: UNIMPLEMENTED, never a fake success.
     let err = rt
         .exec_sync(cri::ExecSyncRequest::default())
         .await

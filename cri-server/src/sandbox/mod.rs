@@ -15,6 +15,7 @@ pub mod pod_init;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use api::cri;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -602,6 +603,29 @@ impl SandboxManager {
         })?;
         tracing::info!(sandbox_id = %id, "pod sandbox stopped");
         Ok(())
+    }
+
+    /// A TCP connection to `port` on the loopback of a ready pod's network namespace (the
+    /// host's, for a pod on the host network): port forwarding.
+    pub async fn dial(&self, id: &str, port: u16) -> Result<tokio::net::TcpStream> {
+        let r = self.get(id)?;
+        if r.state != State::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                r.id
+            )));
+        }
+        let netns = r.ns_path("net").map(Path::to_path_buf);
+        let pod = r.id.clone();
+        let conn = tokio::task::spawn_blocking(move || {
+            ns_linux::connect_loopback(netns.as_deref(), port, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("dial thread: {e}")))?
+        .map_err(|e| Error::Unavailable(format!("pod {pod}: {e}")))?;
+        conn.set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(conn))
+            .map_err(|e| Error::Internal(format!("forwarded connection: {e}")))
     }
 
     /// Removes a sandbox, stopping it first if needed. Removing an unknown sandbox succeeds.

@@ -326,3 +326,34 @@ fn write_sysctls(sysctls: &[(String, String)]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Connects to `port` on loopback inside the network namespace pinned at `netns` (the calling
+/// process's own when None): IPv4 first, then IPv6, as containerd does for port forwarding.
+/// The socket stays in that namespace, whatever thread uses it later.
+pub fn connect_loopback(
+    netns: Option<&Path>,
+    port: u16,
+    timeout: std::time::Duration,
+) -> Result<std::net::TcpStream, String> {
+    let netns = netns.map(Path::to_path_buf);
+    let connect = move || -> Result<std::net::TcpStream, String> {
+        if let Some(ns) = &netns {
+            let f = std::fs::File::open(ns).map_err(|e| format!("open {}: {e}", ns.display()))?;
+            nix::sched::setns(&f, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("join {}: {e}", ns.display()))?;
+        }
+        let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+        std::net::TcpStream::connect_timeout(&v4, timeout).or_else(|e4| {
+            std::net::TcpStream::connect_timeout(&v6, timeout)
+                .map_err(|e6| format!("connect to localhost:{port}: {e4} (IPv6: {e6})"))
+        })
+    };
+    // A thread of its own: setns changes the thread for good.
+    std::thread::Builder::new()
+        .name("berth-dial".into())
+        .spawn(connect)
+        .map_err(|e| format!("spawn dial thread: {e}"))?
+        .join()
+        .map_err(|_| "dial thread panicked".to_owned())?
+}

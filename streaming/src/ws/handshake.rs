@@ -467,3 +467,52 @@ fn parse_response(head: &[u8]) -> Result<(StatusCode, HeaderMap), Error> {
         .ok_or_else(|| Error::BadHead("response status".into()))?;
     Ok((status, header_map(resp.headers)?))
 }
+
+/// An HTTP/1.1 request head read by [`read_request`].
+#[derive(Clone, Debug)]
+pub struct RequestHead {
+    /// The method.
+    pub method: Method,
+    /// The request target, e.g. `/exec/abc?cmd=sh`.
+    pub path_and_query: String,
+    /// All headers.
+    pub headers: HeaderMap,
+    /// Bytes the client sent after the head (the start of a body or of an upgraded protocol).
+    pub leftover: Bytes,
+}
+
+/// Reads one HTTP/1.1 request head from `io`, for servers that route before they upgrade
+/// (the same limits as [`accept`]: 16 KiB, 64 headers).
+pub async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> Result<RequestHead, Error> {
+    let (mut buf, end) = read_head(io).await?;
+    let (method, path_and_query, headers) = parse_request(&buf[..end])?;
+    Ok(RequestHead {
+        method,
+        path_and_query,
+        headers,
+        leftover: buf.split_off(end).freeze(),
+    })
+}
+
+/// Writes an HTTP/1.1 response head with `headers`, then `body` (with its Content-Length unless
+/// the status is 101) and flushes.
+pub async fn write_response<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    write_headers(&mut head, headers);
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        let _ = write!(head, "Content-Length: {}\r\n", body.len());
+    }
+    head.push_str("\r\n");
+    io.write_all(head.as_bytes()).await?;
+    io.write_all(body).await?;
+    io.flush().await
+}

@@ -53,8 +53,8 @@ mod handshake;
 
 pub use conn::{WebSocket, WsReader, WsWriter};
 pub use handshake::{
-    AcceptedRequest, ClientRequest, ClientResponse, HandshakeError, ServerHandshake, accept,
-    accept_key, connect, server_handshake,
+    AcceptedRequest, ClientRequest, ClientResponse, HandshakeError, RequestHead, ServerHandshake,
+    accept, accept_key, connect, read_request, server_handshake, write_response,
 };
 
 /// Close codes of RFC 6455 section 7.4.1 that this module sends or callers commonly need.
