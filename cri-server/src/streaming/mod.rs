@@ -15,13 +15,14 @@ pub mod backend;
 pub mod cache;
 pub mod portforward;
 pub mod remotecommand;
+mod spdy_session;
 mod ws_session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::streaming::ws;
+use ::streaming::{spdy, ws};
 use api::cri;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -180,12 +181,71 @@ impl ConnCtx {
         };
         match upgrade {
             Upgrade::WebSocket => self.serve_ws(io, head, pending).await,
-            Upgrade::Spdy => {
-                let _ = respond(
-                    &mut io,
-                    StatusCode::BAD_REQUEST,
-                    "SPDY/3.1 is not served yet: use websocket",
-                )
+            Upgrade::Spdy => self.serve_spdy(io, head, pending).await,
+        }
+    }
+
+    async fn serve_spdy(&self, mut io: TcpStream, head: ws::RequestHead, pending: Pending) {
+        let supported: &[&str] = match pending {
+            Pending::PortForward(_) => &portforward::SPDY_PROTOCOLS,
+            _ => &remotecommand::SPDY_PROTOCOLS,
+        };
+        let offered: Vec<&str> = head
+            .headers
+            .get_all(spdy_session::PROTOCOL_HEADER)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        let protocol = match spdy_session::negotiate(&offered, supported) {
+            Ok(p) => p,
+            Err(msg) => {
+                let _ = respond(&mut io, StatusCode::FORBIDDEN, &msg).await;
+                return;
+            }
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        if let Some(p) = protocol {
+            headers.insert(spdy_session::PROTOCOL_HEADER, HeaderValue::from_static(p));
+        }
+        if ws::write_response(&mut io, StatusCode::SWITCHING_PROTOCOLS, &headers, &[])
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let config = spdy::Config {
+            idle_timeout: Some(self.idle),
+            ..spdy::Config::default()
+        };
+        let session = spdy::Session::server(Prefixed::new(head.leftover, io), config);
+        let backend = self.backend.clone();
+        let proto = Protocol::parse(protocol);
+        match pending {
+            Pending::Exec(req) => {
+                let opts = opts_of(req.stdin, req.stdout, req.stderr, req.tty);
+                spdy_session::remotecommand(session, proto, opts, |io| async move {
+                    backend.exec(&req, io).await
+                })
+                .await;
+            }
+            Pending::Attach(req) => {
+                let opts = opts_of(req.stdin, req.stdout, req.stderr, req.tty);
+                spdy_session::remotecommand(session, proto, opts, |io| async move {
+                    backend.attach(&req, io).await.map(|()| 0)
+                })
+                .await;
+            }
+            Pending::PortForward(req) => {
+                spdy_session::portforward(session, |port| {
+                    let backend = backend.clone();
+                    let pod = req.pod_sandbox_id.clone();
+                    async move { backend.dial(&pod, port).await }
+                })
                 .await;
             }
         }
@@ -227,12 +287,7 @@ impl ConnCtx {
         let backend = self.backend.clone();
         match pending {
             Pending::Exec(req) => {
-                let opts = Opts {
-                    stdin: req.stdin,
-                    stdout: req.stdout,
-                    stderr: req.stderr,
-                    tty: req.tty,
-                };
+                let opts = opts_of(req.stdin, req.stdout, req.stderr, req.tty);
                 let proto = Protocol::parse(protocol.as_deref());
                 ws_session::remotecommand(socket, proto, opts, |io| async move {
                     backend.exec(&req, io).await
@@ -240,12 +295,7 @@ impl ConnCtx {
                 .await;
             }
             Pending::Attach(req) => {
-                let opts = Opts {
-                    stdin: req.stdin,
-                    stdout: req.stdout,
-                    stderr: req.stderr,
-                    tty: req.tty,
-                };
+                let opts = opts_of(req.stdin, req.stdout, req.stderr, req.tty);
                 let proto = Protocol::parse(protocol.as_deref());
                 ws_session::remotecommand(socket, proto, opts, |io| async move {
                     backend.attach(&req, io).await.map(|()| 0)
@@ -263,6 +313,67 @@ impl ConnCtx {
                 .await;
             }
         }
+    }
+}
+
+fn opts_of(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Opts {
+    Opts {
+        stdin,
+        stdout,
+        stderr,
+        tty,
+    }
+}
+
+/// A stream that first yields bytes already read from it (what came after the HTTP head).
+struct Prefixed {
+    prefix: Bytes,
+    io: TcpStream,
+}
+
+impl Prefixed {
+    fn new(prefix: Bytes, io: TcpStream) -> Self {
+        Prefixed { prefix, io }
+    }
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
