@@ -23,6 +23,10 @@
 //!
 //! [`frame`] is the codec; [`Session`], [`IncomingStream`] and [`Stream`] the session layer.
 
+/// The protocol token of the HTTP upgrade: `Upgrade: SPDY/3.1` in the request and the
+/// `101 Switching Protocols` response.
+pub const UPGRADE_PROTOCOL: &str = "SPDY/3.1";
+
 mod dictionary;
 mod error;
 pub mod frame;

@@ -198,15 +198,16 @@ impl Headers {
         self.entries.is_empty()
     }
 
-    /// Checks that the block can be sent: names non-empty, without NUL and not one of the
-    /// connection-specific headers SPDY forbids; values without NUL.
+    /// Checks that the block can be sent: names non-empty, printable lowercase ASCII (Go's
+    /// framer fails the connection on a name `strings.ToLower` would change) and not one of the
+    /// connection-specific headers SPDY forbids; values without NUL (it separates values).
     pub fn validate(&self) -> Result<()> {
         for (name, value) in &self.entries {
-            if name.is_empty()
-                || name.contains('\0')
-                || value.contains('\0')
-                || FORBIDDEN_HEADERS.contains(&name.as_str())
-            {
+            let bad_name = name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b.is_ascii_uppercase());
+            if bad_name || value.contains('\0') || FORBIDDEN_HEADERS.contains(&name.as_str()) {
                 return Err(Error::HeaderNotAllowed { name: name.clone() });
             }
         }
@@ -919,6 +920,38 @@ mod tests {
         );
     }
 
+    /// Three SYN_STREAMs as kubectl opens an exec's channels, compressed by C zlib (not
+    /// zlib-rs) the way Go's framer does it: level 9, the dictionary, one zlib stream across
+    /// the frames, a sync flush after each block. The 2nd and 3rd blocks only decode with the
+    /// context of the ones before.
+    const C_ZLIB_SYN_STREAMS: [u8; 109] = [
+        0x80, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x28, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x78, 0xf9, 0xe3, 0xc6, 0xa7, 0xc2, 0x02, 0xa6, 0x23, 0x46, 0x70, 0x3a,
+        0x2b, 0x29, 0x4a, 0x4d, 0xcc, 0x85, 0x16, 0x25, 0xac, 0xa9, 0xa0, 0x80, 0x06, 0x00, 0x00,
+        0x00, 0xff, 0xff, 0x80, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x19, 0x00, 0x00, 0x00, 0x03,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc2, 0x2a, 0x05, 0x4c, 0xcc, 0x29, 0xf9, 0xa5, 0x25,
+        0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0x80, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x14, 0x00,
+        0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc2, 0x29, 0x07, 0xd4, 0x09, 0x00,
+        0x00, 0x00, 0xff, 0xff,
+    ];
+
+    #[test]
+    fn decodes_a_zlib_stream_carried_across_frames() {
+        let frames = decode_all(&C_ZLIB_SYN_STREAMS).unwrap();
+        let types: Vec<(u32, &str)> = frames
+            .iter()
+            .map(|f| match f {
+                Frame::SynStream {
+                    stream_id, headers, ..
+                } => (*stream_id, headers.get("streamtype").unwrap()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(types, [(1, "error"), (3, "stdout"), (5, "stderr")]);
+        // Out of context, the second block is not decodable.
+        assert!(decode_all(&C_ZLIB_SYN_STREAMS[48..]).is_err());
+    }
+
     #[test]
     fn encodes_syn_stream_per_spec() {
         let frame = Frame::SynStream {
@@ -1162,7 +1195,14 @@ mod tests {
 
     #[test]
     fn refuses_headers_go_would_choke_on() {
-        for name in ["Connection", "host", "transfer-encoding", ""] {
+        for name in [
+            "Connection",
+            "host",
+            "transfer-encoding",
+            "",
+            "a b",
+            "\u{c4}rger",
+        ] {
             let frame = Frame::SynReply {
                 stream_id: 1,
                 fin: false,

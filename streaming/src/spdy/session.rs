@@ -19,6 +19,7 @@
 //!   and the overrun is tolerated, not punished.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -1109,7 +1110,8 @@ impl Session {
     }
 
     /// Sends GOAWAY: no new streams either way; the connection closes once the open streams
-    /// are done.
+    /// are done. Note that spdystream stops reading at a GOAWAY and closes the connection, so
+    /// towards it, send GOAWAY (or drop the last handle) only once the streams are finished.
     pub fn goaway(&self) {
         let mut guard = self.shared.lock();
         let st = &mut *guard;
@@ -1146,6 +1148,17 @@ impl Session {
             Some(cause) => Err(Error::Closed(Arc::clone(cause))),
             None => Ok(()),
         }
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.shared.lock();
+        f.debug_struct("Session")
+            .field("role", &st.role)
+            .field("streams", &st.streams.len())
+            .field("closed", &st.dead.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -1218,6 +1231,15 @@ impl Drop for StreamHandle {
 pub struct IncomingStream {
     handle: StreamHandle,
     headers: Headers,
+}
+
+impl fmt::Debug for IncomingStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IncomingStream")
+            .field("id", &self.handle.id)
+            .field("headers", &self.headers)
+            .finish()
+    }
 }
 
 impl IncomingStream {
@@ -1304,6 +1326,15 @@ fn reset_handle(handle: &StreamHandle, status: RstStatus) {
 pub struct Stream {
     handle: StreamHandle,
     headers: Headers,
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream")
+            .field("id", &self.handle.id)
+            .field("headers", &self.headers)
+            .finish()
+    }
 }
 
 impl Stream {
