@@ -218,10 +218,8 @@ impl ConnCtx {
         {
             return;
         }
-        let config = spdy::Config {
-            idle_timeout: Some(self.idle),
-            ..spdy::Config::default()
-        };
+        let mut config = spdy::Config::default();
+        config.idle_timeout = Some(self.idle);
         let session = spdy::Session::server(Prefixed::new(head.leftover, io), config);
         let backend = self.backend.clone();
         let proto = Protocol::parse(protocol);

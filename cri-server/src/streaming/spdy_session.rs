@@ -183,7 +183,6 @@ where
             let _ = error.write_all(&status).await;
         }
         let _ = error.shutdown().await;
-        session.goaway();
         // The client closes the connection once it has read the status.
         let _ = tokio::time::timeout(Duration::from_secs(5), session.closed()).await;
     } else {
