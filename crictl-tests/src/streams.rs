@@ -60,3 +60,53 @@ pub async fn plain_request(d: &Daemon, url: &str, upgrade: &str) -> String {
         tokio::time::timeout(std::time::Duration::from_secs(10), io.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Opens `url` with an HTTP `Upgrade: SPDY/3.1`, offering `protocols` in
+/// `X-Stream-Protocol-Version` headers as client-go does; returns the session and the protocol
+/// the server chose, or the refusal's status line and body.
+pub async fn open_spdy(
+    d: &Daemon,
+    url: &str,
+    protocols: &[&str],
+) -> Result<(streaming::spdy::Session, Option<String>), String> {
+    let (addr, path) = split_url(url);
+    let mut io = connect(d, addr);
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+    );
+    for p in protocols {
+        req.push_str(&format!("X-Stream-Protocol-Version: {p}\r\n"));
+    }
+    req.push_str("Content-Length: 0\r\n\r\n");
+    io.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = io.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(String::from_utf8_lossy(&buf).into_owned());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    if !head.starts_with("HTTP/1.1 101") {
+        let _ = io.read_to_end(&mut buf).await;
+        return Err(String::from_utf8_lossy(&buf).into_owned());
+    }
+    let protocol = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("x-stream-protocol-version")
+            .then(|| v.trim().to_owned())
+    });
+    let rest = bytes::Bytes::copy_from_slice(&buf[end..]);
+    let io = streaming::Prefixed::new(rest, io);
+    Ok((
+        streaming::spdy::Session::client(io, streaming::spdy::Config::default()),
+        protocol,
+    ))
+}

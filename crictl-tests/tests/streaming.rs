@@ -8,8 +8,10 @@ use bytes::Bytes;
 use crictl_tests::pods::{
     Env, assert_clean, create, ctr_config, env, remove_pod, run_pod, sh_config, start, warnings,
 };
-use crictl_tests::streams::{open_ws, plain_request};
+use crictl_tests::streams::{open_spdy, open_ws, plain_request};
+use streaming::spdy::Headers;
 use streaming::ws::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 /// A pod serving `hello-<name>` with busybox httpd on port 8080 of its loopback.
@@ -123,6 +125,91 @@ async fn port_forward_over_websocket_reaches_a_server_in_the_pod() {
     }
     assert!(error.contains("8081"), "{error:?}");
     drop(ws);
+    remove_pod(&env, &pod).await;
+    assert_clean(&env);
+}
+
+/// One forwarded connection over a SPDY port-forward session: sends an HTTP GET on a data
+/// stream and returns the answer, or what the error stream said.
+async fn get_over_spdy(
+    session: &streaming::spdy::Session,
+    port: u16,
+    request_id: u32,
+) -> Result<String, String> {
+    let headers = |kind: &str| {
+        Headers::new()
+            .with("streamtype", kind)
+            .with("port", port.to_string())
+            .with("requestid", request_id.to_string())
+    };
+    let mut error = session
+        .open(headers("error"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut data = session
+        .open(headers("data"))
+        .await
+        .map_err(|e| e.to_string())?;
+    data.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), data.read_to_string(&mut answer));
+    let _ = read.await;
+    if answer.is_empty() {
+        let mut msg = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), error.read_to_string(&mut msg)).await;
+        return Err(msg);
+    }
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn port_forward_over_spdy_carries_parallel_connections_on_one_session() {
+    let env = env().await;
+    let (pod, _ctr) = web_pod(&env, "spdyweb").await;
+    let url = port_forward_url(&env, &pod, &[8080]).await.expect("url");
+    let (session, proto) = open_spdy(&env.d, &url, &["portforward.k8s.io"])
+        .await
+        .expect("spdy upgrade");
+    assert_eq!(proto.as_deref(), Some("portforward.k8s.io"));
+    let mut first = Err(String::new());
+    for id in 0..50 {
+        first = get_over_spdy(&session, 8080, id).await;
+        if first.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = first.expect("port-forward to httpd");
+    assert!(first.contains("hello-spdyweb"), "{first}");
+
+    // Ten connections at once over the same session.
+    let gets = (100..110).map(|id| get_over_spdy(&session, 8080, id));
+    for answer in futures::future::join_all(gets).await {
+        let answer = answer.expect("parallel connection");
+        assert!(
+            answer.contains("200 OK") && answer.contains("hello-spdyweb"),
+            "{answer}"
+        );
+    }
+    // Nothing listening: the error stream says so, and the session lives on.
+    let refused = get_over_spdy(&session, 8081, 200)
+        .await
+        .expect_err("refused");
+    assert!(refused.contains("8081"), "{refused}");
+    assert!(get_over_spdy(&session, 8080, 201).await.is_ok());
+
+    // A protocol the server does not speak: 403 with what it accepts.
+    let url = port_forward_url(&env, &pod, &[8080]).await.expect("url");
+    let refused = open_spdy(&env.d, &url, &["v9.portforward.example"])
+        .await
+        .expect_err("unknown protocol");
+    assert!(
+        refused.starts_with("HTTP/1.1 403") && refused.contains("portforward.k8s.io"),
+        "{refused}"
+    );
+    drop(session);
     remove_pod(&env, &pod).await;
     assert_clean(&env);
 }

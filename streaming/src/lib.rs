@@ -10,5 +10,8 @@
 //! serves the tests); what flows over the channels is berthd's business.
 #![warn(missing_docs)]
 
+pub mod prefixed;
 pub mod spdy;
 pub mod ws;
+
+pub use prefixed::Prefixed;

@@ -188,7 +188,7 @@ async fn slow_reader(client: Session, server: Session, window: u32, lead_bound: 
         let written = Arc::clone(&written);
         tokio::spawn(async move {
             let mut stream = client.open(Headers::new()).await.unwrap();
-            let chunk = pattern(100_000, 7);
+            let chunk = pattern(30_000, 7);
             let mut sent = 0;
             while sent < TOTAL {
                 let n = chunk.len().min(TOTAL - sent);
@@ -206,7 +206,7 @@ async fn slow_reader(client: Session, server: Session, window: u32, lead_bound: 
         .unwrap()
         .reply(Headers::new())
         .unwrap();
-    let expected = pattern(100_000, 7);
+    let expected = pattern(30_000, 7);
     let mut buf = vec![0u8; 8 * 1024];
     let mut read = 0;
     let mut max_buffered = 0;
@@ -796,3 +796,43 @@ async fn forbidden_headers_are_refused_before_sending() {
 
 fn _assert_stream_is_io<T: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static>() {}
 const _: fn() = _assert_stream_is_io::<Stream>;
+
+#[tokio::test]
+async fn dropping_a_stream_after_its_fin_keeps_what_the_peer_has_not_read() {
+    let (client, server) = pair(Config::default(), Config::default());
+    let serving = tokio::spawn(async move {
+        let incoming = server.accept().await.unwrap();
+        let mut stream = incoming.reply(Headers::new()).unwrap();
+        stream.write_all(&pattern(30_000, 7)).await.unwrap();
+        stream.shutdown().await.unwrap();
+        // Dropped while the client has not finished its side (and not read a byte yet).
+        drop(stream);
+        server
+    });
+    let mut stream = within("open", 5, client.open(Headers::new()))
+        .await
+        .unwrap();
+    let server = within("serve", 5, serving).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut got = Vec::new();
+    within("read", 5, stream.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, pattern(30_000, 7));
+    // Writing on after the peer forgot the stream does no harm to the session.
+    let _ = stream.write_all(b"late").await;
+    let (other, accepted) = within("another stream", 5, async {
+        tokio::join!(client.open(Headers::new()), async {
+            server
+                .accept()
+                .await
+                .unwrap()
+                .reply(Headers::new())
+                .unwrap()
+        })
+    })
+    .await;
+    let mut other = other.unwrap();
+    drop(accepted);
+    let _ = other.shutdown().await;
+}

@@ -220,7 +220,7 @@ impl ConnCtx {
         }
         let mut config = spdy::Config::default();
         config.idle_timeout = Some(self.idle);
-        let session = spdy::Session::server(Prefixed::new(head.leftover, io), config);
+        let session = spdy::Session::server(::streaming::Prefixed::new(head.leftover, io), config);
         let backend = self.backend.clone();
         let proto = Protocol::parse(protocol);
         match pending {
@@ -320,58 +320,6 @@ fn opts_of(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Opts {
         stdout,
         stderr,
         tty,
-    }
-}
-
-/// A stream that first yields bytes already read from it (what came after the HTTP head).
-struct Prefixed {
-    prefix: Bytes,
-    io: TcpStream,
-}
-
-impl Prefixed {
-    fn new(prefix: Bytes, io: TcpStream) -> Self {
-        Prefixed { prefix, io }
-    }
-}
-
-impl tokio::io::AsyncRead for Prefixed {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            let chunk = self.prefix.split_to(n);
-            buf.put_slice(&chunk);
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Prefixed {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

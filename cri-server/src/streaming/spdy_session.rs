@@ -103,7 +103,10 @@ async fn open_streams(session: &Session, opts: Opts, proto: Protocol) -> Option<
                 "stderr" => &mut o.stderr,
                 "resize" => &mut o.resize,
                 other => {
-                    tracing::debug!(stream_type = other, "SPDY stream of an unknown type refused");
+                    tracing::debug!(
+                        stream_type = other,
+                        "SPDY stream of an unknown type refused"
+                    );
                     drop(incoming);
                     continue;
                 }

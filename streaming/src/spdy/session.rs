@@ -1205,7 +1205,10 @@ impl Drop for StreamHandle {
         let mut guard = shared.lock();
         let st = &mut *guard;
         if let Some(s) = st.streams.remove(&self.id) {
-            if !s.done() {
+            // Once our FIN is out, the peer has all we will send: a reset now could only
+            // destroy data it has not read yet. What it still sends is dropped as data for an
+            // unknown stream.
+            if !s.done() && !s.local_fin {
                 shared.queue(
                     st,
                     Frame::RstStream {
