@@ -61,6 +61,7 @@ pub async fn exec_sync(
         stdin: false,
         stdout: true,
         stderr: true,
+        tty: false,
     };
     conn.send(&req, &[out_w.as_raw_fd(), err_w.as_raw_fd()])
         .await?;
