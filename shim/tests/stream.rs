@@ -478,9 +478,13 @@ fn tty_container_resize_and_stdin_once_hang_up() {
     assert_eq!(out.matches("hi\r\n").count(), 2, "{out:?}");
     // stdin_once on a terminal: the end of input hangs the terminal up.
     drop(in_w);
-    // cat reads end of file from the hung-up terminal (as the pid namespace's init it is
-    // spared the SIGHUP) and exits.
-    assert_eq!(wait_stopped(&b).code, 0);
+    // As the pid namespace's init cat is spared the SIGHUP; it reads end of file (or EIO,
+    // depending on where the hang-up caught it) from the hung-up terminal and exits.
+    let exit = wait_stopped(&b);
+    assert!(
+        exit.signal.is_none() && matches!(exit.code, 0 | 1),
+        "{exit:?}"
+    );
     read_to_eof(&out_r, Duration::from_secs(10));
     assert!(
         log_text(&b).contains("stdout 40 120\r\n"),
