@@ -22,6 +22,19 @@
 //! descriptors berthd passes with the request line (`SCM_RIGHTS` on the same `sendmsg`), in the
 //! order stdin, stdout, stderr, one for each stream the request names. The shim reaps the process
 //! and keeps its exit until a [`Request::WaitExec`] collects it.
+//!
+//! With `tty` the exec'd process gets a pseudo terminal instead: its slave end in the container's
+//! devpts is the process's stdin, stdout, stderr and controlling terminal, and the master end
+//! travels back to berthd with the [`Response::Exec`] line (`SCM_RIGHTS`). The shim keeps no
+//! copy: berthd reads the output from it, writes the input to it, resizes it (`TIOCSWINSZ`), and
+//! closing it hangs the terminal up (the process gets SIGHUP).
+//!
+//! [`Request::Attach`] connects berthd to the container's own stdio, again with fds passed along
+//! (stdin read end, stdout and stderr write ends). The container's output keeps going to the CRI
+//! log; each attached reader gets a copy through a bounded buffer, and a reader that falls more
+//! than [`ATTACH_BUFFER`] bytes behind, or closes its pipe, is detached (its pipe closed) without
+//! ever slowing the container down. At most one attacher writes to the container's stdin at a
+//! time. Readers' pipes are closed once the container's output ends or the container stops.
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +46,9 @@ pub const EXIT_FILE_NAME: &str = "exit.json";
 pub const SHIM_LOG_NAME: &str = "shim.log";
 /// The shim's pid, written once it is detached, in the bundle dir.
 pub const PID_FILE_NAME: &str = "shim.pid";
+/// Output bytes the shim buffers per attached reader before it detaches a reader that does not
+/// keep up.
+pub const ATTACH_BUFFER: usize = 1024 * 1024;
 
 /// Printed by `berth-shim` on stdout once the container is created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +93,10 @@ pub enum Request {
         stdout: bool,
         /// A stderr fd comes with the request.
         stderr: bool,
+        /// Run the process on a new pseudo terminal whose master comes back with the answer.
+        /// `stdin`, `stdout` and `stderr` must be false then (no fds come with the request).
+        #[serde(default)]
+        tty: bool,
     },
     /// Waits until the exec'd process has exited, then answers [`Response::ExecExit`] and
     /// forgets it.
@@ -90,6 +110,31 @@ pub enum Request {
         exec_id: String,
         /// Signal number.
         signal: i32,
+    },
+    /// Attaches to the stdio of the container's process (created or running; an error once
+    /// stopped). The fds come with the request in the order stdin (a read end), stdout, stderr
+    /// (write ends), one for each stream named. With a terminal (`--tty`) there is no stderr: the
+    /// terminal carries both outputs to `stdout`. Answered [`Response::Ok`] once attached.
+    Attach {
+        /// Copy what this fd yields into the container's stdin. The container must have been
+        /// created with `--stdin`, and no other attacher may be writing to it.
+        stdin: bool,
+        /// Copy the container's stdout (its terminal, with `--tty`) into this fd.
+        stdout: bool,
+        /// Copy the container's stderr into this fd (not with `--tty`).
+        stderr: bool,
+        /// When the attached stdin reaches end of file, close the container's stdin (CRI
+        /// `stdin_once`); with a terminal that hangs the terminal up. Otherwise the container's
+        /// stdin stays open for the next attacher.
+        close_stdin_on_eof: bool,
+    },
+    /// Sets the size of the container's terminal (`TIOCSWINSZ`; the process gets SIGWINCH). An
+    /// error when the container has no terminal.
+    Resize {
+        /// Columns.
+        width: u16,
+        /// Rows.
+        height: u16,
     },
     /// Deletes the container (it must be stopped, or created and never started), then the shim
     /// exits after answering. The bundle dir is left for berthd to remove.
@@ -138,7 +183,7 @@ pub enum Response {
         /// Set once stopped.
         exit: Option<ExitStatus>,
     },
-    /// An exec'd process runs.
+    /// An exec'd process runs. With `tty` its pty master comes with this line (`SCM_RIGHTS`).
     Exec {
         /// Its pid (host pid namespace).
         pid: i32,
@@ -177,6 +222,20 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&e).expect("json"),
             r#"{"op":"wait_exec","exec_id":"e1"}"#
+        );
+        // berthd before `tty` existed sends no such field.
+        let old: Request = serde_json::from_str(
+            r#"{"op":"exec","exec_id":"e","args":["true"],"stdin":false,"stdout":true,"stderr":true}"#,
+        )
+        .expect("parse");
+        assert!(matches!(old, Request::Exec { tty: false, .. }));
+        let a = Request::Resize {
+            width: 80,
+            height: 24,
+        };
+        assert_eq!(
+            serde_json::to_string(&a).expect("json"),
+            r#"{"op":"resize","width":80,"height":24}"#
         );
         let s: Response =
             serde_json::from_str(r#"{"result":"error","message":"no"}"#).expect("parse");

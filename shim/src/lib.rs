@@ -9,6 +9,7 @@
 //! become child subreaper, write the pid file, create the container, report, then serve.
 
 pub mod args;
+pub mod attach;
 pub mod crilog;
 pub mod daemon;
 pub mod footprint;

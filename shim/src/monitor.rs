@@ -21,6 +21,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use crate::attach::{Pump, Sink, StdinCopy};
 use crate::crilog::{CriLog, LineSplitter, now_ns};
 use crate::runtime::{self, InitStdio};
 use crate::{Args, Error, Result};
@@ -50,9 +51,21 @@ pub struct Monitor {
     oom_file: Option<PathBuf>,
     log: CriLog,
     outputs: Vec<Output>,
-    /// The write end of the container's stdin (`--stdin` without `--tty`), held for attach.
-    #[allow(dead_code)]
-    stdin: Option<OwnedFd>,
+    /// The container was created with `--stdin`.
+    has_stdin: bool,
+    /// The container was created with `--tty`.
+    tty: bool,
+    /// The container's stdin, held for attach: the write end of its stdin pipe, or (`--tty`) a
+    /// copy of the pty master. `None` without `--stdin`, and once closed.
+    stdin: Option<File>,
+    /// The pty master (`--tty`), for `Resize`; `None` once hung up.
+    console: Option<File>,
+    /// Attached readers of the container's output.
+    sinks: Vec<Sink>,
+    /// The attached writer of the container's stdin.
+    stdin_copy: Option<StdinCopy>,
+    /// An fd that goes with the answer being produced (the pty master of a tty exec).
+    reply_fd: Option<OwnedFd>,
     signals: SignalFd,
     listener: UnixListener,
     conns: Vec<Conn>,
@@ -83,6 +96,8 @@ enum Waiting {
 #[derive(Debug)]
 struct Output {
     file: File,
+    /// `stdout` or `stderr`.
+    stream: &'static str,
     split: LineSplitter,
     /// End of stream seen; removed at the end of the loop iteration.
     eof: bool,
@@ -96,6 +111,10 @@ struct Conn {
     wbuf: Vec<u8>,
     /// File descriptors received (`SCM_RIGHTS`) and not yet taken by a request.
     fds: std::collections::VecDeque<OwnedFd>,
+    /// File descriptors to send, each with the byte at its offset in the output stream.
+    out_fds: std::collections::VecDeque<(u64, OwnedFd)>,
+    /// Bytes written so far.
+    sent: u64,
     /// A `Wait`/`WaitExec` is pending: later requests queue behind it.
     waiting: Option<Waiting>,
     /// The peer stopped sending (or broke the connection).
@@ -172,6 +191,7 @@ impl Monitor {
             let _ = std::fs::remove_file(args.bundle.join(PID_FILE_NAME));
             e
         };
+        let mut pty = None;
         if let Some(console) = console {
             let master = receive_pty_master(&console).map_err(|source| {
                 delete_on_error(Error::Setup {
@@ -179,8 +199,23 @@ impl Monitor {
                     source,
                 })
             })?;
+            let copies = (master.try_clone(), master.try_clone());
+            let (Ok(for_resize), Ok(for_stdin)) = copies else {
+                return Err(delete_on_error(Error::Setup {
+                    what: "pty master",
+                    source: std::io::Error::last_os_error(),
+                }));
+            };
             outputs.push(Output::new(master, "stdout"));
+            pty = Some(File::from(for_resize));
+            if args.stdin {
+                stdin = Some(for_stdin);
+            }
         }
+        let stdin = stdin.map(|fd| {
+            let _ = fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+            File::from(fd)
+        });
         // Relative to the bundle, the shim's working dir: socket paths are limited to 108
         // bytes, which a long state dir plus a 64-digit container id can exceed.
         let listener = bind_socket(std::path::Path::new(SOCKET_NAME)).map_err(|source| {
@@ -199,7 +234,13 @@ impl Monitor {
             oom_file: created.oom_file,
             log,
             outputs,
+            has_stdin: args.stdin,
+            tty: args.tty,
             stdin,
+            console: pty,
+            sinks: Vec::new(),
+            stdin_copy: None,
+            reply_fd: None,
             signals,
             listener,
             conns: Vec::new(),
@@ -235,6 +276,9 @@ impl Monitor {
             } else {
                 PollTimeout::NONE
             };
+            // What is polled, in order; handling the first ones may add connections.
+            let (n_outputs, n_conns, n_sinks) =
+                (self.outputs.len(), self.conns.len(), self.sinks.len());
             let revents = match self.poll(timeout) {
                 Ok(r) => r,
                 Err(e) => {
@@ -259,19 +303,37 @@ impl Monitor {
             if it.next().is_some_and(|r| !r.is_empty()) {
                 self.accept();
             }
-            let out_events: Vec<PollFlags> = it.by_ref().take(self.outputs.len()).collect();
+            let out_events: Vec<PollFlags> = it.by_ref().take(n_outputs).collect();
             for (i, r) in out_events.into_iter().enumerate() {
                 if !r.is_empty() {
                     self.read_output(i, false);
                 }
             }
-            let conn_events: Vec<PollFlags> = it.collect();
+            let conn_events: Vec<PollFlags> = it.by_ref().take(n_conns).collect();
+            // Attach fds come last: serving a connection may add some.
+            let sink_events: Vec<PollFlags> = it.by_ref().take(n_sinks).collect();
+            for (sink, r) in self.sinks.iter_mut().zip(sink_events) {
+                if r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP) {
+                    sink.kill("the attached reader closed its pipe");
+                } else if r.contains(PollFlags::POLLOUT) {
+                    sink.flush();
+                }
+            }
+            // The attached writer's input (when polled), then the container's stdin.
+            let stdin_events: Vec<PollFlags> = it.collect();
+            if stdin_events.iter().any(|r| !r.is_empty()) {
+                let refused = stdin_events
+                    .last()
+                    .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP));
+                self.pump_stdin(refused);
+            }
             for i in (0..conn_events.len()).rev() {
                 if !conn_events[i].is_empty() {
                     self.serve(i, conn_events[i]);
                 }
             }
             self.outputs.retain(|o| !o.eof);
+            self.drop_finished_sinks();
             // Half-closed connections whose last answer went out on exit.
             self.conns
                 .retain(|c| !(c.eof && c.wbuf.is_empty() && c.waiting.is_none()));
@@ -280,7 +342,8 @@ impl Monitor {
         let _ = std::fs::remove_file(self.bundle.join(PID_FILE_NAME));
     }
 
-    /// Polls every fd; returns revents in the order signalfd, listener, outputs, connections.
+    /// Polls every fd; returns revents in the order signalfd, listener, outputs, connections,
+    /// attached readers, attached writer (its input, the container's stdin).
     fn poll(&self, timeout: PollTimeout) -> nix::Result<Vec<PollFlags>> {
         let mut fds = vec![
             PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
@@ -301,6 +364,27 @@ impl Monitor {
             }
             PollFd::new(c.stream.as_fd(), ev)
         }));
+        // POLLERR (the reader went away) is reported even when not asked for.
+        fds.extend(self.sinks.iter().map(|s| {
+            let ev = if s.pending() {
+                PollFlags::POLLOUT
+            } else {
+                PollFlags::empty()
+            };
+            PollFd::new(s.fd(), ev)
+        }));
+        if let (Some(copy), Some(stdin)) = (&self.stdin_copy, &self.stdin) {
+            // Left out while not wanted: its POLLHUP would wake every poll.
+            if copy.wants_read() {
+                fds.push(PollFd::new(copy.src(), PollFlags::POLLIN));
+            }
+            let ev = if copy.wants_write() {
+                PollFlags::POLLOUT
+            } else {
+                PollFlags::empty()
+            };
+            fds.push(PollFd::new(stdin.as_fd(), ev));
+        }
         loop {
             match poll(&mut fds, timeout) {
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -359,6 +443,8 @@ impl Monitor {
         tracing::info!(container_id = %self.id, code, ?signal, oom_killed = exit.oom_killed, "container exited");
         self.exit = Some(exit);
         self.status = Status::Stopped;
+        // Nobody reads the container's stdin any more: the attached writer's pipe closes.
+        self.stdin_copy = None;
         self.wake(&Waiting::Init);
     }
 
@@ -415,6 +501,10 @@ impl Monitor {
                     if let Err(e) = out.split.feed(&mut self.log, &buf[..n]) {
                         tracing::warn!(container_id = %self.id, error = %e, "write container log");
                     }
+                    let stream = out.stream;
+                    for sink in self.sinks.iter_mut().filter(|s| s.stream() == stream) {
+                        sink.feed(&buf[..n]);
+                    }
                     if !drain {
                         return;
                     }
@@ -444,6 +534,8 @@ impl Monitor {
                             rbuf: Vec::new(),
                             wbuf: Vec::new(),
                             fds: Default::default(),
+                            out_fds: Default::default(),
+                            sent: 0,
                             waiting: None,
                             eof: false,
                         });
@@ -487,7 +579,12 @@ impl Monitor {
                 Err(e) => Ok(error(format!("bad request: {e}"))),
             };
             match response {
-                Ok(r) => self.conns[i].push(&r),
+                Ok(r) => {
+                    if let Some(fd) = self.reply_fd.take() {
+                        self.conns[i].push_fd(fd);
+                    }
+                    self.conns[i].push(&r);
+                }
                 Err(w) => self.conns[i].waiting = Some(w),
             }
             if self.shutdown {
@@ -508,21 +605,32 @@ impl Monitor {
                 stdin,
                 stdout,
                 stderr,
+                tty,
             } => {
-                let mut take = |wanted: bool| {
-                    if wanted {
-                        self.conns[conn].fds.pop_front()
-                    } else {
-                        None
-                    }
-                };
-                let stdio = runtime::ExecStdio {
-                    stdin: take(stdin),
-                    stdout: take(stdout),
-                    stderr: take(stderr),
-                };
-                self.exec(exec_id, &args, stdio)
+                let [stdin, stdout, stderr] = self.conns[conn].take_fds([stdin, stdout, stderr]);
+                if tty && (stdin.is_some() || stdout.is_some() || stderr.is_some()) {
+                    error("a tty exec takes no stdio fds: the terminal is its stdio".to_owned())
+                } else {
+                    let stdio = runtime::ExecStdio {
+                        stdin,
+                        stdout,
+                        stderr,
+                        console_socket: None,
+                    };
+                    self.exec(exec_id, &args, stdio, tty)
+                }
             }
+            Request::Attach {
+                stdin,
+                stdout,
+                stderr,
+                close_stdin_on_eof,
+            } => {
+                let wanted = [stdin, stdout, stderr];
+                let fds = self.conns[conn].take_fds(wanted);
+                self.attach(wanted, fds, close_stdin_on_eof)
+            }
+            Request::Resize { width, height } => self.resize(width, height),
             Request::WaitExec { exec_id } => match self.collect_exec(&exec_id) {
                 Some(r) => r,
                 None if self.execs.iter().any(|e| e.id == exec_id) => {
@@ -570,7 +678,13 @@ impl Monitor {
         }
     }
 
-    fn exec(&mut self, exec_id: String, args: &[String], stdio: runtime::ExecStdio) -> Response {
+    fn exec(
+        &mut self,
+        exec_id: String,
+        args: &[String],
+        mut stdio: runtime::ExecStdio,
+        tty: bool,
+    ) -> Response {
         if self.status != Status::Running {
             return error(format!(
                 "cannot exec in a container in state {:?}",
@@ -580,19 +694,177 @@ impl Monitor {
         if self.execs.iter().any(|e| e.id == exec_id) {
             return error(format!("exec id {exec_id:?} is in use"));
         }
-        match runtime::exec(&self.id, &self.bundle, &exec_id, args, stdio) {
-            Ok(pid) => {
-                tracing::debug!(container_id = %self.id, %exec_id, pid, "exec started");
-                self.execs.push(ExecProc {
-                    id: exec_id,
-                    pid,
-                    exit: None,
-                });
-                // It may have exited already; the SIGCHLD is pending then.
-                self.reap();
-                Response::Exec { pid }
+        if let Err(msg) = runtime::check_exec_id(&exec_id) {
+            return error(format!("exec: {msg}"));
+        }
+        // Relative to the bundle (the shim's working dir), as the container's console socket.
+        let console_name = format!("tty-{exec_id}.sock");
+        let console = if tty {
+            let _ = std::fs::remove_file(&console_name);
+            match UnixListener::bind(&console_name) {
+                Ok(l) => {
+                    stdio.console_socket = Some(self.bundle.join(&console_name));
+                    Some(l)
+                }
+                Err(e) => return error(format!("exec: console socket: {e}")),
             }
-            Err(msg) => error(format!("exec: {msg}")),
+        } else {
+            None
+        };
+        let started = runtime::exec(&self.id, &self.bundle, &exec_id, args, stdio);
+        if tty {
+            let _ = std::fs::remove_file(&console_name);
+        }
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(msg) => return error(format!("exec: {msg}")),
+        };
+        tracing::debug!(container_id = %self.id, %exec_id, pid, tty, "exec started");
+        self.execs.push(ExecProc {
+            id: exec_id,
+            pid,
+            exit: None,
+        });
+        if let Some(console) = console {
+            match receive_pty_master(&console) {
+                Ok(master) => self.reply_fd = Some(master),
+                Err(e) => {
+                    // Without its terminal nobody can talk to it: end it (its exit is kept
+                    // like any other, for a WaitExec).
+                    // SAFETY: kill(2) has no memory effects; the process is our child and not
+                    // reaped yet, so the pid cannot have been reused.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return error(format!("exec: receive the pty master: {e}"));
+                }
+            }
+        }
+        // It may have exited already; the SIGCHLD is pending then.
+        self.reap();
+        Response::Exec { pid }
+    }
+
+    /// Connects attached readers to the container's output and an attached writer to its stdin.
+    /// `fds` are those the request came with, in the order of `wanted` (stdin, stdout, stderr).
+    fn attach(
+        &mut self,
+        wanted: [bool; 3],
+        fds: [Option<OwnedFd>; 3],
+        close_stdin_on_eof: bool,
+    ) -> Response {
+        let [stdin, stdout, stderr] = fds;
+        if self.status == Status::Stopped {
+            return error("cannot attach to a stopped container".to_owned());
+        }
+        if !wanted.iter().any(|&w| w) {
+            return error("attach needs at least one of stdin, stdout and stderr".to_owned());
+        }
+        let got = [&stdin, &stdout, &stderr];
+        if wanted.iter().zip(got).any(|(&w, fd)| w != fd.is_some()) {
+            return error("attach: a file descriptor is missing for a stream it names".to_owned());
+        }
+        if stderr.is_some() && self.tty {
+            return error(
+                "the container has a terminal: its output comes on stdout alone, there is no \
+                 stderr to attach to"
+                    .to_owned(),
+            );
+        }
+        if let Some(fd) = stdin {
+            if !self.has_stdin {
+                return error("the container was created without stdin".to_owned());
+            }
+            if self.stdin.is_none() {
+                return error("the container's stdin is closed".to_owned());
+            }
+            if self.stdin_copy.is_some() {
+                return error(
+                    "another attacher is writing to the container's stdin; only one may".to_owned(),
+                );
+            }
+            self.stdin_copy = Some(StdinCopy::new(fd, close_stdin_on_eof));
+        }
+        if let Some(fd) = stdout {
+            self.sinks.push(Sink::new(fd, "stdout"));
+        }
+        if let Some(fd) = stderr {
+            self.sinks.push(Sink::new(fd, "stderr"));
+        }
+        tracing::debug!(container_id = %self.id, ?wanted, close_stdin_on_eof, "attached");
+        Response::Ok
+    }
+
+    /// Copies what the attached writer sent into the container's stdin; `refused`: poll said
+    /// the container's stdin is gone.
+    fn pump_stdin(&mut self, refused: bool) {
+        let (Some(copy), Some(stdin)) = (&mut self.stdin_copy, &mut self.stdin) else {
+            return;
+        };
+        let state = if refused {
+            Pump::Broken
+        } else {
+            copy.pump(stdin)
+        };
+        match state {
+            Pump::Going => {}
+            Pump::Broken => {
+                tracing::debug!(container_id = %self.id, "the container's stdin is closed: attached stdin detached");
+                self.stdin_copy = None;
+            }
+            Pump::Ended => {
+                let close = copy.close_on_eof;
+                self.stdin_copy = None;
+                if close {
+                    tracing::debug!(container_id = %self.id, "attached stdin ended: closing the container's stdin");
+                    self.stdin = None;
+                    if self.console.is_some() {
+                        self.hang_up();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes every copy of the pty master, as containerd does when a terminal's stdin closes:
+    /// the container's session gets SIGHUP. What it wrote before is logged first.
+    fn hang_up(&mut self) {
+        self.console = None;
+        self.stdin = None;
+        for i in 0..self.outputs.len() {
+            self.read_output(i, true);
+            let out = &mut self.outputs[i];
+            if !out.eof {
+                out.eof = true;
+                if let Err(e) = out.split.finish(&mut self.log) {
+                    tracing::warn!(container_id = %self.id, error = %e, "write container log");
+                }
+            }
+        }
+    }
+
+    /// Drops attached readers that are dead, and those with nothing left to write once their
+    /// stream ended (or the container stopped).
+    fn drop_finished_sinks(&mut self) {
+        let stopped = self.status == Status::Stopped;
+        let outputs = &self.outputs;
+        let id = &self.id;
+        self.sinks.retain(|s| {
+            if let Some(why) = s.dead() {
+                tracing::info!(container_id = %id, stream = s.stream(), reason = why, "attached reader dropped");
+                return false;
+            }
+            let open = outputs.iter().any(|o| o.stream == s.stream() && !o.eof);
+            s.pending() || (open && !stopped)
+        });
+    }
+
+    /// Sets the size of the container's terminal.
+    fn resize(&mut self, width: u16, height: u16) -> Response {
+        let Some(console) = &self.console else {
+            return error("the container has no terminal to resize".to_owned());
+        };
+        match set_window_size(console.as_fd(), width, height) {
+            Ok(()) => Response::Ok,
+            Err(e) => error(format!("resize the terminal: {e}")),
         }
     }
 
@@ -656,6 +928,7 @@ impl Output {
         let _ = fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
         Output {
             file: File::from(fd),
+            stream,
             split: LineSplitter::new(stream),
             eof: false,
         }
@@ -678,6 +951,7 @@ impl Conn {
                 Err(_) => {
                     self.eof = true;
                     self.wbuf.clear();
+                    self.out_fds.clear();
                     self.rbuf.clear();
                     return;
                 }
@@ -712,6 +986,17 @@ impl Conn {
         Ok(n)
     }
 
+    /// Takes the fds a request names, in order (a missing one is `None`).
+    fn take_fds(&mut self, wanted: [bool; 3]) -> [Option<OwnedFd>; 3] {
+        wanted.map(|w| if w { self.fds.pop_front() } else { None })
+    }
+
+    /// Sends `fd` with the next byte pushed.
+    fn push_fd(&mut self, fd: OwnedFd) {
+        let at = self.sent + self.wbuf.len() as u64;
+        self.out_fds.push_back((at, fd));
+    }
+
     fn push(&mut self, r: &Response) {
         match serde_json::to_vec(r) {
             Ok(v) => self.wbuf.extend_from_slice(&v),
@@ -720,17 +1005,47 @@ impl Conn {
         self.wbuf.push(b'\n');
     }
 
-    /// Writes what the socket takes now.
+    /// Writes what the socket takes now; queued fds go with their bytes.
     fn flush(&mut self) {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
         while !self.wbuf.is_empty() {
-            match self.stream.write(&self.wbuf) {
+            // Up to the next byte that carries an fd; from it, with the fd.
+            let mut len = self.wbuf.len();
+            let mut fd = None;
+            for (k, (at, f)) in self.out_fds.iter().enumerate().take(2) {
+                if k == 0 && *at == self.sent {
+                    fd = Some(f.as_raw_fd());
+                } else {
+                    len = len.min(usize::try_from(at - self.sent).unwrap_or(usize::MAX));
+                    break;
+                }
+            }
+            let chunk = &self.wbuf[..len];
+            let res = match fd {
+                Some(fd) => sendmsg::<()>(
+                    self.stream.as_raw_fd(),
+                    &[std::io::IoSlice::new(chunk)],
+                    &[ControlMessage::ScmRights(&[fd])],
+                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from),
+                None => self.stream.write(chunk),
+            };
+            match res {
                 Ok(n) => {
                     self.wbuf.drain(..n);
+                    self.sent += n as u64;
+                    if fd.is_some() {
+                        // Ours is closed: the peer holds the only copy now.
+                        self.out_fds.pop_front();
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(_) => {
                     self.wbuf.clear();
+                    self.out_fds.clear();
                     self.eof = true;
                     self.rbuf.clear();
                     return;
@@ -742,13 +1057,32 @@ impl Conn {
     /// The last answer before the shim exits: wait until it is written.
     fn flush_blocking(&mut self) {
         let _ = self.stream.set_nonblocking(false);
-        let _ = self.stream.write_all(&self.wbuf);
+        self.flush();
         self.wbuf.clear();
     }
 }
 
 fn error(message: String) -> Response {
     Response::Error { message }
+}
+
+/// `TIOCSWINSZ` on a terminal: the foreground process group gets SIGWINCH.
+fn set_window_size(
+    fd: std::os::fd::BorrowedFd<'_>,
+    width: u16,
+    height: u16,
+) -> std::io::Result<()> {
+    let size = libc::winsize {
+        ws_row: height,
+        ws_col: width,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which lives across the call.
+    match unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &size) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 /// Binds the protocol socket, 0660 (root-owned, like berthd's).

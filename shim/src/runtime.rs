@@ -94,6 +94,9 @@ pub struct ExecStdio {
     pub stdout: Option<OwnedFd>,
     /// stderr.
     pub stderr: Option<OwnedFd>,
+    /// Console socket path: the process gets a pseudo terminal (`process.terminal`) and sends its
+    /// master there; the other fields are unused then.
+    pub console_socket: Option<PathBuf>,
 }
 
 /// Starts `args` in the running container with the container's own process settings and returns
@@ -116,14 +119,7 @@ pub fn exec(
     args: &[String],
     stdio: ExecStdio,
 ) -> Result<i32, String> {
-    if exec_id.is_empty()
-        || exec_id.len() > 64
-        || !exec_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
-        return Err(format!("invalid exec id {exec_id:?}"));
-    }
+    check_exec_id(exec_id)?;
     if args.is_empty() {
         return Err("exec needs a command".to_owned());
     }
@@ -136,8 +132,16 @@ pub fn exec(
             .clone()
             .ok_or_else(|| "the container's spec has no process".to_owned())?;
         process.set_args(Some(args.to_vec()));
-        process.set_terminal(Some(false));
+        let tty = stdio.console_socket.is_some();
+        process.set_terminal(Some(tty));
         process.set_console_size(None);
+        if tty {
+            // As containerd does for a terminal exec: programs look at TERM to drive it.
+            let mut env = process.env().clone().unwrap_or_default();
+            env.retain(|e| !e.starts_with("TERM="));
+            env.push("TERM=xterm".to_owned());
+            process.set_env(Some(env));
+        }
         let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         let mut raise_admin = false;
         if seccomp.is_some()
@@ -165,7 +169,8 @@ pub fn exec(
             .with_executor(SeccompExecutor {
                 seccomp,
                 raise_admin,
-            });
+            })
+            .with_console_socket(stdio.console_socket.as_ref());
         builder = with_stdio(builder, stdio.stdin, stdio.stdout, stdio.stderr);
         let built = builder
             .as_tenant()
@@ -173,6 +178,9 @@ pub fn exec(
             .with_detach(true)
             .build();
         let _ = std::fs::remove_file(&process_file);
+        if tty {
+            remove_tty_links(&state_root(bundle).join(id));
+        }
         let pid = built.map_err(|e| chain(&e))?;
         Ok(pid.to_string())
     });
@@ -183,6 +191,33 @@ pub fn exec(
         .trim()
         .parse()
         .map_err(|_| format!("bad answer from the exec helper: {answer:?}"))
+}
+
+/// libcontainer's tenant path links the console socket into the container's state dir for each
+/// terminal exec and leaves the link behind. Execs run one at a time, so none is in use here.
+fn remove_tty_links(container_dir: &Path) {
+    for e in std::fs::read_dir(container_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with("tenant-tty-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// An exec id names files in the bundle: 1 to 64 ASCII letters, digits and `-`.
+pub fn check_exec_id(exec_id: &str) -> Result<(), String> {
+    if exec_id.is_empty()
+        || exec_id.len() > 64
+        || !exec_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(format!("invalid exec id {exec_id:?}"));
+    }
+    Ok(())
 }
 
 /// Runs in the exec'd process just before `execve`: loads the container's seccomp filter (see

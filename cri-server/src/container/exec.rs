@@ -27,7 +27,7 @@ pub const MAX_OUTPUT: usize = 8 * 1024 * 1024 - 64 * 1024;
 /// How long readers may go on after the process exited.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
 /// Deadline of the shim's answer to `Exec` (the process is running or failed by then).
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What an ExecSync returns.
 #[derive(Debug, Default)]
@@ -61,6 +61,7 @@ pub async fn exec_sync(
         stdin: false,
         stdout: true,
         stderr: true,
+        tty: false,
     };
     conn.send(&req, &[out_w.as_raw_fd(), err_w.as_raw_fd()])
         .await?;
@@ -172,11 +173,12 @@ impl Drop for Readers {
     }
 }
 
-/// Kills the exec'd process unless disarmed.
-struct KillOnDrop {
-    shim: ShimClient,
-    exec_id: String,
-    armed: bool,
+/// Kills the exec'd process unless disarmed (and collects its exit, so the shim forgets it).
+#[derive(Debug)]
+pub(super) struct KillOnDrop {
+    pub(super) shim: ShimClient,
+    pub(super) exec_id: String,
+    pub(super) armed: bool,
 }
 
 impl Drop for KillOnDrop {
@@ -186,7 +188,11 @@ impl Drop for KillOnDrop {
         }
         let shim = self.shim.clone();
         let exec_id = self.exec_id.clone();
-        tokio::spawn(async move {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(%exec_id, "no runtime to kill the exec on");
+            return;
+        };
+        rt.spawn(async move {
             let kill = Request::KillExec {
                 exec_id: exec_id.clone(),
                 signal: libc::SIGKILL,
@@ -202,7 +208,7 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+pub(super) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::internal("exec output pipe", std::io::Error::from(e)))
 }

@@ -14,6 +14,7 @@ mod pod_stats;
 pub mod resources;
 pub mod shim_client;
 mod stats;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,20 +1,23 @@
 //! berthd's side of the shim protocol (see [`api::shim`]): start a shim, then talk JSON lines to
 //! it over the socket in the bundle dir.
 
-use std::io::IoSlice;
-use std::os::fd::{AsRawFd, RawFd};
+use std::collections::VecDeque;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use api::shim::{Created, EXIT_FILE_NAME, ExitStatus, Request, Response, SOCKET_NAME};
-use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-use tokio::io::{AsyncReadExt, Interest};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use tokio::io::Interest;
 use tokio::net::UnixStream;
 
 use crate::error::{Error, Result};
 
 /// Longest answer line accepted from a shim.
 const MAX_ANSWER: usize = 64 * 1024;
+/// File descriptors kept from a shim's answers until taken (a tty exec's answer carries one).
+const MAX_RECEIVED_FDS: usize = 4;
 
 /// How to start one shim.
 #[derive(Debug, Clone)]
@@ -91,10 +94,7 @@ impl ShimClient {
         let stream = UnixStream::connect(&short)
             .await
             .map_err(|e| Error::Unavailable(format!("shim at {}: {e}", sock.display())))?;
-        Ok(ShimConn {
-            stream,
-            buf: Vec::new(),
-        })
+        Ok(ShimConn::from_stream(stream))
     }
 
     /// Sends one request and reads its answer. `timeout` bounds the whole exchange (`Wait` may
@@ -125,9 +125,25 @@ pub struct ShimConn {
     stream: UnixStream,
     /// Received bytes not yet parsed.
     buf: Vec<u8>,
+    /// File descriptors that came with answers (`SCM_RIGHTS`), not yet taken.
+    fds: VecDeque<OwnedFd>,
 }
 
 impl ShimConn {
+    fn from_stream(stream: UnixStream) -> ShimConn {
+        ShimConn {
+            stream,
+            buf: Vec::new(),
+            fds: VecDeque::new(),
+        }
+    }
+
+    /// The oldest file descriptor a shim's answer carried and nobody took yet (the pty master
+    /// comes with the answer to a tty `Exec`).
+    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+        self.fds.pop_front()
+    }
+
     /// Sends one request line; `fds` travel with its first byte (`SCM_RIGHTS`).
     pub async fn send(&mut self, req: &Request, fds: &[RawFd]) -> Result<()> {
         let mut line =
@@ -178,8 +194,7 @@ impl ShimConn {
             }
             let mut chunk = [0u8; 4096];
             let n = self
-                .stream
-                .read(&mut chunk)
+                .read_some(&mut chunk)
                 .await
                 .map_err(|e| Error::Unavailable(format!("read from shim: {e}")))?;
             if n == 0 {
@@ -187,5 +202,71 @@ impl ShimConn {
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    /// One `recvmsg`: bytes into `chunk`, passed fds onto the queue (beyond its bound they are
+    /// closed).
+    async fn read_some(&mut self, chunk: &mut [u8]) -> std::io::Result<usize> {
+        let fd = self.stream.as_raw_fd();
+        let fds = &mut self.fds;
+        self.stream
+            .async_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(chunk)];
+                let mut space = nix::cmsg_space!([RawFd; MAX_RECEIVED_FDS]);
+                let msg = recvmsg::<()>(
+                    fd,
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(std::io::Error::from)?;
+                let n = msg.bytes;
+                for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(received) = cmsg {
+                        for raw in received {
+                            // SAFETY: the kernel just installed this fd in our table for us
+                            // alone.
+                            let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                            if fds.len() < MAX_RECEIVED_FDS {
+                                fds.push_back(owned);
+                            }
+                        }
+                    }
+                }
+                Ok(n)
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_carry_file_descriptors() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let mut conn = ShimConn::from_stream(UnixStream::from_std(ours).expect("tokio stream"));
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        let line = b"{\"result\":\"exec\",\"pid\":7}\n{\"result\":\"ok\"}\n";
+        let rights = [r.as_raw_fd()];
+        sendmsg::<()>(
+            theirs.as_raw_fd(),
+            &[IoSlice::new(line)],
+            &[ControlMessage::ScmRights(&rights)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        drop(r);
+        assert_eq!(conn.recv().await.expect("recv"), Response::Exec { pid: 7 });
+        let got = conn.take_fd().expect("the fd came along");
+        assert!(conn.take_fd().is_none());
+        assert_eq!(conn.recv().await.expect("recv"), Response::Ok);
+        // It is the pipe's read end.
+        nix::unistd::write(&w, b"x").expect("write");
+        let mut b = [0u8; 1];
+        assert_eq!(nix::unistd::read(&got, &mut b).expect("read"), 1);
     }
 }

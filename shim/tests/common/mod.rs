@@ -71,7 +71,7 @@ impl Bundle {
         std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
         for applet in [
             "sh", "echo", "sleep", "cat", "id", "true", "false", "printf", "head", "tr", "ls",
-            "kill", "test", "[", "wc",
+            "kill", "test", "[", "wc", "tty", "stty", "seq",
         ] {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
                 .expect("symlink applet");
