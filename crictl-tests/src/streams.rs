@@ -110,3 +110,121 @@ pub async fn open_spdy(
         protocol,
     ))
 }
+
+/// What a remotecommand session gave back.
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// Bytes on stdout.
+    pub stdout: Vec<u8>,
+    /// Bytes on stderr.
+    pub stderr: Vec<u8>,
+    /// What the error channel carried.
+    pub status: Vec<u8>,
+}
+
+impl Collected {
+    /// The exit code a v4/v5 status says (0 for Success).
+    pub fn exit_code(&self) -> Option<i32> {
+        let v: serde_json::Value = serde_json::from_slice(&self.status).ok()?;
+        if v["status"] == "Success" {
+            return Some(0);
+        }
+        v["details"]["causes"]
+            .as_array()?
+            .iter()
+            .find(|c| c["reason"] == "ExitCode")?["message"]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+}
+
+/// Runs a remotecommand session over WebSocket (binary channels): sends a resize first when
+/// given, then `stdin` and, with v5, the close signal for stdin; collects everything until the
+/// server closes.
+pub async fn ws_session(
+    mut socket: WebSocket<TcpStream>,
+    stdin: Option<&[u8]>,
+    resize: Option<(u16, u16)>,
+) -> Collected {
+    use streaming::ws::Message;
+    if let Some((w, h)) = resize {
+        let mut m = vec![4u8];
+        m.extend_from_slice(format!("{{\"Width\":{w},\"Height\":{h}}}").as_bytes());
+        socket
+            .send(Message::Binary(m.into()))
+            .await
+            .expect("resize");
+    }
+    if let Some(data) = stdin {
+        let mut m = vec![0u8];
+        m.extend_from_slice(data);
+        socket.send(Message::Binary(m.into())).await.expect("stdin");
+        socket
+            .send(Message::Binary(vec![255u8, 0].into()))
+            .await
+            .expect("close stdin");
+    }
+    let mut out = Collected::default();
+    while let Ok(Ok(Some(msg))) =
+        tokio::time::timeout(std::time::Duration::from_secs(30), socket.recv()).await
+    {
+        if let Message::Binary(b) = msg
+            && let Some((&ch, data)) = b.split_first()
+        {
+            match ch {
+                1 => out.stdout.extend_from_slice(data),
+                2 => out.stderr.extend_from_slice(data),
+                3 => out.status.extend_from_slice(data),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Runs a remotecommand session over SPDY as client-go does: opens the error stream, then the
+/// others `kinds` names (`stdin`, `stdout`, `stderr`, `resize`), sends a resize and `stdin`
+/// (then FIN), and collects until the error stream ends.
+pub async fn spdy_session(
+    session: &streaming::spdy::Session,
+    kinds: &[&str],
+    stdin: Option<&[u8]>,
+    resize: Option<(u16, u16)>,
+) -> Collected {
+    use streaming::spdy::Headers;
+    let open = |kind: &str| session.open(Headers::new().with("streamtype", kind));
+    let mut error = open("error").await.expect("error stream");
+    let mut streams = std::collections::HashMap::new();
+    for k in kinds {
+        streams.insert(*k, open(k).await.expect("stream"));
+    }
+    if let (Some((w, h)), Some(s)) = (resize, streams.get_mut("resize")) {
+        s.write_all(format!("{{\"Width\":{w},\"Height\":{h}}}").as_bytes())
+            .await
+            .expect("resize");
+    }
+    if let Some(mut s) = streams.remove("stdin") {
+        s.write_all(stdin.unwrap_or_default()).await.expect("stdin");
+        s.shutdown().await.expect("close stdin");
+        streams.insert("stdin", s);
+    }
+    let read_all = |s: Option<streaming::spdy::Stream>| async move {
+        let mut buf = Vec::new();
+        if let Some(mut s) = s {
+            let _ = s.read_to_end(&mut buf).await;
+        }
+        buf
+    };
+    let (stdout, stderr) = tokio::join!(
+        read_all(streams.remove("stdout")),
+        read_all(streams.remove("stderr"))
+    );
+    let mut status = Vec::new();
+    let _ = error.read_to_end(&mut status).await;
+    Collected {
+        stdout,
+        stderr,
+        status,
+    }
+}
