@@ -155,7 +155,8 @@ impl ConnCtx {
             .trim_start_matches('/')
             .split_once('/')
             .unwrap_or_default();
-        // Look the token up before anything else: a bad request must not cost a good token...
+        // A request that is no upgrade at all is refused before its token is looked at, so it
+        // does not spend a good token...
         let upgrade = match upgrade_of(&head.headers) {
             Some(u) => u,
             None => {
@@ -168,7 +169,7 @@ impl ConnCtx {
                 return;
             }
         };
-        // ...but a token is gone once a connection presented it, as in kubelet.
+        // ...but any upgrade request spends it, as in kubelet.
         let pending = match (kind, self.tokens.take(token)) {
             ("exec", Some(p @ Pending::Exec(_)))
             | ("attach", Some(p @ Pending::Attach(_)))
