@@ -9,6 +9,7 @@ use api::cri;
 use api::cri::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
+use crate::container::stream::StreamOpts;
 use crate::container::{ContainerManager, Observed};
 use crate::error::Error;
 use crate::events::{Event, EventKind, Subscription};
@@ -41,33 +42,6 @@ impl RuntimeServiceImpl {
             streaming,
         }
     }
-
-    /// The container, which must be running (NotFound, FailedPrecondition otherwise).
-    async fn running(&self, id: &str) -> Result<(), Error> {
-        let r = self.containers.get(id)?;
-        let state = self.containers.observe(r).await.state;
-        if state != cri::ContainerState::ContainerRunning {
-            return Err(Error::FailedPrecondition(format!(
-                "container {id} is not running"
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// What kubelet's streaming server checks of an exec or attach request's streams.
-fn check_streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result<(), Error> {
-    if !(stdin || stdout || stderr) {
-        return Err(Error::InvalidArgument(
-            "one of stdin, stdout, or stderr is required".into(),
-        ));
-    }
-    if tty && stderr {
-        return Err(Error::InvalidArgument(
-            "tty and stderr cannot both be true".into(),
-        ));
-    }
-    Ok(())
 }
 
 fn container_matches(o: &Observed, f: &cri::ContainerFilter) -> bool {
@@ -575,8 +549,8 @@ impl RuntimeService for RuntimeServiceImpl {
         if req.cmd.is_empty() {
             return Err(Error::InvalidArgument("cmd is required".into()).into());
         }
-        check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
-        self.running(&req.container_id).await?;
+        StreamOpts::of_exec(&req).validate()?;
+        self.containers.running(&req.container_id).await?;
         let url = self.streaming.url(Pending::Exec(req))?;
         Ok(Response::new(cri::ExecResponse { url }))
     }
@@ -586,8 +560,8 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
         let req = request.into_inner();
-        check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
-        self.running(&req.container_id).await?;
+        let r = self.containers.running(&req.container_id).await?;
+        StreamOpts::of_attach(&req).validate_attach(&r.config)?;
         let url = self.streaming.url(Pending::Attach(req))?;
         Ok(Response::new(cri::AttachResponse { url }))
     }

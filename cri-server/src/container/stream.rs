@@ -48,6 +48,26 @@ pub struct StreamOpts {
 }
 
 impl StreamOpts {
+    /// The streams of an Exec request.
+    pub fn of_exec(req: &cri::ExecRequest) -> Self {
+        StreamOpts {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            tty: req.tty,
+        }
+    }
+
+    /// The streams of an Attach request.
+    pub fn of_attach(req: &cri::AttachRequest) -> Self {
+        StreamOpts {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            tty: req.tty,
+        }
+    }
+
     /// Checks the flags as kubelet's streaming server does for exec and attach alike: at least
     /// one stream, and no stderr with a terminal. [`Error::InvalidArgument`] otherwise.
     pub fn validate(&self) -> Result<()> {
@@ -476,7 +496,7 @@ impl ContainerManager {
     }
 
     /// The record of `id`, which must be running.
-    async fn running(&self, id: &str) -> Result<super::ContainerRecord> {
+    pub(crate) async fn running(&self, id: &str) -> Result<super::ContainerRecord> {
         let r = self.get(id)?;
         let observed = self.observe(r).await;
         if observed.state != cri::ContainerState::ContainerRunning {

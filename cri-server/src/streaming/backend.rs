@@ -57,15 +57,6 @@ async fn copy_in(from: Option<mpsc::Receiver<Bytes>>, to: Option<Writer>) {
     }
 }
 
-fn opts(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> StreamOpts {
-    StreamOpts {
-        stdin,
-        stdout,
-        stderr,
-        tty,
-    }
-}
-
 /// Exec and attach through the containers' shims, port forwarding into pod namespaces.
 pub struct CoreBackend {
     /// The pods.
@@ -77,10 +68,9 @@ pub struct CoreBackend {
 #[async_trait]
 impl Backend for CoreBackend {
     async fn exec(&self, req: &cri::ExecRequest, io: StdStreams) -> Result<i32> {
-        let o = opts(req.stdin, req.stdout, req.stderr, req.tty);
         let mut session = self
             .containers
-            .exec_stream(&req.container_id, req.cmd.clone(), o)
+            .exec_stream(&req.container_id, req.cmd.clone(), StreamOpts::of_exec(req))
             .await?;
         let StdStreams {
             stdin,
@@ -137,8 +127,8 @@ impl Backend for CoreBackend {
     }
 
     async fn attach(&self, req: &cri::AttachRequest, io: StdStreams) -> Result<()> {
-        let o = opts(req.stdin, req.stdout, req.stderr, req.tty);
-        let mut session = self.containers.attach(&req.container_id, o).await?;
+        let opts = StreamOpts::of_attach(req);
+        let mut session = self.containers.attach(&req.container_id, opts).await?;
         let StdStreams {
             stdin,
             stdout,

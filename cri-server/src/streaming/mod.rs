@@ -31,8 +31,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use self::cache::{Pending, TokenCache};
-use self::remotecommand::{Opts, Protocol, TerminalSize};
+use self::remotecommand::{Protocol, TerminalSize};
 use crate::config::StreamingSection;
+use crate::container::stream::StreamOpts;
 use crate::error::{Error, Result};
 
 /// How long a client may take to send its request head.
@@ -226,14 +227,14 @@ impl ConnCtx {
         let proto = Protocol::parse(protocol);
         match pending {
             Pending::Exec(req) => {
-                let opts = opts_of(req.stdin, req.stdout, req.stderr, req.tty);
+                let opts = StreamOpts::of_exec(&req);
                 spdy_session::remotecommand(session, proto, opts, |io| async move {
                     backend.exec(&req, io).await
                 })
                 .await;
             }
             Pending::Attach(req) => {
-                let opts = opts_of(req.stdin, req.stdout, req.stderr, req.tty);
+                let opts = StreamOpts::of_attach(&req);
                 spdy_session::remotecommand(session, proto, opts, |io| async move {
                     backend.attach(&req, io).await.map(|()| 0)
                 })
@@ -286,7 +287,7 @@ impl ConnCtx {
         let backend = self.backend.clone();
         match pending {
             Pending::Exec(req) => {
-                let opts = opts_of(req.stdin, req.stdout, req.stderr, req.tty);
+                let opts = StreamOpts::of_exec(&req);
                 let proto = Protocol::parse(protocol.as_deref());
                 ws_session::remotecommand(socket, proto, opts, |io| async move {
                     backend.exec(&req, io).await
@@ -294,7 +295,7 @@ impl ConnCtx {
                 .await;
             }
             Pending::Attach(req) => {
-                let opts = opts_of(req.stdin, req.stdout, req.stderr, req.tty);
+                let opts = StreamOpts::of_attach(&req);
                 let proto = Protocol::parse(protocol.as_deref());
                 ws_session::remotecommand(socket, proto, opts, |io| async move {
                     backend.attach(&req, io).await.map(|()| 0)
@@ -312,15 +313,6 @@ impl ConnCtx {
                 .await;
             }
         }
-    }
-}
-
-fn opts_of(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Opts {
-    Opts {
-        stdin,
-        stdout,
-        stderr,
-        tty,
     }
 }
 

@@ -78,19 +78,6 @@ impl Protocol {
     }
 }
 
-/// Which streams a session has, from the Exec or Attach request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Opts {
-    /// Client to process.
-    pub stdin: bool,
-    /// Process to client.
-    pub stdout: bool,
-    /// Process to client (never with a tty: the terminal carries both).
-    pub stderr: bool,
-    /// The process has a terminal.
-    pub tty: bool,
-}
-
 /// A terminal size from the resize channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct TerminalSize {

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use ::streaming::spdy::{Headers, IncomingStream, Session, Stream};
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::StdStreams;
-use super::remotecommand::{Opts, Outcome, Protocol, ResizeDecoder, status_message};
+use super::remotecommand::{Outcome, Protocol, ResizeDecoder, status_message};
+use crate::container::stream::StreamOpts as Opts;
 use crate::error::Result;
 
 /// The header clients name the protocol versions they speak in.
@@ -56,12 +57,15 @@ async fn pump<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Bytes>, mut stream: 
     let _ = stream.shutdown().await;
 }
 
-/// Feeds `stream`'s data into `tx` until the client's FIN (then `tx` is dropped: end of file).
-async fn feed<R: AsyncRead + Unpin>(mut stream: R, tx: mpsc::Sender<Bytes>) {
+/// Feeds `stream`'s data into `tx` until the client's FIN (then `tx` is dropped: end of file),
+/// and answers that FIN with ours: nothing flows our way on an input stream, and closing it
+/// both ways spares the client a reset while it may still be finishing its side.
+async fn feed(mut stream: Stream, tx: mpsc::Sender<Bytes>) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) => break,
+            Err(_) => return,
             Ok(n) => {
                 if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
                     return;
@@ -69,6 +73,8 @@ async fn feed<R: AsyncRead + Unpin>(mut stream: R, tx: mpsc::Sender<Bytes>) {
             }
         }
     }
+    drop(tx);
+    let _ = stream.shutdown().await;
 }
 
 /// The streams of a remotecommand session, as the client opened them.

@@ -12,7 +12,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::StdStreams;
-use super::remotecommand::{Opts, Outcome, Protocol, ResizeDecoder, channel, status_message};
+use super::remotecommand::{Outcome, Protocol, ResizeDecoder, channel, status_message};
+use crate::container::stream::StreamOpts as Opts;
 use crate::error::Result;
 
 /// Messages in flight per channel between the socket and the process.
