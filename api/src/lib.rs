@@ -9,6 +9,7 @@ pub mod digest;
 pub mod mount;
 pub mod pod_init;
 pub mod shim;
+pub mod time;
 
 /// CRI v1 protobuf types and gRPC service stubs.
 pub use k8s_cri::v1 as cri;

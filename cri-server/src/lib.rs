@@ -7,6 +7,8 @@
 pub mod authority;
 pub mod config;
 pub mod container;
+pub mod docker;
+pub mod engine;
 pub mod error;
 pub mod events;
 pub mod image;

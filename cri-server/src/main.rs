@@ -14,6 +14,9 @@ struct Flags {
     /// CRI socket path.
     #[arg(long, default_value = "/run/berth/berth.sock")]
     listen: PathBuf,
+    /// Docker Engine API socket.
+    #[arg(long, default_value = "/run/berth/docker.sock")]
+    docker_listen: PathBuf,
     /// Persistent data: metadata, blobs, snapshots.
     #[arg(long, default_value = "/var/lib/berth")]
     root: PathBuf,
@@ -56,6 +59,7 @@ fn main() -> anyhow::Result<()> {
     };
     let paths = Paths {
         listen: flags.listen,
+        docker_listen: flags.docker_listen,
         root: flags.root,
         state: flags.state,
         shim,

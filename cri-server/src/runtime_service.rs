@@ -360,6 +360,8 @@ impl RuntimeService for RuntimeServiceImpl {
             .sandboxes
             .list()?
             .iter()
+            // The engine's pods belong to docker clients, as containerd's moby namespace.
+            .filter(|r| !r.config.labels.contains_key(crate::engine::ENGINE_LABEL))
             .filter(|r| matches(r, &filter))
             .map(to_pod_sandbox)
             .collect();
@@ -419,6 +421,12 @@ impl RuntimeService for RuntimeServiceImpl {
             .list()
             .await?
             .iter()
+            .filter(|o| {
+                !o.record
+                    .config
+                    .labels
+                    .contains_key(crate::engine::ENGINE_LABEL)
+            })
             .filter(|o| container_matches(o, &filter))
             .map(to_container)
             .collect();

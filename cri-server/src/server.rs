@@ -33,6 +33,8 @@ use crate::streaming::StreamingServer;
 pub struct Paths {
     /// The CRI socket.
     pub listen: PathBuf,
+    /// The Docker API socket.
+    pub docker_listen: PathBuf,
     /// Persistent root (`/var/lib/berth`).
     pub root: PathBuf,
     /// Volatile state (`/run/berth`).
@@ -49,11 +51,22 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // The socket first: a second daemon pointed at a live one stops before touching storage.
     let listener = bind(&paths.listen)?;
-    let streaming_config = config.streaming.clone();
-    let (images, sandboxes, containers) = match open_core(&paths, config).await {
-        Ok(core) => core,
+    let docker_listener = match bind(&paths.docker_listen) {
+        Ok(l) => l,
         Err(e) => {
             let _ = std::fs::remove_file(&paths.listen);
+            return Err(e);
+        }
+    };
+    let remove_sockets = || {
+        let _ = std::fs::remove_file(&paths.listen);
+        let _ = std::fs::remove_file(&paths.docker_listen);
+    };
+    let streaming_config = config.streaming.clone();
+    let (images, sandboxes, containers, engine) = match open_core(&paths, config).await {
+        Ok(core) => core,
+        Err(e) => {
+            remove_sockets();
             return Err(e);
         }
     };
@@ -64,7 +77,7 @@ pub async fn run(
     let streaming = match StreamingServer::start(&streaming_config, backend).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
-            let _ = std::fs::remove_file(&paths.listen);
+            remove_sockets();
             return Err(anyhow::anyhow!(e));
         }
     };
@@ -72,6 +85,18 @@ pub async fn run(
     if let Err(e) = containers.watch_exits() {
         tracing::warn!(error = %e, "cannot watch running containers for their exits");
     }
+    if let Err(e) = engine.watch() {
+        tracing::warn!(error = %e, "cannot watch the engine's containers");
+    }
+    let (docker_stop, docker_stopped) = tokio::sync::oneshot::channel::<()>();
+    let docker = tokio::spawn(crate::docker::serve(
+        crate::docker::Api::new(engine, &paths.root),
+        docker_listener,
+        async move {
+            let _ = docker_stopped.await;
+        },
+    ));
+    tracing::info!(listen = %paths.docker_listen.display(), "berthd serving the Docker API");
     // Open event streams would hold the graceful shutdown up for ever: end them first.
     let events = containers.events().clone();
     let shutdown = async move {
@@ -92,16 +117,19 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serve CRI");
+    let _ = docker_stop.send(());
+    let _ = docker.await;
     sandboxes.shutdown();
-    let _ = std::fs::remove_file(&paths.listen);
+    remove_sockets();
     result
 }
 
-/// The core managers: images, pod sandboxes, containers.
+/// The core managers: images, pod sandboxes, containers, and the engine over them.
 type Core = (
     Arc<ImageManager>,
     Arc<SandboxManager>,
     Arc<ContainerManager>,
+    Arc<crate::engine::Engine>,
 );
 
 async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
@@ -168,15 +196,23 @@ async fn open_core(paths: &Paths, config: Config) -> anyhow::Result<Core> {
             pod_namespace_pool,
         )?);
         let containers = Arc::new(ContainerManager::new(
-            db,
+            db.clone(),
             &paths.state,
             paths.shim.clone(),
             images.clone(),
             sandboxes.clone(),
-            snaps,
+            snaps.clone(),
             events,
         )?);
-        anyhow::Ok((images, sandboxes, containers))
+        let engine = crate::engine::Engine::new(
+            db,
+            &paths.root,
+            images.clone(),
+            sandboxes.clone(),
+            containers.clone(),
+            snaps,
+        )?;
+        anyhow::Ok((images, sandboxes, containers, engine))
     })
     .await?
 }

@@ -94,6 +94,8 @@ pub struct Daemon {
     shim: Option<PathBuf>,
     /// The CRI socket.
     pub socket: PathBuf,
+    /// The Docker API socket.
+    pub docker_socket: PathBuf,
     /// The network namespace berthd runs in (its "host"), dropped after everything else.
     netns: std::sync::Arc<crate::hostns::HostNs>,
 }
@@ -122,12 +124,14 @@ impl Daemon {
             .tempdir()
             .context("temp dir")?;
         let socket = dir.path().join("berth.sock");
+        let docker_socket = dir.path().join("docker.sock");
         let mut d = Daemon {
             child: None,
             dir,
             config: config.to_owned(),
             shim,
             socket,
+            docker_socket,
             netns: crate::hostns::HostNs::new().context("create the daemon's network namespace")?,
         };
         d.spawn().await?;
@@ -199,6 +203,8 @@ impl Daemon {
         let child = cmd
             .arg("--listen")
             .arg(&self.socket)
+            .arg("--docker-listen")
+            .arg(&self.docker_socket)
             .arg("--root")
             .arg(self.root())
             .arg("--state")

@@ -4,6 +4,7 @@
 //! protocol library, for its client side.)
 
 pub mod daemon;
+pub mod docker;
 pub mod hostns;
 pub mod image;
 pub mod pods;

@@ -125,51 +125,11 @@ pub fn now_ns() -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
-/// `2016-10-06T00:17:09.669794202Z`: UTC, always nine fractional digits (sorts as text, and
-/// parses with Go's `time.RFC3339Nano`).
-pub fn rfc3339_nano(ns: i64) -> String {
-    let secs = ns.div_euclid(1_000_000_000);
-    let nanos = ns.rem_euclid(1_000_000_000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
-}
+pub use api::time::rfc3339_nano;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_rfc3339_nano() {
-        assert_eq!(rfc3339_nano(0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(
-            rfc3339_nano(1_475_713_029_669_794_202),
-            "2016-10-06T00:17:09.669794202Z"
-        );
-        assert_eq!(
-            rfc3339_nano(951_782_400_000_000_001),
-            "2000-02-29T00:00:00.000000001Z"
-        );
-        assert_eq!(
-            rfc3339_nano(4_102_444_799_999_999_999),
-            "2099-12-31T23:59:59.999999999Z"
-        );
-    }
 
     fn records(path: &Path) -> Vec<(String, String, String)> {
         std::fs::read_to_string(path)

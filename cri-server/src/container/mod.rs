@@ -77,6 +77,19 @@ pub struct ContainerRecord {
     pub exit: Option<ExitStatus>,
     /// Why the container ended, when berth decided it (e.g. its shim died).
     pub reason: Option<String>,
+    /// A rootfs snapshot the caller owns (the engine's docker-style containers keep theirs
+    /// across runs): mounted, never created nor removed here. `None`: the container's own.
+    #[serde(default)]
+    pub rootfs_snapshot: Option<String>,
+}
+
+impl ContainerRecord {
+    /// The key of the snapshot its rootfs is mounted from.
+    pub fn snapshot_key(&self) -> String {
+        self.rootfs_snapshot
+            .clone()
+            .unwrap_or_else(|| format!("{SNAPSHOT_PREFIX}{}", self.id))
+    }
 }
 
 /// The live view of a container.
@@ -251,6 +264,19 @@ impl ContainerManager {
         config: cri::ContainerConfig,
         sandbox_config: Option<cri::PodSandboxConfig>,
     ) -> Result<String> {
+        self.create_with(sandbox_id, config, sandbox_config, None)
+            .await
+    }
+
+    /// [`create`](Self::create) on the existing snapshot `rootfs_snapshot` when given: the
+    /// caller prepared it from the image and keeps it after the container is removed.
+    pub async fn create_with(
+        &self,
+        sandbox_id: &str,
+        config: cri::ContainerConfig,
+        sandbox_config: Option<cri::PodSandboxConfig>,
+        rootfs_snapshot: Option<String>,
+    ) -> Result<String> {
         let meta = config
             .metadata
             .as_ref()
@@ -308,6 +334,7 @@ impl ContainerManager {
             started_at_ns: None,
             exit: None,
             reason: None,
+            rootfs_snapshot,
         };
         self.reserve(&record)?;
         let lock = self.lock(&id);
@@ -345,12 +372,16 @@ impl ContainerManager {
         let bundle = self.bundle(&r.id);
         let rootfs = bundle.join("rootfs");
         let snapshots = self.snapshots.clone();
+        let owned = r.rootfs_snapshot.clone();
         let key = format!("{SNAPSHOT_PREFIX}{}", r.id);
         let top = top_layer.to_owned();
         let (b, rf) = (bundle.clone(), rootfs.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
             std::fs::create_dir_all(&rf).map_err(|e| Error::internal("create bundle", e))?;
-            let mounts = snapshots.prepare(&key, Some(&top))?;
+            let mounts = match &owned {
+                Some(k) => snapshots.mounts(k)?,
+                None => snapshots.prepare(&key, Some(&top))?,
+            };
             mount_all(&mounts, &rf)?;
             let _ = b;
             Ok(())
@@ -475,10 +506,11 @@ impl ContainerManager {
         let this_bundle = self.bundle(&r.id);
         let snapshots = self.snapshots.clone();
         let id = r.id.clone();
+        let owned = r.rootfs_snapshot.is_some();
         let _ = tokio::task::spawn_blocking(move || {
             kill_cgroup(&cgroup);
             remove_cgroup_dirs(&cgroup);
-            release_storage(&this_bundle, snapshots.as_ref(), &id)
+            release_storage(&this_bundle, snapshots.as_ref(), &id, owned)
         })
         .await;
     }
@@ -497,7 +529,12 @@ impl ContainerManager {
         let cgroup = self.cgroup_of(r);
         kill_cgroup(&cgroup);
         remove_cgroup_dirs(&cgroup);
-        release_storage(&bundle, self.snapshots.as_ref(), &r.id);
+        release_storage(
+            &bundle,
+            self.snapshots.as_ref(),
+            &r.id,
+            r.rootfs_snapshot.is_some(),
+        );
     }
 
     /// Starts a created container, and watches for its exit.
@@ -806,6 +843,35 @@ impl ContainerManager {
         Ok(())
     }
 
+    /// The pid of a created or running container's process, as berthd sees it; 0 otherwise.
+    pub async fn pid(&self, id: &str) -> Result<i32> {
+        let r = self.get(id)?;
+        match ShimClient::new(&self.bundle(&r.id))
+            .call(&Request::State, Some(Duration::from_secs(5)))
+            .await
+        {
+            Ok(Response::State {
+                status: Status::Created | Status::Running,
+                pid,
+                ..
+            }) => Ok(pid),
+            _ => Ok(0),
+        }
+    }
+
+    /// Sends `signal` to a running container's process (docker's `kill`). FailedPrecondition
+    /// when it is not running.
+    pub async fn signal(&self, id: &str, signal: i32) -> Result<()> {
+        let r = self.running(id).await?;
+        ShimClient::new(&self.bundle(&r.id))
+            .call(
+                &Request::Kill { signal, all: false },
+                Some(Duration::from_secs(5)),
+            )
+            .await
+            .map(drop)
+    }
+
     /// CRI status of one container.
     pub async fn status(&self, id: &str) -> Result<cri::ContainerStatus> {
         let r = self.get(id)?;
@@ -839,7 +905,7 @@ impl ContainerManager {
             "sandboxID": r.sandbox_id,
             "pid": pid,
             "removing": false,
-            "snapshotKey": format!("{SNAPSHOT_PREFIX}{}", r.id),
+            "snapshotKey": r.snapshot_key(),
             "snapshotter": match self.snapshots.diff_mode() {
                 snapshotter::DiffMode::Overlay => "overlayfs",
                 snapshotter::DiffMode::Apply => "native",
@@ -934,16 +1000,20 @@ fn kill_cgroup(cgroup: &str) {
 }
 
 /// Unmounts the rootfs, removes the container's snapshot and its bundle dir.
-fn release_storage(bundle: &Path, snapshots: &dyn Snapshotter, id: &str) {
+fn release_storage(bundle: &Path, snapshots: &dyn Snapshotter, id: &str, owned_elsewhere: bool) {
     let rootfs = bundle.join("rootfs");
     match nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
         Err(e) => tracing::warn!(container_id = %id, error = %e, "unmount rootfs"),
     }
     let key = format!("{SNAPSHOT_PREFIX}{id}");
-    match snapshots.remove(&key) {
-        Ok(()) | Err(snapshotter::Error::NotFound { .. }) => {}
-        Err(e) => tracing::warn!(container_id = %id, error = %e, "remove rootfs snapshot"),
+    if owned_elsewhere {
+        tracing::debug!(container_id = %id, "rootfs snapshot kept: its owner removes it");
+    } else {
+        match snapshots.remove(&key) {
+            Ok(()) | Err(snapshotter::Error::NotFound { .. }) => {}
+            Err(e) => tracing::warn!(container_id = %id, error = %e, "remove rootfs snapshot"),
+        }
     }
     match std::fs::remove_dir_all(bundle) {
         Ok(()) => {}
@@ -991,7 +1061,8 @@ fn mount_all(mounts: &[api::Mount], target: &Path) -> Result<()> {
     Ok(())
 }
 
-fn parse_signal(s: &str) -> Option<i32> {
+/// A signal by number or name (`9`, `KILL`, `SIGKILL`, any case).
+pub fn parse_signal(s: &str) -> Option<i32> {
     if let Ok(n) = s.parse::<i32>() {
         return Some(n);
     }

@@ -10,10 +10,7 @@ use std::sync::Mutex;
 use api::cri;
 
 use super::cgroup_stats::{Cgroup, Memory, Sample};
-use super::{
-    ContainerManager, ContainerRecord, Phase, SNAPSHOT_PREFIX, default_cgroup_parent,
-    pod_cgroup_parent,
-};
+use super::{ContainerManager, ContainerRecord, Phase, default_cgroup_parent, pod_cgroup_parent};
 use crate::error::{Error, Result};
 use crate::sandbox::now_ns;
 
@@ -159,7 +156,7 @@ impl ContainerManager {
         // anything the container uses (containerd reports no CPU/memory for it either).
         let running = r.exit.is_none();
         let cgroup = format!("{}/{}", cgroup_parent.trim_end_matches('/'), r.id);
-        let key = format!("{SNAPSHOT_PREFIX}{}", r.id);
+        let key = r.snapshot_key();
         let (sample, layer, at_ns) = tokio::task::spawn_blocking(move || {
             let sample = if running {
                 Cgroup::host(&cgroup).sample()

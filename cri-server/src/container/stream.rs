@@ -495,6 +495,46 @@ impl ContainerManager {
         attach(&shim, &r.id, opts, r.config.stdin_once).await
     }
 
+    /// [`attach`](Self::attach) also to a container created but not started yet, so that
+    /// nothing it writes is missed (docker clients attach before they start).
+    pub async fn attach_early(&self, id: &str, opts: StreamOpts) -> Result<AttachSession> {
+        let r = self.get(id)?;
+        let observed = self.observe(r).await;
+        if !matches!(
+            observed.state,
+            cri::ContainerState::ContainerRunning | cri::ContainerState::ContainerCreated
+        ) {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                observed.record.id
+            )));
+        }
+        opts.validate_attach(&observed.record.config)?;
+        let shim = ShimClient::new(&self.bundle(&observed.record.id));
+        attach(
+            &shim,
+            &observed.record.id,
+            opts,
+            observed.record.config.stdin_once,
+        )
+        .await
+    }
+
+    /// Sets the size of running container `id`'s own terminal.
+    pub async fn resize_tty(&self, id: &str, width: u16, height: u16) -> Result<()> {
+        let r = self.running(id).await?;
+        if !r.config.tty {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} has no terminal to resize",
+                r.id
+            )));
+        }
+        ShimClient::new(&self.bundle(&r.id))
+            .call(&Request::Resize { width, height }, Some(CALL_TIMEOUT))
+            .await
+            .map(drop)
+    }
+
     /// The record of `id`, which must be running.
     pub(crate) async fn running(&self, id: &str) -> Result<super::ContainerRecord> {
         let r = self.get(id)?;

@@ -103,6 +103,10 @@ fn name_key(m: Option<&cri::PodSandboxMetadata>) -> String {
     format!("{}_{}_{}_{}", m.name, m.namespace, m.uid, m.attempt)
 }
 
+/// Pod annotation: `none` gives the pod a network namespace with only loopback (docker's
+/// `--network none`), attached to no CNI network.
+pub const NETWORK_ANNOTATION: &str = "io.berth.network";
+
 /// Now, in nanoseconds since the Unix epoch.
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now()
@@ -360,8 +364,12 @@ impl SandboxManager {
         PodNetwork::validate(&config)?;
         let id = hex::encode(rand::random::<[u8; 32]>());
         let host_net = is_node(ns.network);
+        let no_network = config
+            .annotations
+            .get(NETWORK_ANNOTATION)
+            .is_some_and(|v| v == "none");
         // Without a usable network config the pod fails before anything is made for it.
-        let network = if host_net {
+        let network = if host_net || no_network {
             None
         } else {
             Some(self.network.network()?)

@@ -1,0 +1,324 @@
+//! `/images/…`: list, pull (`create?fromImage=`), inspect, remove.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, Response, StatusCode, header};
+use serde_json::{Value, json};
+
+use super::containers::Filters;
+use super::{Api, ApiError, ApiResult, Req, channel_body, json};
+use crate::image::store::NamedImage;
+
+/// `docker.io/library/busybox:latest` → `busybox:latest`, as docker shows names.
+pub(crate) fn familiar(reference: &str) -> String {
+    let r = reference
+        .strip_prefix("docker.io/")
+        .map(|r| r.strip_prefix("library/").unwrap_or(r))
+        .unwrap_or(reference);
+    r.to_owned()
+}
+
+fn created_secs(config: &Value) -> i64 {
+    config["created"]
+        .as_str()
+        .and_then(api::time::parse_rfc3339)
+        .map_or(0, |ns| ns / 1_000_000_000)
+}
+
+fn labels(config: &Value) -> Value {
+    match &config["config"]["Labels"] {
+        Value::Object(m) => Value::Object(m.clone()),
+        _ => json!({}),
+    }
+}
+
+fn repo_digests(i: &NamedImage) -> Vec<String> {
+    i.digests.iter().map(|d| familiar(d)).collect()
+}
+
+fn summary(api: &Api, i: &NamedImage) -> Value {
+    let config = api.engine.images().config_json(i).unwrap_or(Value::Null);
+    json!({
+        "Id": i.record.id.to_string(),
+        "ParentId": "",
+        "RepoTags": i.tags.iter().map(|t| familiar(t)).collect::<Vec<_>>(),
+        "RepoDigests": repo_digests(i),
+        "Created": created_secs(&config),
+        "Size": i.record.size,
+        "SharedSize": -1,
+        "VirtualSize": i.record.size,
+        "Labels": labels(&config),
+        "Containers": -1,
+    })
+}
+
+fn inspect(api: &Api, i: &NamedImage) -> Value {
+    let config = api.engine.images().config_json(i).unwrap_or(Value::Null);
+    json!({
+        "Id": i.record.id.to_string(),
+        "RepoTags": i.tags.iter().map(|t| familiar(t)).collect::<Vec<_>>(),
+        "RepoDigests": repo_digests(i),
+        "Parent": "",
+        "Comment": "",
+        "Created": config["created"].as_str().unwrap_or("0001-01-01T00:00:00Z"),
+        "DockerVersion": "",
+        "Author": config["author"].as_str().unwrap_or(""),
+        "Config": config["config"],
+        "Architecture": config["architecture"],
+        "Variant": config["variant"],
+        "Os": config["os"],
+        "Size": i.record.size,
+        "VirtualSize": i.record.size,
+        "GraphDriver": {"Name": "overlayfs", "Data": null},
+        "RootFS": {"Type": "layers", "Layers": config["rootfs"]["diff_ids"]},
+        "Metadata": {"LastTagTime": "0001-01-01T00:00:00Z"},
+    })
+}
+
+fn find(api: &Api, name: &str) -> Result<NamedImage, ApiError> {
+    api.engine
+        .images()
+        .resolve(name)?
+        .ok_or_else(|| ApiError::not_found(format!("No such image: {name}")))
+}
+
+/// Splits `/images/<name>/<action>`: a name may hold slashes (`127.0.0.1:5000/a/b:1`).
+fn split_name(rest: &str, method: &Method) -> (String, String) {
+    const ACTIONS: [&str; 5] = ["json", "tag", "history", "push", "get"];
+    if *method != Method::DELETE
+        && let Some((name, action)) = rest.rsplit_once('/')
+        && ACTIONS.contains(&action)
+    {
+        return (name.to_owned(), action.to_owned());
+    }
+    (rest.to_owned(), String::new())
+}
+
+pub(super) async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
+    let rest = req
+        .path
+        .trim_end_matches('/')
+        .strip_prefix("/images")
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_owned();
+    let m = req.method.clone();
+    match (m.as_str(), rest.as_str()) {
+        ("GET", "json") => list(api, req),
+        ("POST", "create") => create(api, req).await,
+        ("POST", "prune") => Err(ApiError {
+            status: StatusCode::NOT_IMPLEMENTED,
+            message: "image prune is not supported by berth yet".into(),
+        }),
+        _ => {
+            let (name, action) = split_name(&rest, &m);
+            match (m.as_str(), action.as_str()) {
+                ("GET", "json") => json(StatusCode::OK, &inspect(api, &find(api, &name)?)),
+                ("DELETE", "") => remove(api, &name, req).await,
+                _ => Err(ApiError::not_found("page not found")),
+            }
+        }
+    }
+}
+
+fn list(api: &Arc<Api>, req: Req) -> ApiResult {
+    let filters = Filters::parse(req.q("filters"))?;
+    let mut out = Vec::new();
+    for i in api.engine.images().list()? {
+        let tags: Vec<String> = i.tags.iter().map(|t| familiar(t)).collect();
+        let reference_ok = filters.all("reference", |pattern| {
+            tags.iter().any(|t| {
+                let repo = t.rsplit_once(':').map_or(t.as_str(), |(r, _)| r);
+                t == pattern || repo == pattern
+            })
+        });
+        let dangling_ok = filters.all("dangling", |v| (v == "true") == i.tags.is_empty());
+        if reference_ok && dangling_ok {
+            out.push(summary(api, &i));
+        }
+    }
+    json(StatusCode::OK, &out)
+}
+
+/// The credentials of `X-Registry-Auth` (base64url JSON), as CRI's auth config.
+fn registry_auth(req: &Req) -> Result<Option<api::cri::AuthConfig>, ApiError> {
+    let Some(h) = req.inner.headers().get("X-Registry-Auth") else {
+        return Ok(None);
+    };
+    let raw = h.as_bytes();
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let decoded = base64::engine::general_purpose::URL_SAFE
+        .decode(raw)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(raw))
+        .or_else(|_| base64::engine::general_purpose::STANDARD.decode(raw))
+        .map_err(|_| ApiError::bad("invalid X-Registry-Auth header"))?;
+    let v: Value = serde_json::from_slice(&decoded).unwrap_or(Value::Null);
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    let auth = api::cri::AuthConfig {
+        username: s("username"),
+        password: s("password"),
+        server_address: s("serveraddress"),
+        identity_token: s("identitytoken"),
+        registry_token: s("registrytoken"),
+        ..Default::default()
+    };
+    Ok((!auth.username.is_empty()
+        || !auth.identity_token.is_empty()
+        || !auth.registry_token.is_empty())
+    .then_some(auth))
+}
+
+async fn create(api: &Arc<Api>, req: Req) -> ApiResult {
+    if !req.q("fromSrc").is_empty() {
+        return Err(ApiError {
+            status: StatusCode::NOT_IMPLEMENTED,
+            message: "image import is not supported by berth yet".into(),
+        });
+    }
+    let from = req.q("fromImage").to_owned();
+    if from.is_empty() {
+        return Err(ApiError::bad("fromImage or fromSrc is required"));
+    }
+    let tag = req.q("tag");
+    let reference = if tag.is_empty() || from.contains('@') {
+        from.clone()
+    } else if tag.starts_with("sha256:") {
+        format!("{from}@{tag}")
+    } else {
+        format!("{from}:{tag}")
+    };
+    let auth = registry_auth(&req)?;
+    let images = api.engine.images().clone();
+    let events = api.engine.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let line = |v: Value| Ok::<_, std::io::Error>(Bytes::from(format!("{v}\n")));
+    let shown_tag = if tag.is_empty() { "latest" } else { tag }.to_owned();
+    tokio::spawn(async move {
+        let _ = tx
+            .send(line(json!({"status": format!("Pulling from {}", familiar_repo(&from)), "id": shown_tag})))
+            .await;
+        match images.pull(&reference, auth.as_ref()).await {
+            Ok(id) => {
+                let named = images.resolve(&reference).ok().flatten();
+                if let Some(d) = named
+                    .as_ref()
+                    .and_then(|n| n.record.manifest_digest.to_string().into())
+                {
+                    let _ = tx
+                        .send(line(json!({"status": format!("Digest: {d}")})))
+                        .await;
+                }
+                let _ = tx
+                    .send(line(json!({"status": format!("Status: Downloaded newer image for {}", familiar(&normalized(&reference)))})))
+                    .await;
+                let mut attributes = std::collections::BTreeMap::new();
+                attributes.insert("name".to_owned(), familiar(&normalized(&reference)));
+                events
+                    .events
+                    .emit("image", "pull", &id.to_string(), attributes);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = tx
+                    .send(line(json!({"errorDetail": {"message": msg}, "error": msg})))
+                    .await;
+            }
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(channel_body(rx))
+        .expect("static response parts"))
+}
+
+fn normalized(reference: &str) -> String {
+    crate::image::reference::Reference::parse(reference)
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| reference.to_owned())
+}
+
+fn familiar_repo(from: &str) -> String {
+    let n = familiar(&normalized(from));
+    n.split(['@', ':'])
+        .next()
+        .map(|s| {
+            if s.contains('/') {
+                s.to_owned()
+            } else {
+                format!("library/{s}")
+            }
+        })
+        .unwrap_or(n)
+}
+
+async fn remove(api: &Arc<Api>, name: &str, req: Req) -> ApiResult {
+    let force = req.flag("force")?;
+    let image = find(api, name)?;
+    let users: Vec<String> = api
+        .engine
+        .list()?
+        .into_iter()
+        .filter(|r| r.image_id == image.record.id.to_string())
+        .map(|r| r.id)
+        .collect();
+    if let Some(user) = users.first()
+        && !force
+    {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: format!(
+                "conflict: unable to remove repository reference \"{name}\" (must force) - container {} is using its referenced image {}",
+                &user[..12],
+                &image.record.id.hex()[..12]
+            ),
+        });
+    }
+    api.engine
+        .images()
+        .remove(&image.record.id.to_string())
+        .await?;
+    let mut out: Vec<Value> = image
+        .tags
+        .iter()
+        .chain(&image.digests)
+        .map(|t| json!({"Untagged": familiar(t)}))
+        .collect();
+    out.push(json!({"Deleted": image.record.id.to_string()}));
+    let mut attributes = std::collections::BTreeMap::new();
+    attributes.insert("name".to_owned(), name.to_owned());
+    api.engine
+        .events
+        .emit("image", "delete", &image.record.id.to_string(), attributes);
+    json(StatusCode::OK, &out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_shown_the_way_docker_shows_them() {
+        assert_eq!(
+            familiar("docker.io/library/busybox:latest"),
+            "busybox:latest"
+        );
+        assert_eq!(familiar("docker.io/me/app:1"), "me/app:1");
+        assert_eq!(
+            familiar("127.0.0.1:5000/busybox:latest"),
+            "127.0.0.1:5000/busybox:latest"
+        );
+        assert_eq!(
+            split_name("127.0.0.1:5000/a/b:1/json", &Method::GET),
+            ("127.0.0.1:5000/a/b:1".to_owned(), "json".to_owned())
+        );
+        assert_eq!(
+            split_name("busybox:latest", &Method::DELETE),
+            ("busybox:latest".to_owned(), String::new())
+        );
+    }
+}
