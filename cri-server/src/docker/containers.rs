@@ -552,7 +552,11 @@ async fn attach(api: &Arc<Api>, id: &str, req: Req) -> ApiResult {
             Ok(mut s) => {
                 let streams =
                     hijack::Streams::pipes(s.stdin.take(), s.stdout.take(), s.stderr.take());
-                conn.pump(streams, tty).await;
+                // Output ends when the container does; its exit is recorded by then or soon.
+                let exited = async move {
+                    let _ = s.wait().await;
+                };
+                conn.pump(streams, tty, exited).await;
             }
             Err(e) => conn.fail(&e.to_string(), tty).await,
         }

@@ -294,16 +294,12 @@ async fn start(api: &Arc<Api>, id: &str, mut req: Req) -> ApiResult {
         ),
     };
     hijack::serve(req, tty, move |conn| async move {
-        let pump = conn.pump(streams, tty);
-        tokio::pin!(pump);
-        let code = tokio::select! {
-            _ = &mut pump => session.wait().await.ok(),
-            code = session.wait() => {
-                // What it wrote before it exited is still in the pipes.
-                let _ = tokio::time::timeout(std::time::Duration::from_millis(500), &mut pump).await;
-                code.ok()
-            }
+        // The exit is recorded before the connection closes: the client inspects the exec
+        // for its code as soon as the stream ends.
+        let done = async move {
+            let code = session.wait().await.ok();
+            finish(code);
         };
-        finish(code);
+        conn.pump(streams, tty, done).await;
     })
 }

@@ -125,8 +125,11 @@ impl Conn {
     }
 
     /// Copies the client's input into `stdin` and the outputs to the client until the
-    /// outputs end (the process closed them) or the client goes away.
-    pub async fn pump(self, s: Streams, tty: bool) {
+    /// outputs end (the process closed them) or the client goes away. `done` (the process's
+    /// exit, recorded) completes before the connection is closed, so a client that looks
+    /// right after the end of the stream finds the exit; output still coming after it gets a
+    /// short grace to drain.
+    pub async fn pump(self, s: Streams, tty: bool, done: impl Future<Output = ()>) {
         let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(8);
         let mut readers = Vec::new();
         for (kind, pipe) in [(1u8, s.stdout), (2u8, s.stderr)] {
@@ -135,39 +138,72 @@ impl Conn {
             }
         }
         drop(out_tx);
-        match self {
-            Conn::Upgraded(io) => {
-                let (mut rd, mut wr) = tokio::io::split(io);
-                let stdin_task = s.stdin.map(|mut stdin| {
-                    tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut rd, &mut stdin).await;
-                        // Client half-closed (or went away): the process sees end of input.
-                        let _ = stdin.shutdown().await;
-                    })
-                });
-                while let Some(b) = out_rx.recv().await {
-                    if wr.write_all(&b).await.is_err() {
+        let mut done = std::pin::pin!(done);
+        let mut finished = false;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let (mut writer, stdin_task): (Option<tokio::io::WriteHalf<TokioIo<Upgraded>>>, _) =
+            match self {
+                Conn::Upgraded(io) => {
+                    let (mut rd, wr) = tokio::io::split(io);
+                    let task = s.stdin.map(|mut stdin| {
+                        tokio::spawn(async move {
+                            let _ = tokio::io::copy(&mut rd, &mut stdin).await;
+                            // Client half-closed (or went away): the process sees end of input.
+                            let _ = stdin.shutdown().await;
+                        })
+                    });
+                    (Some(wr), Sends::Upgraded(task))
+                }
+                Conn::Body(tx) => (None, Sends::Body(tx)),
+            };
+        let mut client_gone = false;
+        loop {
+            let grace = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                b = out_rx.recv() => {
+                    let Some(b) = b else { break };
+                    let sent = match (&mut writer, &stdin_task) {
+                        (Some(w), _) => w.write_all(&b).await.is_ok(),
+                        (None, Sends::Body(tx)) => tx.send(Ok(b)).await.is_ok(),
+                        (None, _) => false,
+                    };
+                    if !sent {
+                        client_gone = true;
                         break;
                     }
                 }
-                let _ = wr.flush().await;
-                let _ = wr.shutdown().await;
-                if let Some(t) = stdin_task {
-                    t.abort();
+                _ = &mut done, if !finished => {
+                    finished = true;
+                    deadline = Some(tokio::time::Instant::now() + std::time::Duration::from_millis(500));
                 }
+                _ = grace => break,
             }
-            Conn::Body(tx) => {
-                while let Some(b) = out_rx.recv().await {
-                    if tx.send(Ok(b)).await.is_err() {
-                        break;
-                    }
-                }
-            }
+        }
+        if !finished && !client_gone {
+            done.await;
+        }
+        if let Some(mut w) = writer {
+            let _ = w.flush().await;
+            let _ = w.shutdown().await;
+        }
+        if let Sends::Upgraded(Some(t)) = stdin_task {
+            t.abort();
         }
         for r in readers {
             r.abort();
         }
     }
+}
+
+/// Where the output goes besides the upgraded connection's writer, and the stdin copier.
+enum Sends {
+    Upgraded(Option<tokio::task::JoinHandle<()>>),
+    Body(mpsc::Sender<std::io::Result<Bytes>>),
 }
 
 async fn read_output(mut p: impl AsyncRead + Unpin, kind: u8, tty: bool, tx: mpsc::Sender<Bytes>) {

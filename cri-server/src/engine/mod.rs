@@ -608,17 +608,40 @@ impl Engine {
         match self.start_locked(&mut r).await {
             Ok(()) => Ok(Started::Started),
             Err(e) => {
-                r.state.error = e.to_string();
-                r.state.status = if r.state.started_at_ns == 0 {
-                    Status::Created
-                } else {
-                    Status::Exited
-                };
-                if r.state.status == Status::Exited {
-                    r.state.exit_code = 128;
+                let message = e.to_string();
+                r.state.error = message.clone();
+                // As docker: 127 when the command is not there, 126 when it cannot run.
+                r.state.exit_code =
+                    if message.contains("No such file") || message.contains("not found") {
+                        127
+                    } else if message.contains("ermission denied") {
+                        126
+                    } else {
+                        128
+                    };
+                r.state.finished_at_ns = now_ns();
+                if r.state.started_at_ns != 0 {
+                    r.state.status = Status::Exited;
                 }
                 let _ = self.put(&r);
-                self.fail_pending(&r.id, &e.to_string());
+                self.fail_pending(&r.id, &message);
+                // Worded as runc words it: docker clients pick their exit code (127, 126)
+                // from these words.
+                let e = match r.state.exit_code {
+                    127 => Error::InvalidArgument(format!(
+                        "failed to create task for container: exec: executable file not found in $PATH: {message}"
+                    )),
+                    126 => Error::InvalidArgument(format!(
+                        "failed to create task for container: exec: permission denied: {message}"
+                    )),
+                    _ => e,
+                };
+                if r.host_config.auto_remove {
+                    r.state.status = Status::Removing;
+                    let _ = self.put(&r);
+                    self.forget(&r).await;
+                    self.emit("destroy", &r, &[]);
+                }
                 Err(e)
             }
         }
