@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod image;
 pub mod image_service;
+pub mod locks;
 pub mod network;
 pub mod quantity;
 pub mod runtime_service;

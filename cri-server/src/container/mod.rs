@@ -16,7 +16,6 @@ pub mod shim_client;
 mod stats;
 pub mod stream;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -115,7 +114,7 @@ pub struct ContainerManager {
     sandboxes: Arc<SandboxManager>,
     snapshots: Arc<dyn Snapshotter>,
     host: HostInfo,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: crate::locks::IdLocks,
     events: EventBus,
     /// Held while an exit is recorded and its stopped event sent (see `exits.rs`).
     exit_lock: Mutex<()>,
@@ -146,7 +145,7 @@ impl ContainerManager {
             sandboxes,
             snapshots,
             host: HostInfo::probe(),
-            locks: Mutex::default(),
+            locks: crate::locks::IdLocks::default(),
             events,
             exit_lock: Mutex::default(),
             cpu_samples: Default::default(),
@@ -162,9 +161,7 @@ impl ContainerManager {
     }
 
     fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks.entry(id.to_owned()).or_default().clone()
+        self.locks.of(id)
     }
 
     /// The container's cgroup (`<pod parent>/<id>`); the default parent when the pod is gone.

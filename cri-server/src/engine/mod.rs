@@ -229,7 +229,7 @@ pub struct Engine {
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
     snapshots: Arc<dyn Snapshotter>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: crate::locks::IdLocks,
     /// Bumped at every change of any record: waiters look again.
     changed: watch::Sender<u64>,
     pending: Mutex<HashMap<String, Vec<PendingAttach>>>,
@@ -259,7 +259,7 @@ impl Engine {
             sandboxes,
             containers,
             snapshots,
-            locks: Mutex::default(),
+            locks: crate::locks::IdLocks::default(),
             changed: watch::channel(0).0,
             pending: Mutex::default(),
             events: EngineEvents::default(),
@@ -277,9 +277,7 @@ impl Engine {
     }
 
     fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks.entry(id.to_owned()).or_default().clone()
+        self.locks.of(id)
     }
 
     fn container_dir(&self, id: &str) -> PathBuf {

@@ -12,9 +12,8 @@ pub mod cgroup_linux;
 pub mod ns_linux;
 pub mod pod_init;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use api::cri;
@@ -126,7 +125,7 @@ pub struct SandboxManager {
     /// `berth-shim`, whose `pod-init` mode is the init of pod PID namespaces.
     shim_binary: PathBuf,
     /// One lock per sandbox id: stop/remove of one pod never interleave.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: crate::locks::IdLocks,
     /// Where a new pod's created and started events go (ContainerManager, which stops and
     /// removes pods with their containers, sends the others).
     events: EventBus,
@@ -157,7 +156,7 @@ impl SandboxManager {
             db,
             state_dir: state_dir.to_owned(),
             shim_binary,
-            locks: Mutex::default(),
+            locks: crate::locks::IdLocks::default(),
             events,
             network,
             ns_pool: ns_linux::NsPool::new(&ns_root, ns_pool_size),
@@ -225,9 +224,7 @@ impl SandboxManager {
     }
 
     fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks.entry(id.to_owned()).or_default().clone()
+        self.locks.of(id)
     }
 
     fn sandbox_dir(&self, id: &str) -> PathBuf {
