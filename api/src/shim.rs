@@ -50,6 +50,40 @@ pub const PID_FILE_NAME: &str = "shim.pid";
 /// keep up.
 pub const ATTACH_BUFFER: usize = 1024 * 1024;
 
+/// Settings an exec'd process takes instead of the container's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOverrides {
+    /// `KEY=value` entries set over the container's environment (a same-named entry is
+    /// replaced).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// The working directory, absolute, in the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// The identity to run as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<ExecUser>,
+}
+
+impl ExecOverrides {
+    /// Whether nothing is overridden.
+    pub fn is_empty(&self) -> bool {
+        self.env.is_empty() && self.cwd.is_none() && self.user.is_none()
+    }
+}
+
+/// A resolved identity for an exec'd process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecUser {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary group ids.
+    #[serde(default)]
+    pub additional_gids: Vec<u32>,
+}
+
 /// Printed by `berth-shim` on stdout once the container is created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Created {
@@ -97,6 +131,9 @@ pub enum Request {
         /// `stdin`, `stdout` and `stderr` must be false then (no fds come with the request).
         #[serde(default)]
         tty: bool,
+        /// What differs from the container's own process settings (docker's `exec -e -u -w`).
+        #[serde(default, skip_serializing_if = "ExecOverrides::is_empty")]
+        overrides: ExecOverrides,
     },
     /// Waits until the exec'd process has exited, then answers [`Response::ExecExit`] and
     /// forgets it.
@@ -228,7 +265,24 @@ mod tests {
             r#"{"op":"exec","exec_id":"e","args":["true"],"stdin":false,"stdout":true,"stderr":true}"#,
         )
         .expect("parse");
-        assert!(matches!(old, Request::Exec { tty: false, .. }));
+        assert!(
+            matches!(old, Request::Exec { tty: false, ref overrides, .. } if overrides.is_empty())
+        );
+        // Without overrides the line stays what an older shim reads.
+        let plain = Request::Exec {
+            exec_id: "e".into(),
+            args: vec!["true".into()],
+            stdin: false,
+            stdout: true,
+            stderr: false,
+            tty: false,
+            overrides: ExecOverrides::default(),
+        };
+        assert!(
+            !serde_json::to_string(&plain)
+                .expect("json")
+                .contains("overrides")
+        );
         let a = Request::Resize {
             width: 80,
             height: 24,

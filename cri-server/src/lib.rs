@@ -5,6 +5,7 @@
 //! HTTP/2 fix-up that lets old kubelet/crictl clients in.
 
 pub mod authority;
+pub mod bridge;
 pub mod config;
 pub mod container;
 pub mod docker;

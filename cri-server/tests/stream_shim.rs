@@ -241,6 +241,7 @@ async fn exec_sessions_with_pipes_and_with_a_terminal() {
         &c.id,
         vec!["sh".into(), "-c".into(), script.into()],
         opts(true, true, true, false),
+        Default::default(),
     )
     .await
     .expect("exec");
@@ -279,6 +280,7 @@ async fn exec_sessions_with_pipes_and_with_a_terminal() {
             "read x; tty; stty size; exec cat".into(),
         ],
         opts(true, true, false, true),
+        Default::default(),
     )
     .await
     .expect("tty exec");
@@ -306,13 +308,21 @@ async fn exec_sessions_with_pipes_and_with_a_terminal() {
             &shim,
             &c.id,
             vec!["true".into()],
-            opts(false, true, true, true)
+            opts(false, true, true, true),
+            Default::default(),
         )
         .await,
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
-        stream::exec(&shim, &c.id, vec![], opts(false, true, false, false)).await,
+        stream::exec(
+            &shim,
+            &c.id,
+            vec![],
+            opts(false, true, false, false),
+            Default::default()
+        )
+        .await,
         Err(Error::InvalidArgument(_))
     ));
     assert_eq!(c.status().await, Status::Running);
@@ -328,6 +338,7 @@ async fn dropping_an_exec_session_kills_the_process_and_collects_it() {
         &c.id,
         vec!["sleep".into(), "1000".into()],
         opts(false, true, false, false),
+        Default::default(),
     )
     .await
     .expect("exec");

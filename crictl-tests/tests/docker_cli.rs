@@ -102,6 +102,191 @@ async fn exec_runs_in_a_running_container() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn exec_takes_its_own_env_user_and_working_dir() {
+    let env = DockerEnv::start("").await;
+    env.ok(&[
+        "run", "-d", "--name", "box", "-e", "KEEP=1", "-e", "OVER=old", "busybox", "sleep", "300",
+    ])
+    .await;
+    let script = "echo $KEEP $OVER $NEW; id -u; id -g; pwd";
+    let plain = env.ok(&["exec", "box", "sh", "-c", script]).await;
+    assert_eq!(plain, "1 old\n0\n0\n/\n");
+    let out = env
+        .ok(&[
+            "exec",
+            "-e",
+            "OVER=new",
+            "-e",
+            "NEW=yes",
+            "-u",
+            "app",
+            "-w",
+            "/home/app",
+            "box",
+            "sh",
+            "-c",
+            script,
+        ])
+        .await;
+    assert_eq!(out, "1 new yes\n1000\n1000\n/home/app\n");
+    let numeric = env
+        .ok(&[
+            "exec",
+            "-u",
+            "65534:1000",
+            "box",
+            "sh",
+            "-c",
+            "id -u; id -g",
+        ])
+        .await;
+    assert_eq!(numeric, "65534\n1000\n");
+    // A user the container does not know fails the exec, and the container runs on.
+    let bad = env
+        .docker(&["exec", "-u", "nosuchuser", "box", "true"])
+        .await;
+    assert!(!bad.status.success(), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("nosuchuser"),
+        "{bad:?}"
+    );
+    let rel = env.docker(&["exec", "-w", "relative", "box", "true"]).await;
+    assert!(!rel.status.success(), "{rel:?}");
+    let state = env.ok(&["inspect", "-f", "{{.State.Status}}", "box"]).await;
+    assert_eq!(state.trim(), "running");
+    env.ok(&["rm", "-f", "box"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn top_and_stats_show_the_containers_processes_and_usage() {
+    let env = DockerEnv::start("").await;
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "busy",
+        "--memory",
+        "64m",
+        "busybox",
+        "sh",
+        "-c",
+        "sleep 301 & sleep 302",
+    ])
+    .await;
+    let mut top = String::new();
+    for _ in 0..50 {
+        top = env.ok(&["top", "busy"]).await;
+        if top.contains("sleep 302") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(top.starts_with("UID"), "{top}");
+    assert!(
+        top.contains("sleep 301") && top.contains("sleep 302"),
+        "{top}"
+    );
+    // Only the container's processes: not this test's, not berthd's.
+    assert!(!top.contains("berthd"), "{top}");
+    let top_args = env.ok(&["top", "busy", "-o", "pid,args"]).await;
+    assert!(top_args.starts_with("PID"), "{top_args}");
+    let stats = env
+        .ok(&[
+            "stats",
+            "--no-stream",
+            "--format",
+            "{{.Name}} {{.MemUsage}} {{.PIDs}}",
+            "busy",
+        ])
+        .await;
+    let fields: Vec<&str> = stats.split_whitespace().collect();
+    assert_eq!(fields[0], "busy", "{stats}");
+    assert_eq!(fields.get(3), Some(&"64MiB"), "the memory limit: {stats}");
+    let pids: u32 = fields.last().and_then(|p| p.parse().ok()).unwrap_or(0);
+    assert!(pids >= 2, "{stats}");
+    // A stopped container has no processes to show.
+    env.ok(&["stop", "-t", "0", "busy"]).await;
+    let stopped = env.docker(&["top", "busy"]).await;
+    assert!(!stopped.status.success());
+    assert!(
+        String::from_utf8_lossy(&stopped.stderr).contains("is not running"),
+        "{stopped:?}"
+    );
+    env.ok(&["rm", "busy"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cp_copies_both_ways_in_running_and_stopped_containers() {
+    let env = DockerEnv::start("").await;
+    let host = tempfile::tempdir().expect("tempdir");
+    let h = |p: &str| host.path().join(p).display().to_string();
+    env.ok(&[
+        "run", "-d", "--name", "box", "busybox", "sh", "-c",
+        "echo inside > /marker; mkdir -p /data/sub; echo deep > /data/sub/f; ln -s / /escape; sleep 300",
+    ])
+    .await;
+    for _ in 0..50 {
+        if env
+            .docker(&["exec", "box", "test", "-L", "/escape"])
+            .await
+            .status
+            .success()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Out of a running container: a file, a directory, and a path through a symlink to / that
+    // stays in the container.
+    env.ok(&["cp", "box:/marker", &h("marker")]).await;
+    assert_eq!(
+        std::fs::read_to_string(h("marker")).expect("marker"),
+        "inside\n"
+    );
+    env.ok(&["cp", "box:/data", &h("data")]).await;
+    assert_eq!(
+        std::fs::read_to_string(h("data/sub/f")).expect("dir"),
+        "deep\n"
+    );
+    env.ok(&["cp", "box:/escape/marker", &h("via-link")]).await;
+    assert_eq!(
+        std::fs::read_to_string(h("via-link")).expect("link"),
+        "inside\n"
+    );
+    // Into it.
+    std::fs::create_dir_all(h("up/nested")).expect("mkdir");
+    std::fs::write(h("up/nested/g"), "from host\n").expect("write");
+    env.ok(&["cp", &h("up"), "box:/tmp/"]).await;
+    assert_eq!(
+        env.ok(&["exec", "box", "cat", "/tmp/up/nested/g"]).await,
+        "from host\n"
+    );
+    let missing = env.docker(&["cp", "box:/no/such", &h("x")]).await;
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("Could not find the file /no/such"),
+        "{missing:?}"
+    );
+    // A stopped container: its rootfs is reached without starting it, and what goes in is
+    // there when it starts again.
+    env.ok(&["stop", "-t", "0", "box"]).await;
+    env.ok(&["cp", "box:/data/sub/f", &h("stopped-f")]).await;
+    assert_eq!(
+        std::fs::read_to_string(h("stopped-f")).expect("f"),
+        "deep\n"
+    );
+    std::fs::write(h("later"), "later\n").expect("write");
+    env.ok(&["cp", &h("later"), "box:/later"]).await;
+    env.ok(&["start", "box"]).await;
+    assert_eq!(env.ok(&["exec", "box", "cat", "/later"]).await, "later\n");
+    env.ok(&["rm", "-f", "box"]).await;
+    // No copy's mount is left in berthd's mount namespace.
+    let pid = env.d.pid().expect("berthd pid");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    assert!(!mounts.contains("/cp-"), "{mounts}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_dockers_errors() {
     let env = DockerEnv::start("").await;
     let missing = env.docker(&["inspect", "nosuch"]).await;

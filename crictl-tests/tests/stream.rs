@@ -139,6 +139,7 @@ async fn tty_exec_and_attach_in_a_berthd_container() {
             stdout: false,
             stderr: false,
             tty: true,
+            overrides: Default::default(),
         },
         &[],
     );

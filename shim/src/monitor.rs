@@ -606,6 +606,7 @@ impl Monitor {
                 stdout,
                 stderr,
                 tty,
+                overrides,
             } => {
                 let [stdin, stdout, stderr] = self.conns[conn].take_fds([stdin, stdout, stderr]);
                 if tty && (stdin.is_some() || stdout.is_some() || stderr.is_some()) {
@@ -617,7 +618,7 @@ impl Monitor {
                         stderr,
                         console_socket: None,
                     };
-                    self.exec(exec_id, &args, stdio, tty)
+                    self.exec(exec_id, &args, &overrides, stdio, tty)
                 }
             }
             Request::Attach {
@@ -682,6 +683,7 @@ impl Monitor {
         &mut self,
         exec_id: String,
         args: &[String],
+        overrides: &api::shim::ExecOverrides,
         mut stdio: runtime::ExecStdio,
         tty: bool,
     ) -> Response {
@@ -711,7 +713,7 @@ impl Monitor {
         } else {
             None
         };
-        let started = runtime::exec(&self.id, &self.bundle, &exec_id, args, stdio);
+        let started = runtime::exec(&self.id, &self.bundle, &exec_id, args, overrides, stdio);
         if tty {
             let _ = std::fs::remove_file(&console_name);
         }

@@ -8,9 +8,10 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use api::shim::ExecOverrides;
 use libcontainer::container::Container;
 use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::oci_spec::runtime::{Capability as SpecCapability, LinuxSeccomp, Spec};
+use libcontainer::oci_spec::runtime::{Capability as SpecCapability, LinuxSeccomp, Process, Spec};
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
@@ -117,6 +118,7 @@ pub fn exec(
     bundle: &Path,
     exec_id: &str,
     args: &[String],
+    overrides: &ExecOverrides,
     stdio: ExecStdio,
 ) -> Result<i32, String> {
     check_exec_id(exec_id)?;
@@ -132,6 +134,7 @@ pub fn exec(
             .clone()
             .ok_or_else(|| "the container's spec has no process".to_owned())?;
         process.set_args(Some(args.to_vec()));
+        apply_overrides(&mut process, overrides)?;
         let tty = stdio.console_socket.is_some();
         process.set_terminal(Some(tty));
         process.set_console_size(None);
@@ -191,6 +194,36 @@ pub fn exec(
         .trim()
         .parse()
         .map_err(|_| format!("bad answer from the exec helper: {answer:?}"))
+}
+
+/// Applies docker's `exec -e -u -w` to the container's process settings.
+fn apply_overrides(process: &mut Process, o: &ExecOverrides) -> Result<(), String> {
+    if !o.env.is_empty() {
+        let mut env = process.env().clone().unwrap_or_default();
+        for e in &o.env {
+            let key = e.split_once('=').map_or(e.as_str(), |(k, _)| k);
+            if key.is_empty() {
+                return Err(format!("invalid environment entry {e:?}"));
+            }
+            env.retain(|old| old.split_once('=').map_or(old.as_str(), |(k, _)| k) != key);
+            env.push(e.clone());
+        }
+        process.set_env(Some(env));
+    }
+    if let Some(cwd) = &o.cwd {
+        if !cwd.starts_with('/') {
+            return Err(format!("the working directory {cwd:?} is not absolute"));
+        }
+        process.set_cwd(PathBuf::from(cwd));
+    }
+    if let Some(u) = &o.user {
+        let mut user = process.user().clone();
+        user.set_uid(u.uid);
+        user.set_gid(u.gid);
+        user.set_additional_gids(Some(u.additional_gids.clone()));
+        process.set_user(user);
+    }
+    Ok(())
 }
 
 /// libcontainer's tenant path links the console socket into the container's state dir for each

@@ -149,6 +149,7 @@ fn exec_tty(id: &str, args: &[&str]) -> Request {
         stdout: false,
         stderr: false,
         tty: true,
+        overrides: Default::default(),
     }
 }
 
@@ -266,6 +267,7 @@ fn exec_with_a_tty_sizes_echoes_and_hangs_up() {
             stdout: true,
             stderr: false,
             tty: true,
+            overrides: Default::default(),
         },
         &[pipe().1.as_raw_fd()],
     );

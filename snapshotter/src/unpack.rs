@@ -709,7 +709,10 @@ fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
 
 impl Unpacker {
     fn new(dest: &Path, form: Form) -> Result<Self> {
-        let root = nix::fcntl::open(dest, DIR_FLAGS, Mode::empty())
+        // `dest` is the caller's, not the layer's: it may be a symlink, such as the
+        // `/proc/self/fd/<n>` link of a directory the caller opened safely itself. Only what is
+        // below it is the layer's, and that is never followed.
+        let root = nix::fcntl::open(dest, DIR_FLAGS & !OFlag::O_NOFOLLOW, Mode::empty())
             .map_err(|e| Error::io("open layer dir", dest, e.into()))?;
         Ok(Unpacker {
             dest: dest.to_owned(),

@@ -126,6 +126,15 @@ impl Cgroup {
             }
         }
     }
+
+    /// The processes (host pids) in the cgroup and its descendants, from `cgroup.procs` (of the
+    /// memory hierarchy on v1), sorted; empty when the cgroup is gone.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut out = procs_under(&self.dir("memory"));
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 fn read(path: &Path) -> Option<String> {
@@ -179,25 +188,29 @@ fn memory_v2(dir: &Path) -> Option<Memory> {
 }
 
 /// Processes in `dir` and its descendants, from their `cgroup.procs` (no pids controller).
-/// A pod's cgroup tree is two levels deep; the depth bound only guards against surprises.
 fn count_procs(dir: &Path) -> Option<u64> {
-    fn walk(dir: &Path, depth: u32) -> u64 {
-        let own = read(&dir.join("cgroup.procs"))
-            .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count() as u64)
-            .unwrap_or(0);
-        if depth == 0 {
-            return own;
+    dir.is_dir().then(|| procs_under(dir).len() as u64)
+}
+
+/// The pids in the `cgroup.procs` of `dir` and its descendants. A pod's cgroup tree is two
+/// levels deep; the depth bound only guards against surprises.
+fn procs_under(dir: &Path) -> Vec<i32> {
+    fn walk(dir: &Path, depth: u32, out: &mut Vec<i32>) {
+        if let Some(t) = read(&dir.join("cgroup.procs")) {
+            out.extend(t.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
         }
-        let children: u64 = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| walk(&e.path(), depth - 1))
-            .sum();
-        own + children
+        if depth == 0 {
+            return;
+        }
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&e.path(), depth - 1, out);
+            }
+        }
     }
-    dir.is_dir().then(|| walk(dir, 4))
+    let mut out = Vec::new();
+    walk(dir, 4, &mut out);
+    out
 }
 
 #[cfg(test)]

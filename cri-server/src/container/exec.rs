@@ -62,6 +62,7 @@ pub async fn exec_sync(
         stdout: true,
         stderr: true,
         tty: false,
+        overrides: Default::default(),
     };
     conn.send(&req, &[out_w.as_raw_fd(), err_w.as_raw_fd()])
         .await?;

@@ -196,6 +196,16 @@ impl ContainerManager {
         Ok(Measured { stats, sample })
     }
 
+    /// A running container's cgroup counters and processes (host pids), read now, for docker's
+    /// `stats` and `top`. FailedPrecondition when it is not running.
+    pub async fn usage(&self, id: &str) -> Result<(Sample, Vec<i32>)> {
+        let r = self.running(id).await?;
+        let cgroup = Cgroup::host(&self.cgroup_of(&r));
+        tokio::task::spawn_blocking(move || (cgroup.sample(), cgroup.pids()))
+            .await
+            .map_err(|e| Error::Internal(format!("container usage thread: {e}")))
+    }
+
     /// Forgets the CPU samples of a removed container or pod.
     pub(super) fn forget(&self, id: &str) {
         self.cpu_samples.forget(id);

@@ -21,7 +21,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use api::cri;
-use api::shim::{Request, Response};
+use api::shim::{ExecOverrides, ExecUser, Request, Response};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::unix::pipe;
@@ -324,6 +324,7 @@ pub async fn exec(
     container_id: &str,
     cmd: Vec<String>,
     opts: StreamOpts,
+    overrides: ExecOverrides,
 ) -> Result<ExecSession> {
     opts.validate()?;
     if cmd.is_empty() {
@@ -342,6 +343,7 @@ pub async fn exec(
         stdout: theirs[1].is_some(),
         stderr: theirs[2].is_some(),
         tty: opts.tty,
+        overrides,
     };
     let raw: Vec<i32> = theirs.iter().flatten().map(|f| f.as_raw_fd()).collect();
     conn.send(&req, &raw).await?;
@@ -478,9 +480,58 @@ impl ContainerManager {
         id: &str,
         cmd: Vec<String>,
         opts: StreamOpts,
+        overrides: ExecOverrides,
     ) -> Result<ExecSession> {
         let r = self.running(id).await?;
-        exec(&ShimClient::new(&self.bundle(&r.id)), &r.id, cmd, opts).await
+        let shim = ShimClient::new(&self.bundle(&r.id));
+        exec(&shim, &r.id, cmd, opts, overrides).await
+    }
+
+    /// docker's `exec -e -u -w` for container `id` as shim overrides: `user` (`name`, `uid`,
+    /// `name:group`, `uid:gid`…) is resolved against the container's own `/etc/passwd` and
+    /// `/etc/group` as they are now, as docker does. InvalidArgument for a user or group the
+    /// container does not know, or a relative working dir.
+    pub fn exec_overrides(
+        &self,
+        id: &str,
+        env: Vec<String>,
+        user: &str,
+        working_dir: &str,
+    ) -> Result<ExecOverrides> {
+        if let Some(bad) = env
+            .iter()
+            .find(|e| e.split('=').next().unwrap_or("").is_empty())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "invalid environment variable {bad:?}"
+            )));
+        }
+        if !working_dir.is_empty() && !working_dir.starts_with('/') {
+            return Err(Error::InvalidArgument(format!(
+                "the working directory {working_dir:?} is invalid, it needs to be an absolute path"
+            )));
+        }
+        let user = if user.is_empty() {
+            None
+        } else {
+            let rootfs = self.bundle(id).join("rootfs");
+            let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).ok();
+            let group = std::fs::read_to_string(rootfs.join("etc/group")).ok();
+            let member = user.split(':').next();
+            let r =
+                crate::spec::user::resolve(user, passwd.as_deref(), group.as_deref(), member, &[])
+                    .map_err(|e| Error::InvalidArgument(format!("exec user {user:?}: {e}")))?;
+            Some(ExecUser {
+                uid: r.uid,
+                gid: r.gid,
+                additional_gids: r.additional_gids,
+            })
+        };
+        Ok(ExecOverrides {
+            env,
+            cwd: (!working_dir.is_empty()).then(|| working_dir.to_owned()),
+            user,
+        })
     }
 
     /// Attaches to the stdio of running container `id` (CRI `Attach`). Errors:

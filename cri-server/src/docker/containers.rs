@@ -498,6 +498,9 @@ pub(super) async fn action(api: &Arc<Api>, id: &str, action: &str, req: Req) -> 
         ("POST", "attach") => attach(api, id, req).await,
         ("POST", "exec") => super::exec::create(api, id, req).await,
         ("GET", "logs") => logs(api, id, req).await,
+        ("GET" | "HEAD" | "PUT", "archive") => super::archive::route(api, id, req).await,
+        ("GET", "top") => super::usage::top(api, id, req).await,
+        ("GET", "stats") => super::usage::stats(api, id, req).await,
         _ => Err(ApiError::not_found("page not found")),
     }
 }

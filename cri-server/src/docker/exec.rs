@@ -73,13 +73,17 @@ pub(super) async fn create(api: &Arc<Api>, container: &str, req: Req) -> ApiResu
     if config.cmd.is_empty() {
         return Err(ApiError::bad("No exec command specified"));
     }
-    if !config.env.is_empty() || !config.user.is_empty() || !config.working_dir.is_empty() {
-        return Err(ApiError {
-            status: StatusCode::NOT_IMPLEMENTED,
-            message: "exec with its own env, user or working dir is not supported by berth yet"
-                .into(),
-        });
-    }
+    // Checked now, as docker does: a bad user or working dir fails the create, not the start.
+    let run = r.run.as_ref().ok_or_else(|| ApiError {
+        status: StatusCode::CONFLICT,
+        message: format!("Container {} is not running", r.id),
+    })?;
+    api.engine.containers().exec_overrides(
+        &run.container_id,
+        config.env.clone(),
+        &config.user,
+        &config.working_dir,
+    )?;
     let id = hex::encode(rand::random::<[u8; 32]>());
     let seq = api
         .execs
@@ -222,10 +226,16 @@ async fn start(api: &Arc<Api>, id: &str, mut req: Req) -> ApiResult {
     } else {
         opts
     };
+    let overrides = api.engine.containers().exec_overrides(
+        &run.container_id,
+        e.config.env.clone(),
+        &e.config.user,
+        &e.config.working_dir,
+    )?;
     let mut session = api
         .engine
         .containers()
-        .exec_stream(&run.container_id, e.config.cmd.clone(), opts)
+        .exec_stream(&run.container_id, e.config.cmd.clone(), opts, overrides)
         .await
         .map_err(|err| {
             let message = err.to_string();

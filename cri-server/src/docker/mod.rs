@@ -3,11 +3,13 @@
 //! expects. Every handler translates into calls on the [`Engine`] or the image manager; no
 //! container logic lives here.
 
+mod archive;
 mod containers;
 mod exec;
 mod hijack;
 mod images;
 mod system;
+mod usage;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

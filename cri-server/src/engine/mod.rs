@@ -7,6 +7,7 @@
 //! Docker semantics kept here: unique names usable wherever an id is, short id prefixes,
 //! restart policies (also across berthd restarts), `AutoRemove`, attach before start.
 
+pub mod archive;
 pub mod events;
 pub mod logs;
 pub mod spec;

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use self::reference::{Reference, Target};
 use self::registry::{Endpoint, Fetched};
 pub use self::store::{ImageRecord, ImageStore, LayerRecord, NamedImage};
+use crate::bridge::ChannelReader;
 use crate::config::Config;
 use crate::error::{Error, Result};
 
@@ -201,27 +202,6 @@ fn total_size(sizes: impl IntoIterator<Item = u64>) -> Option<u64> {
 fn descriptor_size(r: &Reference, d: &Descriptor) -> Result<u64> {
     u64::try_from(d.size)
         .map_err(|_| Error::BadContent(format!("{r}: {} has negative size {}", d.digest, d.size)))
-}
-
-/// Reads chunks sent by the async download into the blocking unpacker.
-struct ChannelReader {
-    rx: mpsc::Receiver<std::io::Result<Bytes>>,
-    cur: Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur.split_to(n));
-        Ok(n)
-    }
 }
 
 /// Copies everything read into the blob being written.
@@ -805,10 +785,7 @@ impl ImageManager {
                 let dir = snapshots.diff_dir(&key)?;
                 let mut blob = content.writer(&digest)?;
                 let reader = TeeReader {
-                    inner: ChannelReader {
-                        rx,
-                        cur: Bytes::new(),
-                    },
+                    inner: ChannelReader::new(rx),
                     blob: &mut blob,
                 };
                 let unpacked = unpack(mode, reader, &dir)?;

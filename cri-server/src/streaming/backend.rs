@@ -70,7 +70,12 @@ impl Backend for CoreBackend {
     async fn exec(&self, req: &cri::ExecRequest, io: StdStreams) -> Result<i32> {
         let mut session = self
             .containers
-            .exec_stream(&req.container_id, req.cmd.clone(), StreamOpts::of_exec(req))
+            .exec_stream(
+                &req.container_id,
+                req.cmd.clone(),
+                StreamOpts::of_exec(req),
+                Default::default(),
+            )
             .await?;
         let StdStreams {
             stdin,
