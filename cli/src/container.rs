@@ -40,7 +40,7 @@ pub fn create_body(a: &RunArgs) -> Result<(String, ContainerCreateBody)> {
     let mut port_bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
     let mut exposed: Vec<String> = Vec::new();
     for p in &a.publish {
-        for (port, binding) in opts::parse_publish(p).with_context(|| format!("-p {p}"))? {
+        for (port, binding) in opts::parse_publish(p)? {
             if !exposed.contains(&port) {
                 exposed.push(port.clone());
             }
@@ -168,6 +168,7 @@ pub fn create_body(a: &RunArgs) -> Result<(String, ContainerCreateBody)> {
 /// `--pull always`), and prints the daemon's warnings as docker does.
 async fn create(d: &Docker, a: &RunArgs) -> Result<String> {
     let (image, body) = create_body(a)?;
+    crate::image::check_reference(&image)?;
     let opts = CreateContainerOptions {
         name: a.name.clone(),
         ..Default::default()
@@ -420,14 +421,21 @@ pub async fn start(d: &Docker, a: StartArgs) -> Result<i32> {
             Err(e) => Err(e),
         };
     }
-    each(&a.containers, |n| async move {
-        d.start_container(&n, None)
-            .await
-            .with_context(|| format!("start {n}"))?;
-        println!("{n}");
-        Ok(())
-    })
-    .await
+    let mut failed = Vec::new();
+    for n in &a.containers {
+        match d.start_container(n, None).await {
+            Ok(()) => println!("{n}"),
+            Err(e) => {
+                report(&anyhow::Error::new(e));
+                failed.push(n.as_str());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        eprintln!("Error: failed to start containers: {}", failed.join(", "));
+        return Err(Exit(1).into());
+    }
+    Ok(0)
 }
 
 pub async fn stop(d: &Docker, a: StopArgs) -> Result<i32> {
@@ -481,17 +489,23 @@ pub async fn rm(d: &Docker, a: RmArgs) -> Result<i32> {
         force: a.force,
         link: a.link,
     };
-    each(&a.containers, |n| {
-        let o = o.clone();
-        async move {
-            d.remove_container(&n, Some(o))
-                .await
-                .with_context(|| format!("remove {n}"))?;
-            println!("{n}");
-            Ok(())
+    let force = a.force;
+    let mut failed = false;
+    for n in &a.containers {
+        match d.remove_container(n, Some(o.clone())).await {
+            Ok(()) => println!("{n}"),
+            // docker's `rm -f` tells of a missing container but does not fail for it.
+            Err(e) if force && is_not_found(&e) => report(&anyhow::Error::new(e)),
+            Err(e) => {
+                report(&anyhow::Error::new(e).context(format!("remove {n}")));
+                failed = true;
+            }
         }
-    })
-    .await
+    }
+    if failed {
+        return Err(Exit(1).into());
+    }
+    Ok(0)
 }
 
 pub async fn wait(d: &Docker, a: Names) -> Result<i32> {

@@ -22,6 +22,7 @@ use crate::template::render_rows;
 /// `name[:tag|@digest]` split into the repository and the tag or digest (`latest` when
 /// neither is given; the bool says it was defaulted).
 pub fn split_reference(r: &str) -> (String, String, bool) {
+    let r = r.trim();
     if let Some((repo, digest)) = r.split_once('@') {
         return (repo.to_owned(), digest.to_owned(), false);
     }
@@ -99,8 +100,26 @@ fn bar(p: Option<&bollard::models::ProgressDetail>) -> Option<String> {
     ))
 }
 
+/// docker checks a reference before it asks the daemon; so do we, with its words.
+pub fn check_reference(reference: &str) -> Result<()> {
+    let (repo, _, _) = split_reference(reference);
+    if repo.is_empty() || reference.contains(char::is_whitespace) {
+        bail!("invalid reference format");
+    }
+    let first = repo.split('/').next().unwrap_or("");
+    let path = match repo.split_once('/') {
+        Some((_, rest)) if first.contains(['.', ':']) || first == "localhost" => rest,
+        _ => repo.as_str(),
+    };
+    if path.chars().any(|c| c.is_ascii_uppercase()) {
+        bail!("invalid reference format: repository name ({path}) must be lowercase");
+    }
+    Ok(())
+}
+
 /// Pulls `reference`, printing docker's progress lines unless `quiet`.
 pub async fn pull(d: &Docker, reference: &str, quiet: bool) -> Result<()> {
+    check_reference(reference)?;
     let (repo, tag, defaulted) = split_reference(reference);
     if defaulted && !quiet {
         println!("Using default tag: latest");
@@ -491,6 +510,13 @@ mod tests {
         );
         assert_eq!(canonical("me/app", "1"), "docker.io/me/app:1");
         assert_eq!(canonical("127.0.0.1:5000/x", "1"), "127.0.0.1:5000/x:1");
+    }
+
+    #[test]
+    fn reference_checks() {
+        assert!(check_reference("busybox:1").is_ok());
+        assert!(check_reference("127.0.0.1:5000/a/b:Tag").is_ok());
+        assert!(check_reference("UPPER/Case").is_err());
     }
 
     #[test]

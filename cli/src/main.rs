@@ -42,19 +42,22 @@ fn main() {
             std::process::exit(125);
         }
     };
-    // Fails the way docker's commands fail: `run`/`create` with 125 (their code space is the
+    // Fails the way docker's commands fail: `run` with 125 (its code space is the
     // container's), every other command with 1.
-    let default_failure = match &cli.command {
-        Command::Run(_) | Command::Create(_) => 125,
-        _ => 1,
-    };
+    let is_run = matches!(cli.command, Command::Run(_));
+    let default_failure = if is_run { 125 } else { 1 };
     let code = match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
             if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
                 *code
             } else {
-                report(&e);
+                if is_run {
+                    // docker names itself in front of what `run` could not do.
+                    eprintln!("berth: {}", client::message(&e));
+                } else {
+                    report(&e);
+                }
                 client::exit_code_of(&e).unwrap_or(default_failure)
             }
         }

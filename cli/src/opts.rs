@@ -40,11 +40,11 @@ pub fn parse_publish(spec: &str) -> Result<Vec<(String, PortBinding)>> {
     if !ip.is_empty() && ip.parse::<std::net::IpAddr>().is_err() {
         bail!("invalid IP address: {ip}");
     }
-    let (c0, c1) = port_range(ctr)?;
+    let (c0, c1) = port_range(ctr, "containerPort")?;
     let host_range = if host.is_empty() {
         None
     } else {
-        Some(port_range(host)?)
+        Some(port_range(host, "hostPort")?)
     };
     let n = c1 - c0 + 1;
     if let Some((h0, h1)) = host_range
@@ -72,12 +72,12 @@ pub fn parse_publish(spec: &str) -> Result<Vec<(String, PortBinding)>> {
     Ok(out)
 }
 
-fn port_range(s: &str) -> Result<(u32, u32)> {
+fn port_range(s: &str, what: &str) -> Result<(u32, u32)> {
     let one = |p: &str| -> Result<u32> {
         match p.parse::<u32>() {
             Ok(n) if (1..=65535).contains(&n) => Ok(n),
             Ok(0) if s == "0" => Ok(0),
-            _ => bail!("invalid containerPort: {s}"),
+            _ => bail!("invalid {what}: {s}"),
         }
     };
     match s.split_once('-') {

@@ -1,0 +1,377 @@
+//! Our `berth` CLI against a real berthd: docker's output, ids and exit codes.
+
+use std::time::Duration;
+
+use crictl_tests::docker::DockerEnv;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Leaves no container behind, whatever the test did.
+async fn clean(env: &DockerEnv) {
+    let ids = env.berth_ok(&["ps", "-aq"]).await;
+    for id in ids.split_whitespace() {
+        env.berth(&["rm", "-f", id]).await;
+    }
+    assert_eq!(env.berth_ok(&["ps", "-aq"]).await, "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_prints_output_and_passes_exit_codes_through() {
+    let env = DockerEnv::start("").await;
+    let out = env.berth(&["run", "--rm", "busybox", "echo", "hi"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out), "hi\n");
+    let failed = env
+        .berth(&[
+            "run",
+            "--rm",
+            "busybox",
+            "sh",
+            "-c",
+            "echo oops >&2; exit 3",
+        ])
+        .await;
+    assert_eq!(failed.status.code(), Some(3), "{failed:?}");
+    assert_eq!(stderr(&failed), "oops\n");
+    let missing = env
+        .berth(&["run", "--rm", "busybox", "/no/such/binary"])
+        .await;
+    assert_eq!(missing.status.code(), Some(127), "{missing:?}");
+    assert!(
+        stderr(&missing).contains("Error response from daemon:"),
+        "{missing:?}"
+    );
+    // Flags after the image belong to the command.
+    let flags = env
+        .berth(&[
+            "run",
+            "--rm",
+            "-e",
+            "X=1",
+            "busybox",
+            "sh",
+            "-c",
+            "echo $X -n",
+        ])
+        .await;
+    assert_eq!(stdout(&flags), "1 -n\n", "{flags:?}");
+    let input = env
+        .berth_with_input(&["run", "--rm", "-i", "busybox", "cat"], Some(b"piped\n"))
+        .await;
+    assert_eq!(stdout(&input), "piped\n", "{input:?}");
+    assert_eq!(
+        env.berth_ok(&["ps", "-aq"]).await,
+        "",
+        "--rm containers are gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn detached_containers_list_log_stop_and_go() {
+    let env = DockerEnv::start("").await;
+    let id = env
+        .berth_ok(&[
+            "run",
+            "-d",
+            "--name",
+            "ticker",
+            "-l",
+            "role=test",
+            "busybox",
+            "sh",
+            "-c",
+            "echo start; trap 'echo bye; exit 0' TERM; while true; do sleep 0.1; done",
+        ])
+        .await;
+    let id = id.trim().to_owned();
+    assert_eq!(id.len(), 64, "{id}");
+    let ps = env
+        .berth_ok(&["ps", "--format", "{{.Names}} {{.Status}} {{.Labels}}"])
+        .await;
+    assert!(ps.starts_with("ticker Up"), "{ps}");
+    assert!(ps.trim_end().ends_with("role=test"), "{ps}");
+    assert_eq!(
+        env.berth_ok(&["ps", "-q"]).await,
+        format!("{}\n", &id[..12])
+    );
+    assert_eq!(
+        env.berth_ok(&["ps", "-q", "--no-trunc"]).await,
+        format!("{id}\n")
+    );
+    let table = env.berth_ok(&["ps"]).await;
+    let mut lines = table.lines();
+    let header = lines.next().expect("header");
+    assert!(header.starts_with("CONTAINER ID   IMAGE"), "{table}");
+    assert!(header.ends_with("NAMES"), "{table}");
+    let row = lines.next().expect("row");
+    assert!(
+        row.starts_with(&id[..12]) && row.ends_with("ticker"),
+        "{table}"
+    );
+    let custom = env
+        .berth_ok(&["ps", "--format", "table {{.ID}}\\t{{.Image}}"])
+        .await;
+    assert_eq!(
+        custom,
+        format!("CONTAINER ID   IMAGE\n{}   busybox\n", &id[..12])
+    );
+    let filtered = env
+        .berth_ok(&["ps", "-q", "--filter", "label=role=other"])
+        .await;
+    assert_eq!(filtered, "");
+    let state = env
+        .berth_ok(&["inspect", "--format", "{{.State.Status}}", &id[..8]])
+        .await;
+    assert_eq!(state, "running\n");
+    let labels = env
+        .berth_ok(&["inspect", "-f", "{{json .Config.Labels}}", "ticker"])
+        .await;
+    assert_eq!(labels, "{\"role\":\"test\"}\n");
+    let json = env.berth_ok(&["inspect", "ticker"]).await;
+    let parsed: serde_json::Value = serde_json::from_str(&json).expect("inspect is JSON");
+    assert_eq!(parsed[0]["Id"], id.as_str());
+    let mut logs = String::new();
+    for _ in 0..50 {
+        logs = env.berth_ok(&["logs", "ticker"]).await;
+        if logs.contains("start") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(logs, "start\n");
+    assert_eq!(env.berth_ok(&["stop", "ticker"]).await, "ticker\n");
+    assert_eq!(env.berth_ok(&["logs", "ticker"]).await, "start\nbye\n");
+    assert_eq!(
+        env.berth_ok(&["logs", "--tail", "1", "ticker"]).await,
+        "bye\n"
+    );
+    let stamped = env.berth_ok(&["logs", "-t", "ticker"]).await;
+    assert!(
+        stamped.lines().all(|l| l.contains('T') && l.contains("Z ")),
+        "{stamped}"
+    );
+    assert_eq!(env.berth_ok(&["ps", "-q"]).await, "");
+    let all = env
+        .berth_ok(&["ps", "-a", "--format", "{{.Names}} {{.State}}"])
+        .await;
+    assert_eq!(all, "ticker exited\n");
+    assert_eq!(
+        env.berth_ok(&["inspect", "-f", "{{.State.ExitCode}}", "ticker"])
+            .await,
+        "0\n"
+    );
+    assert_eq!(env.berth_ok(&["wait", "ticker"]).await, "0\n");
+    env.berth_ok(&["rename", "ticker", "tocker"]).await;
+    assert_eq!(env.berth_ok(&["rm", "tocker"]).await, "tocker\n");
+    // create + start -a keeps the filesystem between runs.
+    let id2 = env
+        .berth_ok(&[
+            "create",
+            "--name",
+            "keeper",
+            "busybox",
+            "sh",
+            "-c",
+            "cat /kept 2>/dev/null; echo x >> /kept",
+        ])
+        .await;
+    assert_eq!(env.berth_ok(&["start", "-a", "keeper"]).await, "");
+    assert_eq!(env.berth_ok(&["start", "-a", "keeper"]).await, "x\n");
+    env.berth_ok(&["rm", id2.trim()]).await;
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_with_and_without_a_tty() {
+    let env = DockerEnv::start("").await;
+    env.berth_ok(&["run", "-d", "--name", "box", "busybox", "sleep", "300"])
+        .await;
+    assert_eq!(
+        env.berth_ok(&["exec", "box", "echo", "inside"]).await,
+        "inside\n"
+    );
+    let code = env.berth(&["exec", "box", "sh", "-c", "exit 7"]).await;
+    assert_eq!(code.status.code(), Some(7), "{code:?}");
+    let cat = env
+        .berth_with_input(&["exec", "-i", "box", "cat"], Some(b"piped\n"))
+        .await;
+    assert_eq!(stdout(&cat), "piped\n", "{cat:?}");
+    // With -t the output comes through the container's terminal: CRLF line ends.
+    let tty = env
+        .berth(&["exec", "-t", "box", "sh", "-c", "tty; echo x"])
+        .await;
+    assert_eq!(tty.status.code(), Some(0), "{tty:?}");
+    let out = stdout(&tty);
+    assert!(out.starts_with("/dev/pts/"), "{out:?}");
+    assert!(out.ends_with("\r\nx\r\n"), "{out:?}");
+    let no_tty = env
+        .berth_ok(&["exec", "box", "sh", "-c", "tty || true"])
+        .await;
+    assert_eq!(no_tty, "not a tty\n");
+    interactive_tty_session(&env).await;
+    env.berth_ok(&["rm", "-f", "box"]).await;
+    clean(&env).await;
+}
+
+/// `exec -it` from a real terminal: our side of a pty pair is the local terminal, raw mode is
+/// set and put back, the window size reaches the container.
+async fn interactive_tty_session(env: &DockerEnv) {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, slave) = {
+        let (mut m, mut s) = (0, 0);
+        let ws = libc::winsize {
+            ws_row: 33,
+            ws_col: 111,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two fds into the locals; the name pointer may be null, and
+        // the termios/winsize pointers point at live values (or are null).
+        let r =
+            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both fds were just opened by openpty and are owned by nobody else.
+        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
+    };
+    let mut cmd = env.berth_command(&[
+        "exec",
+        "-it",
+        "box",
+        "sh",
+        "-c",
+        "sleep 0.5; stty size; read line; echo got:$line",
+    ]);
+    cmd.stdin(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(std::process::Stdio::from(slave));
+    let mut child = cmd.spawn().expect("run berth exec -it");
+    let reader = std::thread::spawn({
+        let mut master = master.try_clone().expect("dup master");
+        move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains("got:") {
+                match master.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            String::from_utf8_lossy(&seen).into_owned()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    master.write_all(b"hello\r").expect("type into the pty");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exec -it ends")
+        .expect("exec -it status");
+    let seen = reader.join().expect("reader");
+    assert!(status.success(), "{status:?}: {seen:?}");
+    assert!(
+        seen.contains("33 111"),
+        "the window size went through: {seen:?}"
+    );
+    assert!(seen.contains("got:hello"), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_and_pull() {
+    let env = DockerEnv::start("").await;
+    let pulled = env.berth(&["pull", "busybox"]).await;
+    assert_eq!(pulled.status.code(), Some(0), "{pulled:?}");
+    let out = stdout(&pulled);
+    assert!(out.starts_with("Using default tag: latest\n"), "{out}");
+    assert!(out.ends_with("docker.io/library/busybox:latest\n"), "{out}");
+    let images = env.berth_ok(&["images"]).await;
+    let mut lines = images.lines();
+    assert!(
+        lines
+            .next()
+            .expect("header")
+            .starts_with("REPOSITORY   TAG       IMAGE ID"),
+        "{images}"
+    );
+    let row = lines.next().expect("a row");
+    assert!(row.starts_with("busybox      latest    "), "{images}");
+    let q = env.berth_ok(&["images", "-q"]).await;
+    assert_eq!(q.trim().len(), 12, "{q}");
+    assert!(row.contains(q.trim()), "{images}");
+    let formatted = env
+        .berth_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .await;
+    assert_eq!(formatted, "busybox:latest\n");
+    let id = env.berth_ok(&["inspect", "-f", "{{.Id}}", "busybox"]).await;
+    assert!(id.starts_with("sha256:"), "{id}");
+    // A run of an image the daemon lacks pulls it first, as docker does.
+    env.berth_ok(&["rmi", "busybox"]).await;
+    assert_eq!(env.berth_ok(&["images", "-q"]).await, "");
+    let run = env
+        .berth(&["run", "--rm", "busybox", "echo", "pulled"])
+        .await;
+    assert_eq!(run.status.code(), Some(0), "{run:?}");
+    assert_eq!(stdout(&run), "pulled\n");
+    assert!(
+        stderr(&run).starts_with("Unable to find image 'busybox:latest' locally\n"),
+        "{run:?}"
+    );
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_dockers_messages_and_codes() {
+    let env = DockerEnv::start("").await;
+    let missing = env.berth(&["inspect", "nosuch"]).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert_eq!(stderr(&missing), "Error: No such object: nosuch\n");
+    let stop = env.berth(&["stop", "nosuch"]).await;
+    assert_eq!(stop.status.code(), Some(1), "{stop:?}");
+    assert_eq!(
+        stderr(&stop),
+        "Error response from daemon: No such container: nosuch\n"
+    );
+    let logs = env.berth(&["logs", "nosuch"]).await;
+    assert_eq!(logs.status.code(), Some(1), "{logs:?}");
+    assert!(
+        stderr(&logs).contains("No such container: nosuch"),
+        "{logs:?}"
+    );
+    let no_image = env.berth(&["run", "--rm", "nosuchimage"]).await;
+    assert_eq!(no_image.status.code(), Some(125), "{no_image:?}");
+    assert!(
+        stderr(&no_image).contains("Unable to find image 'nosuchimage:latest' locally"),
+        "{no_image:?}"
+    );
+    let bad_ref = env.berth(&["pull", "UPPER/Case"]).await;
+    assert_eq!(bad_ref.status.code(), Some(1), "{bad_ref:?}");
+    assert_eq!(
+        stderr(&bad_ref),
+        "invalid reference format: repository name (UPPER/Case) must be lowercase\n"
+    );
+    let bad_flag = env.berth(&["ps", "--no-such-flag"]).await;
+    assert_eq!(bad_flag.status.code(), Some(125), "{bad_flag:?}");
+    env.berth_ok(&["create", "--name", "dup", "busybox"]).await;
+    let dup = env.berth(&["create", "--name", "dup", "busybox"]).await;
+    // As the stock client: `create` fails with 1, only `run` uses 125.
+    assert_eq!(dup.status.code(), Some(1), "{dup:?}");
+    assert!(stderr(&dup).contains("is already in use"), "{dup:?}");
+    env.berth_ok(&["rm", "dup"]).await;
+    let bad_port = env.berth(&["run", "-p", "x:80", "busybox"]).await;
+    assert_eq!(bad_port.status.code(), Some(125), "{bad_port:?}");
+    assert_eq!(stderr(&bad_port), "berth: invalid hostPort: x\n");
+    let rm_missing = env.berth(&["rm", "-f", "nosuch"]).await;
+    assert_eq!(rm_missing.status.code(), Some(0), "{rm_missing:?}");
+    let start_missing = env.berth(&["start", "nosuch"]).await;
+    assert_eq!(start_missing.status.code(), Some(1), "{start_missing:?}");
+    assert_eq!(
+        stderr(&start_missing),
+        "Error response from daemon: No such container: nosuch\nError: failed to start containers: nosuch\n"
+    );
+    clean(&env).await;
+}
