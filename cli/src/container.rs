@@ -300,9 +300,12 @@ pub async fn run(d: &Docker, a: RunArgs) -> Result<i32> {
     let resizer = a
         .tty
         .then(|| ResizeTarget::Container(id.clone()).follow(d.clone()));
+    let proxy = raw
+        .is_none()
+        .then(|| crate::stream::proxy_signals(d.clone(), id.clone()));
     let pumped = pump(attached.output, attached.input, stdin, a.tty).await;
-    if let Some(r) = resizer {
-        r.abort();
+    for task in resizer.into_iter().chain(proxy) {
+        task.abort();
     }
     drop(raw);
     pumped?;

@@ -70,6 +70,45 @@ impl ResizeTarget {
     }
 }
 
+/// Forwards the signals a user sends us to the container (docker's `--sig-proxy`), until the
+/// task is dropped. With a raw terminal, ^C arrives as a byte instead and goes by stdin.
+pub fn proxy_signals(d: Docker, id: String) -> tokio::task::JoinHandle<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let kinds = [
+            (SignalKind::interrupt(), "SIGINT"),
+            (SignalKind::terminate(), "SIGTERM"),
+            (SignalKind::hangup(), "SIGHUP"),
+            (SignalKind::quit(), "SIGQUIT"),
+            (SignalKind::user_defined1(), "SIGUSR1"),
+            (SignalKind::user_defined2(), "SIGUSR2"),
+        ];
+        let mut streams = Vec::new();
+        for (k, name) in kinds {
+            if let Ok(s) = signal(k) {
+                streams.push((s, name));
+            }
+        }
+        loop {
+            let next = futures::future::select_all(
+                streams
+                    .iter_mut()
+                    .map(|(s, name)| Box::pin(async move { s.recv().await.map(|_| *name) })),
+            );
+            let (got, _, _) = next.await;
+            let Some(name) = got else { return };
+            let _ = d
+                .kill_container(
+                    &id,
+                    Some(bollard::query_parameters::KillContainerOptions {
+                        signal: name.to_owned(),
+                    }),
+                )
+                .await;
+        }
+    })
+}
+
 type Output = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
 type Input = Pin<Box<dyn AsyncWrite + Send>>;
 

@@ -219,11 +219,20 @@ async fn exec_with_and_without_a_tty() {
     clean(&env).await;
 }
 
-/// `exec -it` from a real terminal: our side of a pty pair is the local terminal, raw mode is
-/// set and put back, the window size reaches the container.
-async fn interactive_tty_session(env: &DockerEnv) {
+/// What a session on a pty saw.
+struct PtyRun {
+    status: std::process::ExitStatus,
+    seen: String,
+    /// The terminal's local flags before and after: raw mode must be undone.
+    lflag_before: libc::tcflag_t,
+    lflag_after: libc::tcflag_t,
+}
+
+/// Runs berth with `args` on a fresh pty of 33x111 (our side plays the user's terminal),
+/// types `typed` after a moment, and reads until `until` shows up.
+async fn on_pty(env: &DockerEnv, args: &[&str], typed: &[u8], until: &str) -> PtyRun {
     use std::io::{Read, Write};
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let (mut master, slave) = {
         let (mut m, mut s) = (0, 0);
         let ws = libc::winsize {
@@ -232,32 +241,34 @@ async fn interactive_tty_session(env: &DockerEnv) {
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        // SAFETY: openpty writes two fds into the locals; the name pointer may be null, and
-        // the termios/winsize pointers point at live values (or are null).
+        // SAFETY: openpty writes two fds into the locals; the name and termios pointers may
+        // be null, the winsize pointer points at a live value.
         let r =
             unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
         assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
         // SAFETY: both fds were just opened by openpty and are owned by nobody else.
         unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
     };
-    let mut cmd = env.berth_command(&[
-        "exec",
-        "-it",
-        "box",
-        "sh",
-        "-c",
-        "sleep 0.5; stty size; read line; echo got:$line",
-    ]);
+    let lflag = |fd: &OwnedFd| {
+        // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is open for the whole call and t is a live termios.
+        assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+        t.c_lflag
+    };
+    let lflag_before = lflag(&slave);
+    let mut cmd = env.berth_command(args);
     cmd.stdin(std::process::Stdio::from(slave.try_clone().expect("dup")))
         .stdout(std::process::Stdio::from(slave.try_clone().expect("dup")))
-        .stderr(std::process::Stdio::from(slave));
-    let mut child = cmd.spawn().expect("run berth exec -it");
+        .stderr(std::process::Stdio::from(slave.try_clone().expect("dup")));
+    let mut child = cmd.spawn().expect("run berth on a pty");
+    let until = until.to_owned();
     let reader = std::thread::spawn({
         let mut master = master.try_clone().expect("dup master");
         move || {
             let mut seen = Vec::new();
             let mut buf = [0u8; 4096];
-            while !String::from_utf8_lossy(&seen).contains("got:") {
+            while !String::from_utf8_lossy(&seen).contains(&until) {
                 match master.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => seen.extend_from_slice(&buf[..n]),
@@ -267,18 +278,189 @@ async fn interactive_tty_session(env: &DockerEnv) {
         }
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    master.write_all(b"hello\r").expect("type into the pty");
+    master.write_all(typed).expect("type into the pty");
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
-        .expect("exec -it ends")
-        .expect("exec -it status");
+        .expect("the session ends")
+        .expect("the session's status");
     let seen = reader.join().expect("reader");
-    assert!(status.success(), "{status:?}: {seen:?}");
+    PtyRun {
+        status,
+        seen,
+        lflag_before,
+        lflag_after: lflag(&slave),
+    }
+}
+
+/// `exec -it` from a real terminal: raw mode is set and put back, the window size reaches
+/// the container.
+async fn interactive_tty_session(env: &DockerEnv) {
+    let r = on_pty(
+        env,
+        &[
+            "exec",
+            "-it",
+            "box",
+            "sh",
+            "-c",
+            "sleep 0.5; stty size; read line; echo got:$line",
+        ],
+        b"hello\r",
+        "got:",
+    )
+    .await;
+    assert!(r.status.success(), "{:?}: {:?}", r.status, r.seen);
     assert!(
-        seen.contains("33 111"),
-        "the window size went through: {seen:?}"
+        r.seen.contains("33 111"),
+        "the window size went through: {:?}",
+        r.seen
     );
-    assert!(seen.contains("got:hello"), "{seen:?}");
+    assert!(r.seen.contains("got:hello"), "{:?}", r.seen);
+    assert_eq!(r.lflag_after, r.lflag_before, "the terminal is restored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_it_is_a_real_terminal_session() {
+    let env = DockerEnv::start("").await;
+    let r = on_pty(
+        &env,
+        &[
+            "run",
+            "-it",
+            "--rm",
+            "busybox",
+            "sh",
+            "-c",
+            "sleep 0.5; stty size; read line; echo got:$line; exit 4",
+        ],
+        b"typed\r",
+        "got:",
+    )
+    .await;
+    assert_eq!(r.status.code(), Some(4), "{:?}", r.seen);
+    assert!(r.seen.contains("33 111"), "{:?}", r.seen);
+    assert!(r.seen.contains("got:typed"), "{:?}", r.seen);
+    assert_ne!(r.lflag_before & libc::ICANON, 0);
+    assert_eq!(r.lflag_after, r.lflag_before, "the terminal is restored");
+    // -t without a terminal on stdin is refused, as docker refuses it.
+    let refused = env.berth(&["run", "-it", "--rm", "busybox", "true"]).await;
+    assert_eq!(refused.status.code(), Some(125), "{refused:?}");
+    assert!(
+        stderr(&refused).contains("the input device is not a TTY"),
+        "{refused:?}"
+    );
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_flags_reach_the_container() {
+    let env = DockerEnv::start("").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env_file = dir.path().join("env");
+    std::fs::write(&env_file, "# comment\nFROM_FILE=yes\nSPACED=a b\n").expect("env file");
+    let out = env
+        .berth_ok(&[
+            "run",
+            "--rm",
+            "--env-file",
+            env_file.to_str().expect("utf-8 path"),
+            "-e",
+            "FROM_FLAG=1",
+            "-w",
+            "/tmp",
+            "-u",
+            "1234:5678",
+            "--hostname",
+            "boxname",
+            "--entrypoint",
+            "sh",
+            "busybox",
+            "-c",
+            "echo $FROM_FILE $FROM_FLAG \"$SPACED\"; pwd; id -u; id -g; hostname",
+        ])
+        .await;
+    assert_eq!(out, "yes 1 a b\n/tmp\n1234\n5678\nboxname\n");
+    let ro = env
+        .berth(&["run", "--rm", "--read-only", "busybox", "touch", "/x"])
+        .await;
+    assert_eq!(ro.status.code(), Some(1), "{ro:?}");
+    // A signal to `berth run` goes to the container (docker's --sig-proxy).
+    let mut cmd = env.berth_command(&[
+        "run",
+        "--rm",
+        "busybox",
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 5' TERM; echo ready; while true; do sleep 0.1; done",
+    ]);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("berth run");
+    let pid = child.id().expect("pid") as i32;
+    let mut ready = false;
+    for _ in 0..100 {
+        let logs = env.berth_ok(&["ps", "-q"]).await;
+        if !logs.trim().is_empty() {
+            let id = logs.trim().to_owned();
+            if env.berth_ok(&["logs", &id]).await.contains("ready") {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "the container started");
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("berth run ends")
+        .expect("output");
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert_eq!(stdout(&out), "ready\ngot-term\n");
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn published_ports_and_followed_logs() {
+    let env = DockerEnv::start("").await;
+    env.berth_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        "127.0.0.1::80",
+        "busybox",
+        "sh",
+        "-c",
+        "for i in 1 2 3; do echo line$i; sleep 0.3; done",
+    ])
+    .await;
+    let port = env.berth_ok(&["port", "web"]).await;
+    assert!(port.starts_with("80/tcp -> 127.0.0.1:"), "{port}");
+    let host_port: u16 = port
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a host port in {port:?}"));
+    assert_ne!(host_port, 0);
+    assert_eq!(
+        env.berth_ok(&["port", "web", "80"]).await,
+        format!("127.0.0.1:{host_port}\n")
+    );
+    let ports = env.berth_ok(&["ps", "-a", "--format", "{{.Ports}}"]).await;
+    assert!(
+        ports.is_empty() || ports.contains(&format!("127.0.0.1:{host_port}->80/tcp")),
+        "{ports}"
+    );
+    // -f follows until the container ends.
+    let followed = env.berth_ok(&["logs", "-f", "web"]).await;
+    assert_eq!(followed, "line1\nline2\nline3\n");
+    assert_eq!(env.berth_ok(&["wait", "web"]).await, "0\n");
+    clean(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
