@@ -49,10 +49,10 @@ pub fn human_size(bytes: i64) -> String {
         v /= 1000.0;
         i += 1;
     }
-    format!("{}{}", g3(v), units[i])
+    format!("{}{}", g(v, 3), units[i])
 }
 
-/// go-units' BytesSize: binary units (stats).
+/// go-units' BytesSize: binary units, 4 significant digits (stats, info).
 pub fn binary_size(bytes: f64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes.max(0.0);
@@ -61,16 +61,17 @@ pub fn binary_size(bytes: f64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    format!("{}{}", g3(v), units[i])
+    format!("{}{}", g(v, 4), units[i])
 }
 
-/// `%.3g` as Go prints it (no trailing zeros).
-fn g3(v: f64) -> String {
+/// `%.<digits>g` as Go prints it (no trailing zeros).
+fn g(v: f64, digits: i32) -> String {
     if v == 0.0 {
         return "0".to_owned();
     }
+    let significant = digits;
     let digits = v.abs().log10().floor() as i32 + 1;
-    let decimals = (3 - digits).max(0) as usize;
+    let decimals = (significant - digits).max(0) as usize;
     let s = format!("{v:.decimals$}");
     if s.contains('.') {
         s.trim_end_matches('0').trim_end_matches('.').to_owned()
@@ -200,6 +201,7 @@ mod tests {
         assert_eq!(human_size(1_000), "1kB");
         assert_eq!(human_size(12_500_000), "12.5MB");
         assert_eq!(binary_size(1024.0 * 1024.0 * 1.5), "1.5MiB");
+        assert_eq!(binary_size(25_275_000_000.0), "23.54GiB");
         assert_eq!(human_duration(3), "3 seconds");
         assert_eq!(human_duration(90), "About a minute");
         assert_eq!(human_duration(600), "10 minutes");

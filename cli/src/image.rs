@@ -183,7 +183,11 @@ pub async fn pull_cmd(d: &Docker, a: PullArgs) -> Result<i32> {
 }
 
 pub async fn push(d: &Docker, a: PullArgs) -> Result<i32> {
-    let (repo, tag, _) = split_reference(&a.name);
+    check_reference(&a.name)?;
+    let (repo, tag, defaulted) = split_reference(&a.name);
+    if defaulted && !a.quiet {
+        println!("Using default tag: latest");
+    }
     let mut s = d.push_image(
         &repo,
         Some(PushImageOptions {

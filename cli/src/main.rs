@@ -19,8 +19,43 @@ use clap::Parser;
 use crate::args::{Cli, Command};
 use crate::client::{Exit, report};
 
+/// docker's management commands (`container ls`, `image rm`, …) as the short forms they
+/// stand for.
+fn management_alias(mut argv: Vec<String>) -> Vec<String> {
+    // The first word that is not a global flag (or its value) is the command.
+    let mut i = 1;
+    while i < argv.len() {
+        match argv[i].as_str() {
+            "-H" | "--host" => i += 2,
+            a if a.starts_with("--host=") || (a.starts_with("-H") && a.len() > 2) => i += 1,
+            _ => break,
+        }
+    }
+    let (Some(group), Some(sub)) = (argv.get(i).cloned(), argv.get(i + 1).cloned()) else {
+        return argv;
+    };
+    let short = match (group.as_str(), sub.as_str()) {
+        ("container", "ls" | "list" | "ps") => "ps",
+        ("container", "remove") => "rm",
+        (
+            "container",
+            "run" | "create" | "start" | "stop" | "restart" | "kill" | "rm" | "wait" | "rename"
+            | "logs" | "inspect" | "port" | "top" | "stats" | "exec" | "attach" | "cp",
+        ) => sub.as_str(),
+        ("image", "ls" | "list") => "images",
+        ("image", "rm" | "remove") => "rmi",
+        ("image", "pull" | "push" | "tag" | "history" | "save" | "load" | "import" | "inspect") => {
+            sub.as_str()
+        }
+        _ => return argv,
+    }
+    .to_owned();
+    argv.splice(i..i + 2, [short]);
+    argv
+}
+
 fn main() {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(management_alias(std::env::args().collect())) {
         Ok(c) => c,
         Err(e) => {
             let code = match e.kind() {
@@ -102,5 +137,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Network(a) => network::network(&d()?, a).await,
         Command::Volume(a) => volume::volume(&d()?, a).await,
         Command::System(a) => system::system(&d()?, a).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::management_alias;
+
+    fn v(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn management_commands_map_to_the_short_ones() {
+        assert_eq!(
+            management_alias(v(&["berth", "container", "ls", "-a"])),
+            v(&["berth", "ps", "-a"])
+        );
+        assert_eq!(
+            management_alias(v(&["berth", "-H", "unix:///s", "image", "rm", "x"])),
+            v(&["berth", "-H", "unix:///s", "rmi", "x"])
+        );
+        assert_eq!(
+            management_alias(v(&["berth", "run", "container", "ls"])),
+            v(&["berth", "run", "container", "ls"])
+        );
+        assert_eq!(management_alias(v(&["berth"])), v(&["berth"]));
     }
 }

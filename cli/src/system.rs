@@ -81,7 +81,10 @@ pub async fn version(d: &Docker, a: FormatOnly) -> Result<i32> {
         if let Ok(v) = &server {
             let s = |v: &Option<String>| v.clone().unwrap_or_default();
             println!();
-            println!("Server:");
+            match v.platform.as_ref().map(|p| p.name.as_str()) {
+                Some(name) if !name.is_empty() => println!("Server: {name}"),
+                _ => println!("Server:"),
+            }
             println!(" Engine:");
             println!("  Version:          {}", s(&v.version));
             println!(
@@ -143,25 +146,20 @@ async fn prune(d: &Docker, a: PruneArgs) -> Result<i32> {
         }
         println!();
     }
-    // Networks and volumes may not be served by every berthd; their absence is not a
-    // failure of the rest.
-    match d
+    // As docker: the first part that fails ends the prune, after what was done is told.
+    let n = d
         .prune_networks(Some(PruneNetworksOptions {
             filters: filters.clone(),
         }))
         .await
-    {
-        Ok(n) => {
-            let deleted = n.networks_deleted.unwrap_or_default();
-            if !deleted.is_empty() {
-                println!("Deleted Networks:");
-                for id in deleted {
-                    println!("{id}");
-                }
-                println!();
-            }
+        .context("prune networks")?;
+    let deleted = n.networks_deleted.unwrap_or_default();
+    if !deleted.is_empty() {
+        println!("Deleted Networks:");
+        for id in deleted {
+            println!("{id}");
         }
-        Err(e) => crate::client::report(&anyhow::Error::new(e).context("prune networks")),
+        println!();
     }
     if a.volumes {
         match d
@@ -186,29 +184,25 @@ async fn prune(d: &Docker, a: PruneArgs) -> Result<i32> {
     if a.all {
         image_filters.insert("dangling".into(), vec!["false".into()]);
     }
-    match d
+    let i = d
         .prune_images(Some(PruneImagesOptions {
             filters: Some(image_filters).filter(|m| !m.is_empty()),
         }))
         .await
-    {
-        Ok(i) => {
-            reclaimed += i.space_reclaimed.unwrap_or(0);
-            let deleted = i.images_deleted.unwrap_or_default();
-            if !deleted.is_empty() {
-                println!("Deleted Images:");
-                for img in deleted {
-                    if let Some(u) = img.untagged {
-                        println!("untagged: {u}");
-                    }
-                    if let Some(d) = img.deleted {
-                        println!("deleted: {d}");
-                    }
-                }
-                println!();
+        .context("prune images")?;
+    reclaimed += i.space_reclaimed.unwrap_or(0);
+    let deleted = i.images_deleted.unwrap_or_default();
+    if !deleted.is_empty() {
+        println!("Deleted Images:");
+        for img in deleted {
+            if let Some(u) = img.untagged {
+                println!("untagged: {u}");
+            }
+            if let Some(d) = img.deleted {
+                println!("deleted: {d}");
             }
         }
-        Err(e) => crate::client::report(&anyhow::Error::new(e).context("prune images")),
+        println!();
     }
     println!("Total reclaimed space: {}", human_size(reclaimed));
     Ok(0)
