@@ -557,3 +557,66 @@ async fn bad_input_gets_dockers_messages_and_codes() {
     );
     clean(&env).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attach_kill_and_chosen_streams() {
+    let env = DockerEnv::start("").await;
+    assert_eq!(
+        env.berth_ok(&["pull", "-q", "busybox"]).await,
+        "docker.io/library/busybox:latest\n"
+    );
+    let only_stdout = env
+        .berth(&[
+            "run",
+            "--rm",
+            "-a",
+            "stdout",
+            "busybox",
+            "sh",
+            "-c",
+            "echo out; echo err >&2",
+        ])
+        .await;
+    assert_eq!(only_stdout.status.code(), Some(0), "{only_stdout:?}");
+    assert_eq!(stdout(&only_stdout), "out\n");
+    assert_eq!(stderr(&only_stdout), "");
+    env.berth_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "ticker",
+        "busybox",
+        "sh",
+        "-c",
+        "trap 'echo usr1' USR1; while true; do echo tick; sleep 0.2; done",
+    ])
+    .await;
+    let mut cmd = env.berth_command(&["attach", "ticker"]);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let attached = cmd.spawn().expect("berth attach");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        env.berth_ok(&["kill", "-s", "USR1", "ticker"]).await,
+        "ticker\n"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.berth_ok(&["kill", "ticker"]).await, "ticker\n");
+    let out = tokio::time::timeout(Duration::from_secs(30), attached.wait_with_output())
+        .await
+        .expect("attach ends with the container")
+        .expect("attach output");
+    // Killed: 128 + SIGKILL, as docker's attach reports it.
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.starts_with("tick\n"), "{text}");
+    assert!(text.contains("usr1\n"), "{text}");
+    let stopped = env.berth(&["attach", "ticker"]).await;
+    assert_eq!(stopped.status.code(), Some(1), "{stopped:?}");
+    assert_eq!(
+        stderr(&stopped),
+        "You cannot attach to a stopped container, start it first\n"
+    );
+    clean(&env).await;
+}
