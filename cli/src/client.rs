@@ -50,6 +50,7 @@ pub fn connect(host: &str) -> Result<Docker> {
     if !std::path::Path::new(path).exists() {
         bail!("Cannot connect to the berth daemon at unix://{path}. Is berthd running?");
     }
+    crate::raw::set_socket(std::path::Path::new(path));
     Docker::connect_with_unix(path, TIMEOUT_SECS, &API_VERSION)
         .with_context(|| format!("connect to unix://{path}"))
 }

@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::args::InspectArgs;
-use crate::client::{Exit, is_not_found};
+use crate::client::Exit;
 use crate::template::Template;
 
 /// docker's layout: an array, four-space indents.
@@ -36,33 +36,21 @@ pub fn print_objects(objects: &[Value], format: Option<&str>) -> Result<()> {
 async fn find(d: &Docker, kind: Option<&str>, name: &str) -> Result<Option<Value>> {
     let any = kind.is_none();
     let is = |k: &str| kind == Some(k);
-    if any || is("container") {
-        match d.inspect_container(name, None).await {
-            Ok(c) => return Ok(Some(serde_json::to_value(c)?)),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e).with_context(|| format!("inspect {name}")),
+    let _ = d;
+    // A berthd without network or volume endpoints answers 404 for those too: not found.
+    for (k, path) in [
+        ("container", "containers"),
+        ("image", "images"),
+        ("network", "networks"),
+        ("volume", "volumes"),
+    ] {
+        if !(any || is(k)) {
+            continue;
         }
-    }
-    if any || is("image") {
-        match d.inspect_image(name).await {
-            Ok(i) => return Ok(Some(serde_json::to_value(i)?)),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e).with_context(|| format!("inspect {name}")),
-        }
-    }
-    if any || is("network") {
-        match d.inspect_network(name, None).await {
-            Ok(n) => return Ok(Some(serde_json::to_value(n)?)),
-            // An older berthd has no network endpoints at all: also a 404.
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e).with_context(|| format!("inspect {name}")),
-        }
-    }
-    if any || is("volume") {
-        match d.inspect_volume(name).await {
-            Ok(v) => return Ok(Some(serde_json::to_value(v)?)),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e).with_context(|| format!("inspect {name}")),
+        match crate::raw::inspect(path, name).await {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if crate::client::daemon_error(&e).is_some_and(|(s, _)| s == 404) => {}
+            Err(e) => return Err(e.context(format!("inspect {name}"))),
         }
     }
     Ok(None)

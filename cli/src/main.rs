@@ -8,6 +8,7 @@ mod image;
 mod inspect;
 mod network;
 mod opts;
+mod raw;
 mod stream;
 mod system;
 mod template;

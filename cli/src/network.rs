@@ -108,10 +108,10 @@ pub async fn network(d: &Docker, cmd: NetworkCmd) -> Result<i32> {
             let mut found = Vec::new();
             let mut failed = false;
             for n in &a.names {
-                match d.inspect_network(n, None).await {
-                    Ok(v) => found.push(serde_json::to_value(v)?),
+                match crate::raw::inspect("networks", n).await {
+                    Ok(v) => found.push(v),
                     Err(e) => {
-                        crate::client::report(&anyhow::Error::new(e));
+                        crate::client::report(&e);
                         failed = true;
                     }
                 }

@@ -82,10 +82,10 @@ pub async fn volume(d: &Docker, cmd: VolumeCmd) -> Result<i32> {
             let mut found = Vec::new();
             let mut failed = false;
             for n in &a.names {
-                match d.inspect_volume(n).await {
-                    Ok(v) => found.push(serde_json::to_value(v)?),
+                match crate::raw::inspect("volumes", n).await {
+                    Ok(v) => found.push(v),
                     Err(e) => {
-                        crate::client::report(&anyhow::Error::new(e));
+                        crate::client::report(&e);
                         failed = true;
                     }
                 }

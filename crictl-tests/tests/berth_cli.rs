@@ -133,6 +133,11 @@ async fn detached_containers_list_log_stop_and_go() {
         .berth_ok(&["inspect", "-f", "{{json .Config.Labels}}", "ticker"])
         .await;
     assert_eq!(labels, "{\"role\":\"test\"}\n");
+    // Fields bollard's models lack still reach the template, as with docker's inspect.
+    let ip = env
+        .berth_ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "ticker"])
+        .await;
+    assert!(ip.trim().parse::<std::net::Ipv4Addr>().is_ok(), "{ip:?}");
     let json = env.berth_ok(&["inspect", "ticker"]).await;
     let parsed: serde_json::Value = serde_json::from_str(&json).expect("inspect is JSON");
     assert_eq!(parsed[0]["Id"], id.as_str());
