@@ -270,11 +270,11 @@ pub async fn run(d: &Docker, a: RunArgs) -> Result<i32> {
     }
     // With --rm the container is gone when it ends: wait for that before starting, or the
     // exit code goes with it.
-    let waiter = a.rm.then(|| {
-        let d = d.clone();
-        let id = id.clone();
-        tokio::spawn(async move { wait_code(&d, &id, "removed").await })
-    });
+    let waiter = if a.rm {
+        Some(crate::raw::wait_begun(&id, "removed").await?)
+    } else {
+        None
+    };
     let attached = d
         .attach_container(
             &id,

@@ -1,6 +1,8 @@
-//! Plain GETs of JSON on the daemon's socket, for `inspect`: bollard's typed models drop the
+//! Requests bollard cannot make as we need them. `inspect`: bollard's typed models drop the
 //! fields they do not know (`NetworkSettings.IPAddress` among them), and `--format` templates
-//! must see every field the daemon sends, as docker's do.
+//! must see every field the daemon sends, as docker's do. `wait`: bollard sends nothing until
+//! its stream is polled and tells nothing of the headers, while `run --rm` must know its wait is
+//! in place before it starts the container.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -41,7 +43,42 @@ pub async fn inspect(kind: &str, name: &str) -> Result<Value> {
     get_json(&path).await
 }
 
-async fn get_json(path: &str) -> Result<Value> {
+/// Starts `POST /containers/<id>/wait?condition=…` and returns once the daemon has answered
+/// with its headers, so the wait is in place before the caller starts the container (with
+/// `--rm` the exit code goes with the container). The task yields the exit code.
+pub async fn wait_begun(id: &str, condition: &str) -> Result<tokio::task::JoinHandle<Result<i32>>> {
+    let path = format!(
+        "/v1.44/containers/{}/wait?condition={condition}",
+        segment(id)
+    );
+    let resp = request(hyper::Method::POST, &path).await?;
+    Ok(tokio::spawn(async move {
+        let v: Value = serde_json::from_slice(&body_of(resp).await?)
+            .context("decode the daemon's wait answer")?;
+        if let Some(m) = v["Error"]["Message"].as_str().filter(|m| !m.is_empty()) {
+            anyhow::bail!("{m}");
+        }
+        v["StatusCode"]
+            .as_i64()
+            .map(|c| c as i32)
+            .context("the daemon's wait answer has no StatusCode")
+    }))
+}
+
+async fn body_of(resp: hyper::Response<hyper::body::Incoming>) -> Result<Bytes> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .context("read the daemon's answer")?
+        .to_bytes())
+}
+
+/// Sends a request without a body; a daemon error comes back as bollard's error for it.
+async fn request(
+    method: hyper::Method,
+    path: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>> {
     let socket = SOCKET.get().context("no daemon socket")?;
     let stream = tokio::net::UnixStream::connect(socket)
         .await
@@ -51,30 +88,32 @@ async fn get_json(path: &str) -> Result<Value> {
             .await
             .context("talk to the daemon")?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(path)
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, "berth")
         .body(Empty::<Bytes>::new())
         .context("build the request")?;
     let resp = sender.send_request(req).await.context("ask the daemon")?;
     let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .context("read the daemon's answer")?
-        .to_bytes();
-    if !status.is_success() {
-        let message = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| v["message"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        return Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: status.as_u16(),
-            message,
-        }
-        .into());
+    if status.is_success() {
+        return Ok(resp);
     }
-    serde_json::from_slice(&body).context("decode the daemon's JSON")
+    let body = body_of(resp).await?;
+    let message = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    Err(bollard::errors::Error::DockerResponseServerError {
+        status_code: status.as_u16(),
+        message,
+    }
+    .into())
+}
+
+async fn get_json(path: &str) -> Result<Value> {
+    let resp = request(hyper::Method::GET, path).await?;
+    serde_json::from_slice(&body_of(resp).await?).context("decode the daemon's JSON")
 }
 
 #[cfg(test)]
