@@ -126,6 +126,72 @@ impl DockerEnv {
     }
 }
 
+impl DockerEnv {
+    /// Our own `berth` CLI (built next to the test binaries), pointed at this daemon's docker
+    /// socket with `--host`, run with `args` to completion.
+    pub async fn berth(&self, args: &[&str]) -> Output {
+        self.berth_with_input(args, None).await
+    }
+
+    /// [`berth`](Self::berth) with bytes on its stdin.
+    pub async fn berth_with_input(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = self.berth_command(args);
+        cmd.stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("run berth");
+        if let Some(input) = stdin {
+            use tokio::io::AsyncWriteExt;
+            let mut w = child.stdin.take().expect("stdin");
+            w.write_all(input).await.expect("write berth's stdin");
+            drop(w);
+        }
+        tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            child.wait_with_output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("berth {args:?} did not finish within 120 s"))
+        .expect("berth output")
+    }
+
+    /// The `berth` command for `args` against this daemon, stdio left to the caller.
+    pub fn berth_command(&self, args: &[&str]) -> tokio::process::Command {
+        let bin = crate::daemon::bin_dir().join("berth");
+        assert!(
+            bin.exists(),
+            "{} is missing: cargo build -p berth-cli",
+            bin.display()
+        );
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.arg("--host")
+            .arg(format!("unix://{}", self.d.docker_socket.display()))
+            .args(args)
+            .env_remove("BERTH_HOST")
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs berth and returns its stdout, panicking (with stderr and the daemon's log) unless
+    /// it exits 0.
+    pub async fn berth_ok(&self, args: &[&str]) -> String {
+        let out = self.berth(args).await;
+        assert!(
+            out.status.success(),
+            "berth {args:?} failed with {}:\nstdout: {}\nstderr: {}\nberthd log tail:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.d.log(), 40)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
 /// The last `n` lines of `s`.
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();

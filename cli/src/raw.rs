@@ -1,0 +1,129 @@
+//! Requests bollard cannot make as we need them. `inspect`: bollard's typed models drop the
+//! fields they do not know (`NetworkSettings.IPAddress` among them), and `--format` templates
+//! must see every field the daemon sends, as docker's do. `wait`: bollard sends nothing until
+//! its stream is polled and tells nothing of the headers, while `run --rm` must know its wait is
+//! in place before it starts the container.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use serde_json::Value;
+
+static SOCKET: OnceLock<PathBuf> = OnceLock::new();
+
+/// Remembers the socket [`get_json`] talks to.
+pub fn set_socket(path: &Path) {
+    let _ = SOCKET.set(path.to_owned());
+}
+
+/// Percent-encodes a path segment (names and references may hold `/`, `:` or `@`).
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'@' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// `GET /v1.44/<kind>/<name>/json` (volumes: `/volumes/<name>`) as JSON. A daemon error comes
+/// back as bollard's error for it, so callers treat both clients' errors alike.
+pub async fn inspect(kind: &str, name: &str) -> Result<Value> {
+    let path = match kind {
+        "volumes" => format!("/v1.44/volumes/{}", segment(name)),
+        _ => format!("/v1.44/{kind}/{}/json", segment(name)),
+    };
+    get_json(&path).await
+}
+
+/// Starts `POST /containers/<id>/wait?condition=…` and returns once the daemon has answered
+/// with its headers, so the wait is in place before the caller starts the container (with
+/// `--rm` the exit code goes with the container). The task yields the exit code.
+pub async fn wait_begun(id: &str, condition: &str) -> Result<tokio::task::JoinHandle<Result<i32>>> {
+    let path = format!(
+        "/v1.44/containers/{}/wait?condition={condition}",
+        segment(id)
+    );
+    let resp = request(hyper::Method::POST, &path).await?;
+    Ok(tokio::spawn(async move {
+        let v: Value = serde_json::from_slice(&body_of(resp).await?)
+            .context("decode the daemon's wait answer")?;
+        if let Some(m) = v["Error"]["Message"].as_str().filter(|m| !m.is_empty()) {
+            anyhow::bail!("{m}");
+        }
+        v["StatusCode"]
+            .as_i64()
+            .map(|c| c as i32)
+            .context("the daemon's wait answer has no StatusCode")
+    }))
+}
+
+async fn body_of(resp: hyper::Response<hyper::body::Incoming>) -> Result<Bytes> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .context("read the daemon's answer")?
+        .to_bytes())
+}
+
+/// Sends a request without a body; a daemon error comes back as bollard's error for it.
+async fn request(
+    method: hyper::Method,
+    path: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>> {
+    let socket = SOCKET.get().context("no daemon socket")?;
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connect to unix://{}", socket.display()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .context("talk to the daemon")?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "berth")
+        .body(Empty::<Bytes>::new())
+        .context("build the request")?;
+    let resp = sender.send_request(req).await.context("ask the daemon")?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = body_of(resp).await?;
+    let message = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    Err(bollard::errors::Error::DockerResponseServerError {
+        status_code: status.as_u16(),
+        message,
+    }
+    .into())
+}
+
+async fn get_json(path: &str) -> Result<Value> {
+    let resp = request(hyper::Method::GET, path).await?;
+    serde_json::from_slice(&body_of(resp).await?).context("decode the daemon's JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(segment("busybox:latest"), "busybox:latest");
+        assert_eq!(segment("127.0.0.1:5000/a/b"), "127.0.0.1:5000%2Fa%2Fb");
+        assert_eq!(segment("a b?#"), "a%20b%3F%23");
+    }
+}

@@ -1,0 +1,627 @@
+//! Our `berth` CLI against a real berthd: docker's output, ids and exit codes.
+
+use std::time::Duration;
+
+use crictl_tests::docker::DockerEnv;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Leaves no container behind, whatever the test did.
+async fn clean(env: &DockerEnv) {
+    let ids = env.berth_ok(&["ps", "-aq"]).await;
+    for id in ids.split_whitespace() {
+        env.berth(&["rm", "-f", id]).await;
+    }
+    assert_eq!(env.berth_ok(&["ps", "-aq"]).await, "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_prints_output_and_passes_exit_codes_through() {
+    let env = DockerEnv::start("").await;
+    let out = env.berth(&["run", "--rm", "busybox", "echo", "hi"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out), "hi\n");
+    let failed = env
+        .berth(&[
+            "run",
+            "--rm",
+            "busybox",
+            "sh",
+            "-c",
+            "echo oops >&2; exit 3",
+        ])
+        .await;
+    assert_eq!(failed.status.code(), Some(3), "{failed:?}");
+    assert_eq!(stderr(&failed), "oops\n");
+    let missing = env
+        .berth(&["run", "--rm", "busybox", "/no/such/binary"])
+        .await;
+    assert_eq!(missing.status.code(), Some(127), "{missing:?}");
+    assert!(
+        stderr(&missing).contains("Error response from daemon:"),
+        "{missing:?}"
+    );
+    // Flags after the image belong to the command.
+    let flags = env
+        .berth(&[
+            "run",
+            "--rm",
+            "-e",
+            "X=1",
+            "busybox",
+            "sh",
+            "-c",
+            "echo $X -n",
+        ])
+        .await;
+    assert_eq!(stdout(&flags), "1 -n\n", "{flags:?}");
+    let input = env
+        .berth_with_input(&["run", "--rm", "-i", "busybox", "cat"], Some(b"piped\n"))
+        .await;
+    assert_eq!(stdout(&input), "piped\n", "{input:?}");
+    assert_eq!(
+        env.berth_ok(&["ps", "-aq"]).await,
+        "",
+        "--rm containers are gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn detached_containers_list_log_stop_and_go() {
+    let env = DockerEnv::start("").await;
+    let id = env
+        .berth_ok(&[
+            "run",
+            "-d",
+            "--name",
+            "ticker",
+            "-l",
+            "role=test",
+            "busybox",
+            "sh",
+            "-c",
+            "echo start; trap 'echo bye; exit 0' TERM; while true; do sleep 0.1; done",
+        ])
+        .await;
+    let id = id.trim().to_owned();
+    assert_eq!(id.len(), 64, "{id}");
+    let ps = env
+        .berth_ok(&["ps", "--format", "{{.Names}} {{.Status}} {{.Labels}}"])
+        .await;
+    assert!(ps.starts_with("ticker Up"), "{ps}");
+    assert!(ps.trim_end().ends_with("role=test"), "{ps}");
+    assert_eq!(
+        env.berth_ok(&["ps", "-q"]).await,
+        format!("{}\n", &id[..12])
+    );
+    assert_eq!(
+        env.berth_ok(&["ps", "-q", "--no-trunc"]).await,
+        format!("{id}\n")
+    );
+    let table = env.berth_ok(&["ps"]).await;
+    let mut lines = table.lines();
+    let header = lines.next().expect("header");
+    assert!(header.starts_with("CONTAINER ID   IMAGE"), "{table}");
+    assert!(header.ends_with("NAMES"), "{table}");
+    let row = lines.next().expect("row");
+    assert!(
+        row.starts_with(&id[..12]) && row.ends_with("ticker"),
+        "{table}"
+    );
+    let custom = env
+        .berth_ok(&["ps", "--format", "table {{.ID}}\\t{{.Image}}"])
+        .await;
+    assert_eq!(
+        custom,
+        format!("CONTAINER ID   IMAGE\n{}   busybox\n", &id[..12])
+    );
+    let filtered = env
+        .berth_ok(&["ps", "-q", "--filter", "label=role=other"])
+        .await;
+    assert_eq!(filtered, "");
+    let state = env
+        .berth_ok(&["inspect", "--format", "{{.State.Status}}", &id[..8]])
+        .await;
+    assert_eq!(state, "running\n");
+    let labels = env
+        .berth_ok(&["inspect", "-f", "{{json .Config.Labels}}", "ticker"])
+        .await;
+    assert_eq!(labels, "{\"role\":\"test\"}\n");
+    // Fields bollard's models lack still reach the template, as with docker's inspect.
+    let ip = env
+        .berth_ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "ticker"])
+        .await;
+    assert!(ip.trim().parse::<std::net::Ipv4Addr>().is_ok(), "{ip:?}");
+    let json = env.berth_ok(&["inspect", "ticker"]).await;
+    let parsed: serde_json::Value = serde_json::from_str(&json).expect("inspect is JSON");
+    assert_eq!(parsed[0]["Id"], id.as_str());
+    let mut logs = String::new();
+    for _ in 0..50 {
+        logs = env.berth_ok(&["logs", "ticker"]).await;
+        if logs.contains("start") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(logs, "start\n");
+    assert_eq!(env.berth_ok(&["stop", "ticker"]).await, "ticker\n");
+    assert_eq!(env.berth_ok(&["logs", "ticker"]).await, "start\nbye\n");
+    assert_eq!(
+        env.berth_ok(&["logs", "--tail", "1", "ticker"]).await,
+        "bye\n"
+    );
+    let stamped = env.berth_ok(&["logs", "-t", "ticker"]).await;
+    assert!(
+        stamped.lines().all(|l| l.contains('T') && l.contains("Z ")),
+        "{stamped}"
+    );
+    assert_eq!(env.berth_ok(&["ps", "-q"]).await, "");
+    let all = env
+        .berth_ok(&["ps", "-a", "--format", "{{.Names}} {{.State}}"])
+        .await;
+    assert_eq!(all, "ticker exited\n");
+    assert_eq!(
+        env.berth_ok(&["inspect", "-f", "{{.State.ExitCode}}", "ticker"])
+            .await,
+        "0\n"
+    );
+    assert_eq!(env.berth_ok(&["wait", "ticker"]).await, "0\n");
+    env.berth_ok(&["rename", "ticker", "tocker"]).await;
+    assert_eq!(env.berth_ok(&["rm", "tocker"]).await, "tocker\n");
+    // create + start -a keeps the filesystem between runs.
+    let id2 = env
+        .berth_ok(&[
+            "create",
+            "--name",
+            "keeper",
+            "busybox",
+            "sh",
+            "-c",
+            "cat /kept 2>/dev/null; echo x >> /kept",
+        ])
+        .await;
+    assert_eq!(env.berth_ok(&["start", "-a", "keeper"]).await, "");
+    assert_eq!(env.berth_ok(&["start", "-a", "keeper"]).await, "x\n");
+    env.berth_ok(&["rm", id2.trim()]).await;
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_with_and_without_a_tty() {
+    let env = DockerEnv::start("").await;
+    env.berth_ok(&["run", "-d", "--name", "box", "busybox", "sleep", "300"])
+        .await;
+    assert_eq!(
+        env.berth_ok(&["exec", "box", "echo", "inside"]).await,
+        "inside\n"
+    );
+    let code = env.berth(&["exec", "box", "sh", "-c", "exit 7"]).await;
+    assert_eq!(code.status.code(), Some(7), "{code:?}");
+    let cat = env
+        .berth_with_input(&["exec", "-i", "box", "cat"], Some(b"piped\n"))
+        .await;
+    assert_eq!(stdout(&cat), "piped\n", "{cat:?}");
+    // With -t the output comes through the container's terminal: CRLF line ends.
+    let tty = env
+        .berth(&["exec", "-t", "box", "sh", "-c", "tty; echo x"])
+        .await;
+    assert_eq!(tty.status.code(), Some(0), "{tty:?}");
+    let out = stdout(&tty);
+    assert!(out.starts_with("/dev/pts/"), "{out:?}");
+    assert!(out.ends_with("\r\nx\r\n"), "{out:?}");
+    let no_tty = env
+        .berth_ok(&["exec", "box", "sh", "-c", "tty || true"])
+        .await;
+    assert_eq!(no_tty, "not a tty\n");
+    interactive_tty_session(&env).await;
+    env.berth_ok(&["rm", "-f", "box"]).await;
+    clean(&env).await;
+}
+
+/// What a session on a pty saw.
+struct PtyRun {
+    status: std::process::ExitStatus,
+    seen: String,
+    /// The terminal's local flags before and after: raw mode must be undone.
+    lflag_before: libc::tcflag_t,
+    lflag_after: libc::tcflag_t,
+}
+
+/// Runs berth with `args` on a fresh pty of 33x111 (our side plays the user's terminal),
+/// types `typed` after a moment, and reads until `until` shows up.
+async fn on_pty(env: &DockerEnv, args: &[&str], typed: &[u8], until: &str) -> PtyRun {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (mut master, slave) = {
+        let (mut m, mut s) = (0, 0);
+        let ws = libc::winsize {
+            ws_row: 33,
+            ws_col: 111,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two fds into the locals; the name and termios pointers may
+        // be null, the winsize pointer points at a live value.
+        let r =
+            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both fds were just opened by openpty and are owned by nobody else.
+        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
+    };
+    let lflag = |fd: &OwnedFd| {
+        // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is open for the whole call and t is a live termios.
+        assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+        t.c_lflag
+    };
+    let lflag_before = lflag(&slave);
+    let mut cmd = env.berth_command(args);
+    cmd.stdin(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(std::process::Stdio::from(slave.try_clone().expect("dup")));
+    let mut child = cmd.spawn().expect("run berth on a pty");
+    let until = until.to_owned();
+    let reader = std::thread::spawn({
+        let mut master = master.try_clone().expect("dup master");
+        move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains(&until) {
+                match master.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            String::from_utf8_lossy(&seen).into_owned()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    master.write_all(typed).expect("type into the pty");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the session ends")
+        .expect("the session's status");
+    let seen = reader.join().expect("reader");
+    PtyRun {
+        status,
+        seen,
+        lflag_before,
+        lflag_after: lflag(&slave),
+    }
+}
+
+/// `exec -it` from a real terminal: raw mode is set and put back, the window size reaches
+/// the container.
+async fn interactive_tty_session(env: &DockerEnv) {
+    let r = on_pty(
+        env,
+        &[
+            "exec",
+            "-it",
+            "box",
+            "sh",
+            "-c",
+            "sleep 0.5; stty size; read line; echo got:$line",
+        ],
+        b"hello\r",
+        "got:",
+    )
+    .await;
+    assert!(r.status.success(), "{:?}: {:?}", r.status, r.seen);
+    assert!(
+        r.seen.contains("33 111"),
+        "the window size went through: {:?}",
+        r.seen
+    );
+    assert!(r.seen.contains("got:hello"), "{:?}", r.seen);
+    assert_eq!(r.lflag_after, r.lflag_before, "the terminal is restored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_it_is_a_real_terminal_session() {
+    let env = DockerEnv::start("").await;
+    let r = on_pty(
+        &env,
+        &[
+            "run",
+            "-it",
+            "--rm",
+            "busybox",
+            "sh",
+            "-c",
+            "sleep 0.5; stty size; read line; echo got:$line; exit 4",
+        ],
+        b"typed\r",
+        "got:",
+    )
+    .await;
+    assert_eq!(r.status.code(), Some(4), "{:?}", r.seen);
+    assert!(r.seen.contains("33 111"), "{:?}", r.seen);
+    assert!(r.seen.contains("got:typed"), "{:?}", r.seen);
+    assert_ne!(r.lflag_before & libc::ICANON, 0);
+    assert_eq!(r.lflag_after, r.lflag_before, "the terminal is restored");
+    // -t without a terminal on stdin is refused, as docker refuses it.
+    let refused = env.berth(&["run", "-it", "--rm", "busybox", "true"]).await;
+    assert_eq!(refused.status.code(), Some(125), "{refused:?}");
+    assert!(
+        stderr(&refused).contains("the input device is not a TTY"),
+        "{refused:?}"
+    );
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_flags_reach_the_container() {
+    let env = DockerEnv::start("").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env_file = dir.path().join("env");
+    std::fs::write(&env_file, "# comment\nFROM_FILE=yes\nSPACED=a b\n").expect("env file");
+    let out = env
+        .berth_ok(&[
+            "run",
+            "--rm",
+            "--env-file",
+            env_file.to_str().expect("utf-8 path"),
+            "-e",
+            "FROM_FLAG=1",
+            "-w",
+            "/tmp",
+            "-u",
+            "1234:5678",
+            "--hostname",
+            "boxname",
+            "--entrypoint",
+            "sh",
+            "busybox",
+            "-c",
+            "echo $FROM_FILE $FROM_FLAG \"$SPACED\"; pwd; id -u; id -g; hostname",
+        ])
+        .await;
+    assert_eq!(out, "yes 1 a b\n/tmp\n1234\n5678\nboxname\n");
+    let ro = env
+        .berth(&["run", "--rm", "--read-only", "busybox", "touch", "/x"])
+        .await;
+    assert_eq!(ro.status.code(), Some(1), "{ro:?}");
+    // A signal to `berth run` goes to the container (docker's --sig-proxy).
+    let mut cmd = env.berth_command(&[
+        "run",
+        "--rm",
+        "busybox",
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 5' TERM; echo ready; while true; do sleep 0.1; done",
+    ]);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("berth run");
+    let pid = child.id().expect("pid") as i32;
+    let mut ready = false;
+    for _ in 0..100 {
+        let logs = env.berth_ok(&["ps", "-q"]).await;
+        if !logs.trim().is_empty() {
+            let id = logs.trim().to_owned();
+            if env.berth_ok(&["logs", &id]).await.contains("ready") {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "the container started");
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("berth run ends")
+        .expect("output");
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert_eq!(stdout(&out), "ready\ngot-term\n");
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn published_ports_and_followed_logs() {
+    let env = DockerEnv::start("").await;
+    env.berth_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        "127.0.0.1::80",
+        "busybox",
+        "sh",
+        "-c",
+        "for i in 1 2 3; do echo line$i; sleep 0.3; done",
+    ])
+    .await;
+    let port = env.berth_ok(&["port", "web"]).await;
+    assert!(port.starts_with("80/tcp -> 127.0.0.1:"), "{port}");
+    let host_port: u16 = port
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a host port in {port:?}"));
+    assert_ne!(host_port, 0);
+    assert_eq!(
+        env.berth_ok(&["port", "web", "80"]).await,
+        format!("127.0.0.1:{host_port}\n")
+    );
+    let ports = env.berth_ok(&["ps", "-a", "--format", "{{.Ports}}"]).await;
+    assert!(
+        ports.is_empty() || ports.contains(&format!("127.0.0.1:{host_port}->80/tcp")),
+        "{ports}"
+    );
+    // -f follows until the container ends.
+    let followed = env.berth_ok(&["logs", "-f", "web"]).await;
+    assert_eq!(followed, "line1\nline2\nline3\n");
+    assert_eq!(env.berth_ok(&["wait", "web"]).await, "0\n");
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_and_pull() {
+    let env = DockerEnv::start("").await;
+    let pulled = env.berth(&["pull", "busybox"]).await;
+    assert_eq!(pulled.status.code(), Some(0), "{pulled:?}");
+    let out = stdout(&pulled);
+    assert!(out.starts_with("Using default tag: latest\n"), "{out}");
+    assert!(out.ends_with("docker.io/library/busybox:latest\n"), "{out}");
+    let images = env.berth_ok(&["images"]).await;
+    let mut lines = images.lines();
+    assert!(
+        lines
+            .next()
+            .expect("header")
+            .starts_with("REPOSITORY   TAG       IMAGE ID"),
+        "{images}"
+    );
+    let row = lines.next().expect("a row");
+    assert!(row.starts_with("busybox      latest    "), "{images}");
+    let q = env.berth_ok(&["images", "-q"]).await;
+    assert_eq!(q.trim().len(), 12, "{q}");
+    assert!(row.contains(q.trim()), "{images}");
+    let formatted = env
+        .berth_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .await;
+    assert_eq!(formatted, "busybox:latest\n");
+    let id = env.berth_ok(&["inspect", "-f", "{{.Id}}", "busybox"]).await;
+    assert!(id.starts_with("sha256:"), "{id}");
+    // A run of an image the daemon lacks pulls it first, as docker does.
+    env.berth_ok(&["rmi", "busybox"]).await;
+    assert_eq!(env.berth_ok(&["images", "-q"]).await, "");
+    let run = env
+        .berth(&["run", "--rm", "busybox", "echo", "pulled"])
+        .await;
+    assert_eq!(run.status.code(), Some(0), "{run:?}");
+    assert_eq!(stdout(&run), "pulled\n");
+    assert!(
+        stderr(&run).starts_with("Unable to find image 'busybox:latest' locally\n"),
+        "{run:?}"
+    );
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_dockers_messages_and_codes() {
+    let env = DockerEnv::start("").await;
+    let missing = env.berth(&["inspect", "nosuch"]).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert_eq!(stderr(&missing), "Error: No such object: nosuch\n");
+    let stop = env.berth(&["stop", "nosuch"]).await;
+    assert_eq!(stop.status.code(), Some(1), "{stop:?}");
+    assert_eq!(
+        stderr(&stop),
+        "Error response from daemon: No such container: nosuch\n"
+    );
+    let logs = env.berth(&["logs", "nosuch"]).await;
+    assert_eq!(logs.status.code(), Some(1), "{logs:?}");
+    assert!(
+        stderr(&logs).contains("No such container: nosuch"),
+        "{logs:?}"
+    );
+    let no_image = env.berth(&["run", "--rm", "nosuchimage"]).await;
+    assert_eq!(no_image.status.code(), Some(125), "{no_image:?}");
+    assert!(
+        stderr(&no_image).contains("Unable to find image 'nosuchimage:latest' locally"),
+        "{no_image:?}"
+    );
+    let bad_ref = env.berth(&["pull", "UPPER/Case"]).await;
+    assert_eq!(bad_ref.status.code(), Some(1), "{bad_ref:?}");
+    assert_eq!(
+        stderr(&bad_ref),
+        "invalid reference format: repository name (UPPER/Case) must be lowercase\n"
+    );
+    let bad_flag = env.berth(&["ps", "--no-such-flag"]).await;
+    assert_eq!(bad_flag.status.code(), Some(125), "{bad_flag:?}");
+    env.berth_ok(&["create", "--name", "dup", "busybox"]).await;
+    let dup = env.berth(&["create", "--name", "dup", "busybox"]).await;
+    // As the stock client: `create` fails with 1, only `run` uses 125.
+    assert_eq!(dup.status.code(), Some(1), "{dup:?}");
+    assert!(stderr(&dup).contains("is already in use"), "{dup:?}");
+    env.berth_ok(&["rm", "dup"]).await;
+    let bad_port = env.berth(&["run", "-p", "x:80", "busybox"]).await;
+    assert_eq!(bad_port.status.code(), Some(125), "{bad_port:?}");
+    assert_eq!(stderr(&bad_port), "berth: invalid hostPort: x\n");
+    let rm_missing = env.berth(&["rm", "-f", "nosuch"]).await;
+    assert_eq!(rm_missing.status.code(), Some(0), "{rm_missing:?}");
+    let start_missing = env.berth(&["start", "nosuch"]).await;
+    assert_eq!(start_missing.status.code(), Some(1), "{start_missing:?}");
+    assert_eq!(
+        stderr(&start_missing),
+        "Error response from daemon: No such container: nosuch\nError: failed to start containers: nosuch\n"
+    );
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attach_kill_and_chosen_streams() {
+    let env = DockerEnv::start("").await;
+    assert_eq!(
+        env.berth_ok(&["pull", "-q", "busybox"]).await,
+        "docker.io/library/busybox:latest\n"
+    );
+    let only_stdout = env
+        .berth(&[
+            "run",
+            "--rm",
+            "-a",
+            "stdout",
+            "busybox",
+            "sh",
+            "-c",
+            "echo out; echo err >&2",
+        ])
+        .await;
+    assert_eq!(only_stdout.status.code(), Some(0), "{only_stdout:?}");
+    assert_eq!(stdout(&only_stdout), "out\n");
+    assert_eq!(stderr(&only_stdout), "");
+    env.berth_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "ticker",
+        "busybox",
+        "sh",
+        "-c",
+        "trap 'echo usr1' USR1; while true; do echo tick; sleep 0.2; done",
+    ])
+    .await;
+    let mut cmd = env.berth_command(&["attach", "ticker"]);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let attached = cmd.spawn().expect("berth attach");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        env.berth_ok(&["kill", "-s", "USR1", "ticker"]).await,
+        "ticker\n"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.berth_ok(&["kill", "ticker"]).await, "ticker\n");
+    let out = tokio::time::timeout(Duration::from_secs(30), attached.wait_with_output())
+        .await
+        .expect("attach ends with the container")
+        .expect("attach output");
+    // Killed: 128 + SIGKILL, as docker's attach reports it.
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.starts_with("tick\n"), "{text}");
+    assert!(text.contains("usr1\n"), "{text}");
+    let stopped = env.berth(&["attach", "ticker"]).await;
+    assert_eq!(stopped.status.code(), Some(1), "{stopped:?}");
+    assert_eq!(
+        stderr(&stopped),
+        "You cannot attach to a stopped container, start it first\n"
+    );
+    clean(&env).await;
+}
