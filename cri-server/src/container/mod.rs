@@ -1020,7 +1020,7 @@ fn release_storage(bundle: &Path, snapshots: &dyn Snapshotter, id: &str, owned_e
 }
 
 /// Mounts what a snapshotter described at `target`.
-fn mount_all(mounts: &[api::Mount], target: &Path) -> Result<()> {
+pub(crate) fn mount_all(mounts: &[api::Mount], target: &Path) -> Result<()> {
     use nix::mount::MsFlags;
     for m in mounts {
         let (fstype, mut flags) = if m.fstype == "bind" {

@@ -8,6 +8,7 @@ mod exec;
 mod hijack;
 mod images;
 mod system;
+mod volumes;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -357,6 +358,7 @@ async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
             exec::inspect(api, &id)
         }
         (_, ["images", ..]) => images::route(api, req).await,
+        (_, ["volumes", ..]) => volumes::route(api, req).await,
         _ => Err(ApiError::not_found("page not found")),
     }
 }
