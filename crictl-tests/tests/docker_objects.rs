@@ -263,3 +263,202 @@ async fn anonymous_volumes_go_with_rm_v_and_run_rm() {
     assert_eq!(env.ok(&["volume", "ls", "-q"]).await, "named\n");
     env.ok(&["volume", "rm", "named"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tag_history_save_load_round_trip() {
+    let env = DockerEnv::start("").await;
+    env.ok(&["pull", "busybox"]).await;
+    env.ok(&["tag", "busybox", "mine/box:1"]).await;
+    let images = env
+        .ok(&["images", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}"])
+        .await;
+    let ids: Vec<&str> = images
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(_, id)| id))
+        .collect();
+    assert_eq!(
+        lines(
+            &images
+                .lines()
+                .map(|l| l.split(' ').next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+        vec!["busybox:latest".to_owned(), "mine/box:1".to_owned()],
+        "{images}"
+    );
+    assert_eq!(ids[0], ids[1], "one image, two names");
+    let missing = env.docker(&["tag", "nosuch", "x:1"]).await;
+    assert!(!missing.status.success());
+
+    let history = env
+        .ok(&[
+            "history",
+            "--no-trunc",
+            "--format",
+            "{{.ID}}|{{.CreatedBy}}",
+            "busybox",
+        ])
+        .await;
+    let first = history.lines().next().unwrap_or_default();
+    assert!(first.starts_with("sha256:"), "{history}");
+    assert!(first.ends_with("berth-test layer 0"), "{history}");
+
+    let dir = tempfile::tempdir().expect("dir");
+    let archive = dir.path().join("box.tar");
+    let archive_s = archive.to_str().expect("utf-8 path");
+    env.ok(&["save", "-o", archive_s, "busybox", "mine/box:1"])
+        .await;
+    let names: Vec<String> = tar::Archive::new(std::fs::File::open(&archive).expect("open"))
+        .entries()
+        .expect("entries")
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .display()
+                .to_string()
+        })
+        .collect();
+    for want in ["manifest.json", "index.json", "oci-layout", "repositories"] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+    }
+    // The stdout form streams the same archive.
+    let out = env.docker(&["save", "busybox"]).await;
+    assert!(out.status.success() && out.stdout.len() > 1024, "{out:?}");
+
+    env.ok(&["rmi", "busybox", "mine/box:1"]).await;
+    assert_eq!(env.ok(&["images", "-q"]).await, "");
+    let loaded = env.ok(&["load", "-i", archive_s]).await;
+    assert!(loaded.contains("Loaded image: busybox:latest"), "{loaded}");
+    assert!(loaded.contains("Loaded image: mine/box:1"), "{loaded}");
+    assert_eq!(
+        env.ok(&["run", "--rm", "mine/box:1", "echo", "loaded"])
+            .await,
+        "loaded\n"
+    );
+    // Loading again is harmless; loading from stdin works too.
+    let again = env
+        .docker_with_input(&["load"], Some(&std::fs::read(&archive).expect("read")))
+        .await;
+    assert!(again.status.success(), "{again:?}");
+    env.ok(&["rmi", "busybox", "mine/box:1"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn import_of_a_rootfs_tar_runs() {
+    use crictl_tests::image::{Compression, busybox_base_layer};
+    let env = DockerEnv::start("").await;
+    let layer = busybox_base_layer()
+        .build(Compression::Gzip)
+        .expect("layer");
+    let dir = tempfile::tempdir().expect("dir");
+    let tar = dir.path().join("rootfs.tar.gz");
+    std::fs::write(&tar, &layer.blob).expect("write");
+    let id = env
+        .ok(&[
+            "import",
+            "--change",
+            r#"CMD ["echo", "imported"]"#,
+            "--change",
+            "ENV PATH=/bin",
+            tar.to_str().expect("utf-8"),
+            "rootfs:1",
+        ])
+        .await;
+    assert!(id.trim().starts_with("sha256:"), "{id}");
+    assert_eq!(env.ok(&["run", "--rm", "rootfs:1"]).await, "imported\n");
+    let diff = env
+        .ok(&["inspect", "-f", "{{index .RootFS.Layers 0}}", "rootfs:1"])
+        .await;
+    assert_eq!(diff.trim(), layer.diff_id);
+    // From stdin, plain tar, no name.
+    let plain = busybox_base_layer().tar().expect("tar");
+    let out = env.docker_with_input(&["import", "-"], Some(&plain)).await;
+    assert!(out.status.success(), "{out:?}");
+    let dangling = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    env.ok(&["rmi", "rootfs:1"]).await;
+    env.ok(&["rmi", &dangling]).await;
+    assert_eq!(env.ok(&["images", "-q"]).await, "");
+}
+
+/// A tar with raw names (`..` included), for hostile archives.
+fn raw_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        b.append(&h, *data).expect("append");
+    }
+    b.into_inner().expect("tar")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_archives_are_refused_and_leave_nothing() {
+    let env = DockerEnv::start("").await;
+    let traversal = raw_tar(&[("../../etc/evil", b"x"), ("manifest.json", b"[]")]);
+    let out = env.docker_with_input(&["load"], Some(&traversal)).await;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("path traversal"),
+        "{out:?}"
+    );
+
+    let layer = crictl_tests::image::busybox_base_layer()
+        .build(crictl_tests::image::Compression::Gzip)
+        .expect("layer");
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id, layer.diff_id]},
+    })
+    .to_string();
+    let manifest = serde_json::json!([{
+        "Config": "config.json", "RepoTags": ["half:1"],
+        "Layers": ["a/layer.tar", "b/layer.tar"],
+    }])
+    .to_string();
+    let missing_blob = raw_tar(&[
+        ("manifest.json", manifest.as_bytes()),
+        ("config.json", config.as_bytes()),
+        ("a/layer.tar", &layer.blob),
+    ]);
+    let out = env.docker_with_input(&["load"], Some(&missing_blob)).await;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("b/layer.tar is missing"),
+        "{out:?}"
+    );
+
+    // A layer that is not what the config says fails after unpacking: still nothing left.
+    let lying = raw_tar(&[
+        ("manifest.json", manifest.as_bytes()),
+        ("config.json", config.as_bytes()),
+        ("a/layer.tar", &layer.blob),
+        ("b/layer.tar", b"not a tar at all, not at all"),
+    ]);
+    let out = env.docker_with_input(&["load"], Some(&lying)).await;
+    assert!(!out.status.success(), "{out:?}");
+
+    let bad_json = raw_tar(&[("manifest.json", b"{nope")]);
+    let out = env.docker_with_input(&["load"], Some(&bad_json)).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("manifest.json"),
+        "{out:?}"
+    );
+    assert_eq!(env.ok(&["images", "-q", "-a"]).await, "");
+    // What the failed loads wrote (blobs, the first layer's snapshot) is collected.
+    let blobs = env.d.root().join("content/sha256");
+    let mut left = usize::MAX;
+    for _ in 0..50 {
+        left = std::fs::read_dir(&blobs).map_or(0, |d| d.count());
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "blobs left in {}", blobs.display());
+}

@@ -6,6 +6,7 @@
 mod containers;
 mod exec;
 mod hijack;
+mod image_archive;
 mod images;
 mod system;
 mod volumes;
@@ -108,6 +109,20 @@ impl Req {
     /// A query parameter, or `""`.
     pub fn q(&self, key: &str) -> &str {
         self.query.get(key).map_or("", String::as_str)
+    }
+
+    /// Every value of a query parameter given more than once (`names=a&names=b`).
+    pub fn q_all(&self, key: &str) -> Vec<String> {
+        self.inner
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (percent_decode(k) == key).then(|| percent_decode(v))
+            })
+            .collect()
     }
 
     /// A boolean query parameter (`1`, `true`, `True`…); absent is false.
