@@ -25,9 +25,9 @@ impl Drop for Upload {
     }
 }
 
-/// Streams the request body to a file under `<root>/tmp`: archives can be larger than memory.
+/// Streams the request body to a file under `<root>/uploads`: archives can be larger than memory.
 async fn body_to_file(api: &Api, req: Req) -> Result<Upload, ApiError> {
-    let dir = api.root.join("tmp");
+    let dir = api.root.join("uploads");
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| Error::internal("create upload dir", e))?;

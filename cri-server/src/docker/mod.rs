@@ -52,6 +52,8 @@ pub struct Api {
 impl Api {
     /// The API over `engine`.
     pub fn new(engine: Arc<Engine>, root: &Path) -> Arc<Api> {
+        // Uploads (load, import) a crash cut short.
+        let _ = std::fs::remove_dir_all(root.join("uploads"));
         Arc::new(Api {
             engine,
             execs: exec::Execs::default(),

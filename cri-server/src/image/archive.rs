@@ -729,7 +729,12 @@ impl ImageManager {
                 for key in extract_keys {
                     let _ = self.snapshots.remove(&key);
                 }
-                self.gc_in_background(Some(lease));
+                // Already on a blocking thread: collect now, so a refused archive has left
+                // nothing once the client hears of it.
+                drop(lease);
+                if let Err(gc) = self.gc_handle().run() {
+                    tracing::warn!(error = %gc, "collect after a failed load");
+                }
                 return Err(e);
             }
         };
@@ -744,8 +749,8 @@ impl ImageManager {
             });
         }
         drop(lease);
-        if orphans {
-            self.gc_in_background(None);
+        if orphans && let Err(gc) = self.gc_handle().run() {
+            tracing::warn!(error = %gc, "collect images a load displaced");
         }
         Ok(loaded)
     }
@@ -950,6 +955,8 @@ impl ImageManager {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
@@ -1028,6 +1035,132 @@ mod tests {
         let a = Archive::open(&p).expect("open");
         let err = plan_legacy(&a).err().expect("too big").to_string();
         assert!(err.contains("too large"), "{err}");
+    }
+
+    fn manager(dir: &Path) -> ImageManager {
+        let db = Arc::new(redb::Database::create(dir.join("meta.db")).expect("db"));
+        let snaps = Arc::new(
+            snapshotter::native::NativeSnapshotter::new(&dir.join("snapshots"), db.clone())
+                .expect("snapshotter"),
+        );
+        let content = snapshotter::content::ContentStore::open(dir).expect("content");
+        ImageManager::new(db, content, snaps, Arc::default()).expect("manager")
+    }
+
+    /// A rootfs tar with one file, built by hand.
+    fn rootfs_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_path("hello.txt").expect("path");
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, &b"hi\n"[..]).expect("append");
+        b.into_inner().expect("tar")
+    }
+
+    #[test]
+    fn import_save_and_load_round_trip() {
+        let dir = tempfile::tempdir().expect("dir");
+        let m = manager(dir.path());
+        let tar = write(dir.path(), &rootfs_tar());
+        let id = m
+            .import_rootfs(
+                &tar,
+                json!({"Cmd": ["cat", "/hello.txt"]}),
+                "",
+                vec!["docker.io/library/hello:1".into()],
+            )
+            .expect("import");
+        let image = resolve_in(&m.store, "hello:1")
+            .expect("resolve")
+            .expect("there");
+        assert_eq!(image.record.id, id);
+        assert_eq!(image.record.layers.len(), 1);
+
+        let mut saved = Vec::new();
+        m.save(&[(image.clone(), image.tags.clone())], &mut saved)
+            .expect("save");
+        let archive = dir.path().join("saved.tar");
+        std::fs::write(&archive, &saved).expect("write");
+        let a = Archive::open(&archive).expect("open");
+        for f in ["manifest.json", "index.json", "oci-layout", "repositories"] {
+            assert!(a.has(f), "{f}");
+        }
+        let manifest: Value =
+            serde_json::from_slice(&a.small("manifest.json").expect("read")).expect("json");
+        assert_eq!(manifest[0]["RepoTags"], json!(["hello:1"]));
+
+        m.store.remove(&id).expect("remove");
+        m.gc().expect("gc");
+        let loaded = m.load_archive(&archive).expect("load");
+        assert_eq!(
+            loaded,
+            vec![Loaded {
+                id: id.clone(),
+                tags: vec!["docker.io/library/hello:1".into()]
+            }]
+        );
+        let again = resolve_in(&m.store, "hello:1")
+            .expect("resolve")
+            .expect("there");
+        assert_eq!(again.record.layers, image.record.layers);
+
+        // The same archive as a bare OCI layout (no manifest.json) loads too.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut t = tar::Archive::new(saved.as_slice());
+        for e in t.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            let path = e.path().expect("path").display().to_string();
+            if path == "manifest.json" || path == "repositories" {
+                continue;
+            }
+            let h = e.header().clone();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).expect("read");
+            b.append(&h, data.as_slice()).expect("append");
+        }
+        let oci = dir.path().join("oci.tar");
+        std::fs::write(&oci, b.into_inner().expect("tar")).expect("write");
+        m.store.remove(&id).expect("remove");
+        m.gc().expect("gc");
+        let loaded = m.load_archive(&oci).expect("load oci");
+        assert_eq!(loaded[0].id, id);
+        assert_eq!(loaded[0].tags, vec!["docker.io/library/hello:1".to_owned()]);
+    }
+
+    #[test]
+    fn a_failed_load_leaves_no_image_and_no_content() {
+        let dir = tempfile::tempdir().expect("dir");
+        let m = manager(dir.path());
+        let layer = rootfs_tar();
+        let diff = sha256(&layer);
+        let config =
+            json!({"rootfs": {"type": "layers", "diff_ids": [diff.to_string(), diff.to_string()]}})
+                .to_string();
+        let manifest =
+            json!([{"Config": "c.json", "RepoTags": ["x:1"], "Layers": ["a.tar", "b.tar"]}])
+                .to_string();
+        let p = write(
+            dir.path(),
+            &tar_of(&[
+                ("manifest.json", manifest.as_bytes()),
+                ("c.json", config.as_bytes()),
+                ("a.tar", &layer),
+                ("b.tar", b"garbage"),
+            ]),
+        );
+        let err = m.load_archive(&p).expect_err("refused").to_string();
+        assert!(err.contains("b.tar"), "{err}");
+        assert!(m.store.list().expect("list").is_empty());
+        assert!(m.content.list().expect("blobs").is_empty());
+        assert!(
+            m.snapshots
+                .list()
+                .expect("snapshots")
+                .iter()
+                .all(|s| !s.key.starts_with("sha256:"))
+        );
     }
 
     #[test]
