@@ -337,11 +337,20 @@ async fn tag_history_save_load_round_trip() {
             .await,
         "loaded\n"
     );
-    // Loading again is harmless; loading from stdin works too.
-    let again = env
-        .docker_with_input(&["load"], Some(&std::fs::read(&archive).expect("read")))
-        .await;
+    // Loading again is harmless; from stdin, gzip-compressed (as `docker save | gzip`), too.
+    let gz = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&std::fs::read(&archive).expect("read"))
+            .expect("gzip");
+        e.finish().expect("gzip")
+    };
+    let again = env.docker_with_input(&["load"], Some(&gz)).await;
     assert!(again.status.success(), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("Loaded image: busybox:latest"),
+        "{again:?}"
+    );
     env.ok(&["rmi", "busybox", "mine/box:1"]).await;
 }
 

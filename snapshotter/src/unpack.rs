@@ -130,6 +130,12 @@ fn run_layer<R: Read>(reader: R, dest: &Path, form: Form) -> Result<Unpacked> {
     })
 }
 
+/// `reader` decompressed by its magic bytes (gzip, zstd, or passed through): for archives
+/// that may come compressed, as `docker load` takes them.
+pub fn decompressed<R: Read>(reader: R) -> io::Result<impl Read> {
+    Decoder::new(reader)
+}
+
 /// The diffID (and uncompressed size) of the layer read from `reader`, compressed or not,
 /// without unpacking it: for importers that must name a layer before they unpack it.
 pub fn diff_id<R: Read>(reader: R) -> Result<Unpacked> {

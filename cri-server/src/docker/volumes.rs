@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::containers::Filters;
 use super::{Api, ApiError, ApiResult, Req, json, status};
 use crate::engine::volumes::{ANONYMOUS_LABEL, VolumeRecord, VolumeSpec};
+use crate::error::Error;
 
 /// Docker's `Volume` object.
 fn volume_json(v: &VolumeRecord) -> Value {
@@ -44,13 +45,17 @@ pub(super) async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
     match (req.method.as_str(), rest.as_str()) {
         ("GET", "") => list(api, &req),
         ("POST", "create") => create(api, req).await,
-        ("POST", "prune") => prune(api, &req),
+        ("POST", "prune") => prune(api, &req).await,
         ("GET", name) if !name.contains('/') => {
             json(StatusCode::OK, &volume_json(&api.engine.volume(name)?))
         }
         ("DELETE", name) if !name.contains('/') => {
             let force = req.flag("force")?;
-            api.engine.remove_volume(name, force)?;
+            let (engine, name) = (api.engine.clone(), name.to_owned());
+            // Removing a volume removes its data: disk work, off the async workers.
+            tokio::task::spawn_blocking(move || engine.remove_volume(&name, force))
+                .await
+                .map_err(|e| Error::Internal(format!("volume thread: {e}")))??;
             status(StatusCode::NO_CONTENT)
         }
         _ => Err(ApiError::not_found("page not found")),
@@ -119,7 +124,7 @@ async fn create(api: &Arc<Api>, req: Req) -> ApiResult {
     json(StatusCode::CREATED, &volume_json(&v))
 }
 
-fn prune(api: &Arc<Api>, req: &Req) -> ApiResult {
+async fn prune(api: &Arc<Api>, req: &Req) -> ApiResult {
     let filters = Filters::parse(req.q("filters"))?;
     for k in filters_keys(&filters) {
         if !matches!(k.as_str(), "label" | "label!" | "all") {
@@ -133,20 +138,25 @@ fn prune(api: &Arc<Api>, req: &Req) -> ApiResult {
         _ => return Err(ApiError::bad("invalid filter 'all': too many values")),
     };
     let not_labels: Vec<String> = filters.get("label!").to_vec();
-    let (deleted, bytes) = api.engine.prune_volumes(|v| {
-        let anonymous = v.anonymous || v.labels.contains_key(ANONYMOUS_LABEL);
-        (all || anonymous)
-            && filters.labels(&v.labels)
-            && !not_labels.iter().any(|l| {
-                let (k, want) = match l.split_once('=') {
-                    Some((k, w)) => (k, Some(w)),
-                    None => (l.as_str(), None),
-                };
-                v.labels
-                    .get(k)
-                    .is_some_and(|got| want.is_none_or(|w| w == got))
-            })
-    })?;
+    let engine = api.engine.clone();
+    let (deleted, bytes) = tokio::task::spawn_blocking(move || {
+        engine.prune_volumes(|v| {
+            let anonymous = v.anonymous || v.labels.contains_key(ANONYMOUS_LABEL);
+            (all || anonymous)
+                && filters.labels(&v.labels)
+                && !not_labels.iter().any(|l| {
+                    let (k, want) = match l.split_once('=') {
+                        Some((k, w)) => (k, Some(w)),
+                        None => (l.as_str(), None),
+                    };
+                    v.labels
+                        .get(k)
+                        .is_some_and(|got| want.is_none_or(|w| w == got))
+                })
+        })
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("volume thread: {e}")))??;
     json(
         StatusCode::OK,
         &json!({"VolumesDeleted": deleted, "SpaceReclaimed": bytes}),

@@ -608,6 +608,10 @@ impl Engine {
                     if made {
                         self.volume_event("create", &rec);
                     }
+                    // A data dir removed behind berthd's back comes back empty rather than
+                    // failing the start.
+                    std::fs::create_dir_all(&rec.mountpoint)
+                        .map_err(|e| Error::internal("create volume", e))?;
                     if !rec.populated {
                         if !m.no_copy
                             && let Err(e) = self.populate(r, &rec, &m.target)

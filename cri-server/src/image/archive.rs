@@ -61,6 +61,25 @@ pub struct Archive {
     entries: HashMap<String, Entry>,
 }
 
+/// A link target `target` of the entry `from`, resolved inside the archive: `..` may climb
+/// up to the archive's root but not past it (docker's legacy layout links `../<id>/layer.tar`).
+fn resolve_link(from_dir: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return None;
+    }
+    let mut out: Vec<&str> = from_dir.split('/').filter(|c| !c.is_empty()).collect();
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                out.pop()?;
+            }
+            c => out.push(c),
+        }
+    }
+    Some(out.join("/"))
+}
+
 /// `./a//b/` → `a/b`; None for absolute paths and `..` (entries must stay inside).
 fn normalise(p: &str) -> Option<String> {
     if p.starts_with('/') {
@@ -107,15 +126,12 @@ impl Archive {
                         .map(|b| String::from_utf8_lossy(&b).into_owned())
                         .unwrap_or_default();
                     // Symlinks are relative to their directory, hard links to the root.
-                    let joined = if kind == tar::EntryType::Symlink {
-                        match name.rsplit_once('/') {
-                            Some((dir, _)) => format!("{dir}/{target}"),
-                            None => target.clone(),
-                        }
+                    let dir = if kind == tar::EntryType::Symlink {
+                        name.rsplit_once('/').map_or("", |(d, _)| d)
                     } else {
-                        target.clone()
+                        ""
                     };
-                    Entry::Link(normalise(&joined).ok_or_else(|| {
+                    Entry::Link(resolve_link(dir, &target).ok_or_else(|| {
                         bad(format_args!(
                             "link {raw:?} → {target:?} points outside the archive (path traversal)"
                         ))
@@ -190,6 +206,15 @@ impl Archive {
             .read_to_end(&mut buf)
             .map_err(|e| Error::internal("read archive", e))?;
         Ok(buf)
+    }
+}
+
+/// A scratch file, removed when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -693,7 +718,27 @@ impl ImageManager {
 
     /// Loads a `docker save` archive or an OCI layout tar at `path`. Blocking.
     pub fn load_archive(&self, path: &Path) -> Result<Vec<Loaded>> {
-        let a = Archive::open(path)?;
+        let mut head = [0u8; 4];
+        let n = File::open(path)
+            .and_then(|mut f| f.read(&mut head))
+            .map_err(|e| Error::internal("read archive", e))?;
+        let compressed =
+            head[..n].starts_with(&[0x1f, 0x8b]) || head[..n] == [0x28, 0xb5, 0x2f, 0xfd];
+        // Entries are read by offset, so a compressed archive is expanded beside it first.
+        let _expanded;
+        let path = if compressed {
+            let out = path.with_extension("expanded");
+            _expanded = RemoveOnDrop(out.clone());
+            let f = File::open(path).map_err(|e| Error::internal("open archive", e))?;
+            let mut r = snapshotter::unpack::decompressed(f)
+                .map_err(|e| bad(format_args!("decompress: {e}")))?;
+            let mut w = File::create(&out).map_err(|e| Error::internal("expand archive", e))?;
+            std::io::copy(&mut r, &mut w).map_err(|e| bad(format_args!("decompress: {e}")))?;
+            out
+        } else {
+            path.to_owned()
+        };
+        let a = Archive::open(&path)?;
         let planned = if a.has("manifest.json") {
             plan_legacy(&a)?
         } else if a.has("index.json") {
@@ -925,7 +970,7 @@ impl ImageManager {
         let a = Archive {
             path: path.to_owned(),
             entries: HashMap::from([(
-                "layer".to_owned(),
+                "rootfs.tar".to_owned(),
                 Entry::File {
                     offset: 0,
                     size: len,
@@ -938,7 +983,7 @@ impl ImageManager {
             user,
             manifest: None,
             layers: vec![PlannedLayer {
-                path: "layer".into(),
+                path: "rootfs.tar".into(),
                 digest: None,
                 media_type: None,
             }],
@@ -990,6 +1035,17 @@ mod tests {
         let p = write(dir.path(), &tar_of(&[("../evil", b"x")]));
         let err = Archive::open(&p).err().expect("refused").to_string();
         assert!(err.contains("path traversal"), "{err}");
+    }
+
+    #[test]
+    fn links_resolve_inside_the_archive_only() {
+        assert_eq!(
+            resolve_link("a", "../b/layer.tar").as_deref(),
+            Some("b/layer.tar")
+        );
+        assert_eq!(resolve_link("", "b/./x").as_deref(), Some("b/x"));
+        assert_eq!(resolve_link("a", "../../etc/passwd"), None);
+        assert_eq!(resolve_link("a", "/etc/passwd"), None);
     }
 
     #[test]
