@@ -253,7 +253,7 @@ impl Engine {
         tx.open_table(RECORDS)?;
         tx.open_table(NAMES)?;
         tx.commit()?;
-        volumes::init(&db, root)?;
+        volumes::init(&db, root, &*snapshots)?;
         Ok(Arc::new(Engine {
             db,
             root: root.to_owned(),

@@ -25,6 +25,8 @@ use crate::sandbox::now_ns;
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_volumes");
 /// The label docker (≥ 23) puts on anonymous volumes; prune without `all` takes only these.
 pub const ANONYMOUS_LABEL: &str = "com.docker.volume.anonymous";
+/// Prefix of the view snapshots (and, with a dot, mount dirs) a copy-up from the image uses.
+const COPY_PREFIX: &str = "volcopy-";
 /// The only driver berth has.
 pub const LOCAL_DRIVER: &str = "local";
 
@@ -120,7 +122,28 @@ pub fn check_volume_name(name: &str) -> Result<()> {
 
 /// Creates the volume table, and adopts volume directories that have no record (made by a
 /// berthd from before volumes were objects), so they can be listed and removed.
-pub(super) fn init(db: &Database, root: &Path) -> Result<()> {
+pub(super) fn init(
+    db: &Database,
+    root: &Path,
+    snapshots: &dyn snapshotter::Snapshotter,
+) -> Result<()> {
+    // Views and mount points of an image copy-up that a crash cut short.
+    if let Ok(entries) = std::fs::read_dir(root.join("volumes")) {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!(".{COPY_PREFIX}"))
+            {
+                let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+    for s in snapshots.list().unwrap_or_default() {
+        if s.key.starts_with(COPY_PREFIX) {
+            let _ = snapshots.remove(&s.key);
+        }
+    }
     let tx = db.begin_write()?;
     {
         let mut t = tx.open_table(VOLUMES)?;
@@ -644,7 +667,7 @@ impl Engine {
         let Some(top) = image.record.chain_ids.last().map(ToString::to_string) else {
             return Ok(());
         };
-        let key = format!("volcopy-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let key = format!("{COPY_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>()));
         let mounts = self.snapshots.view(&key, Some(&top))?;
         let result = (|| -> Result<()> {
             let tmp = self.root.join("volumes").join(format!(".{key}"));
