@@ -3,6 +3,23 @@
 
 use crictl_tests::docker::DockerEnv;
 
+/// One request straight at the socket; the whole answer (status line, headers, body).
+async fn raw_request(env: &DockerEnv, method: &str, path: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(&env.d.docker_socket)
+        .await
+        .expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: docker\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn lines(s: &str) -> Vec<String> {
     let mut v: Vec<String> = s.lines().map(str::to_owned).collect();
     v.sort();
@@ -72,6 +89,13 @@ async fn volumes_are_objects_with_labels_filters_and_prune() {
         err.contains("volume is in use") && err.contains(id.trim()),
         "{err}"
     );
+    let raw = raw_request(&env, "DELETE", "/v1.44/volumes/beta", b"").await;
+    assert!(
+        raw.starts_with("HTTP/1.1 409") && raw.contains("volume is in use"),
+        "{raw}"
+    );
+    let raw = raw_request(&env, "GET", "/v1.44/volumes/nosuch", b"").await;
+    assert!(raw.starts_with("HTTP/1.1 404"), "{raw}");
     let missing = env.docker(&["volume", "rm", "nosuch"]).await;
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("no such volume"),
@@ -416,6 +440,9 @@ async fn hostile_archives_are_refused_and_leave_nothing() {
         String::from_utf8_lossy(&out.stderr).contains("path traversal"),
         "{out:?}"
     );
+
+    let raw = raw_request(&env, "POST", "/v1.44/images/load?quiet=1", &traversal).await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
 
     let layer = crictl_tests::image::busybox_base_layer()
         .build(crictl_tests::image::Compression::Gzip)
