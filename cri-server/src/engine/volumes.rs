@@ -343,8 +343,10 @@ impl Engine {
     pub fn volume_users(&self, name: &str) -> Result<Vec<String>> {
         let mut out = Vec::new();
         for r in self.all()? {
+            // A record whose mounts no longer parse holds no volume; it must not block others.
             let uses = self
-                .mount_points(&r, None)?
+                .mount_points(&r, None)
+                .unwrap_or_default()
                 .iter()
                 .any(|m| matches!(&m.kind, MountKind::Volume { name: n, .. } if n == name))
                 || self
@@ -360,9 +362,10 @@ impl Engine {
     /// The names of every volume some container uses.
     pub fn volumes_in_use(&self) -> Result<BTreeSet<String>> {
         let mut used = BTreeSet::new();
-        let ids: BTreeSet<String> = self.all()?.into_iter().map(|r| r.id).collect();
-        for r in self.all()? {
-            for m in self.mount_points(&r, None)? {
+        let all = self.all()?;
+        let ids: BTreeSet<&str> = all.iter().map(|r| r.id.as_str()).collect();
+        for r in &all {
+            for m in self.mount_points(r, None).unwrap_or_default() {
                 if let MountKind::Volume { name, .. } = m.kind {
                     used.insert(name);
                 }
@@ -371,7 +374,7 @@ impl Engine {
         // An anonymous volume belongs to its container even when the path it backs is not
         // worked out without the image (a removed image's VOLUMEs).
         for v in self.volumes()? {
-            if v.container.as_ref().is_some_and(|c| ids.contains(c)) {
+            if v.container.as_deref().is_some_and(|c| ids.contains(c)) {
                 used.insert(v.name);
             }
         }
