@@ -130,6 +130,28 @@ fn run_layer<R: Read>(reader: R, dest: &Path, form: Form) -> Result<Unpacked> {
     })
 }
 
+/// `reader` decompressed by its magic bytes (gzip, zstd, or passed through): for archives
+/// that may come compressed, as `docker load` takes them.
+pub fn decompressed<R: Read>(reader: R) -> io::Result<impl Read> {
+    Decoder::new(reader)
+}
+
+/// The diffID (and uncompressed size) of the layer read from `reader`, compressed or not,
+/// without unpacking it: for importers that must name a layer before they unpack it.
+pub fn diff_id<R: Read>(reader: R) -> Result<Unpacked> {
+    let decoder = Decoder::new(reader).map_err(Error::ReadLayer)?;
+    let mut hashing = HashingReader {
+        inner: decoder,
+        hasher: Sha256::new(),
+        count: 0,
+    };
+    io::copy(&mut hashing, &mut io::sink()).map_err(Error::ReadLayer)?;
+    Ok(Unpacked {
+        diff_id: Digest::from_sha256_bytes(&hashing.hasher.finalize().into()),
+        uncompressed_size: hashing.count,
+    })
+}
+
 /// Flushes the whole filesystem holding `path` to disk (`syncfs(2)`). [`unpack_layer`] and
 /// [`apply_layer`] do no per-file fsync; call this once after unpacking, before committing the
 /// snapshot.

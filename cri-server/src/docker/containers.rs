@@ -51,6 +51,11 @@ impl Filters {
         Ok(Filters(out))
     }
 
+    /// The keys given.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+
     /// The values given for `key`.
     pub fn get(&self, key: &str) -> &[String] {
         self.0.get(key).map_or(&[], Vec::as_slice)
@@ -64,7 +69,7 @@ impl Filters {
     }
 
     /// Labels must all match (docker ANDs label filters).
-    fn labels(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn labels(&self, labels: &BTreeMap<String, String>) -> bool {
         self.get("label").iter().all(|l| {
             let (k, want) = match l.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
@@ -185,28 +190,35 @@ fn networks_json(r: &Record) -> Value {
     Value::Object(nets)
 }
 
-fn mounts_json(r: &Record) -> Vec<Value> {
-    let mut out = Vec::new();
-    for b in &r.host_config.binds {
-        if let Ok(b) = crate::engine::translate::parse_bind(b) {
-            let kind = if b.is_host_path() { "bind" } else { "volume" };
-            out.push(json!({
-                "Type": kind, "Name": if b.is_host_path() { "" } else { &b.source },
-                "Source": b.source, "Destination": b.target, "Mode": if b.read_only { "ro" } else { "" },
-                "RW": !b.read_only, "Propagation": if b.is_host_path() { "rprivate" } else { "" },
-            }));
-        }
-    }
-    for m in &r.host_config.mounts {
-        out.push(json!({
-            "Type": m.kind, "Source": m.source, "Destination": m.target,
-            "RW": !m.read_only, "Mode": "", "Propagation": "",
-        }));
-    }
-    out
+fn mounts_json(api: &Api, r: &Record, image_config: &Value) -> Vec<Value> {
+    use crate::engine::volumes::MountKind;
+    let image_volumes = image_config["config"]["Volumes"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect());
+    let Ok(points) = api.engine.mount_points(r, image_volumes) else {
+        return Vec::new();
+    };
+    points
+        .into_iter()
+        .map(|m| {
+            let mode = if m.read_only { "ro" } else { "" };
+            match m.kind {
+                MountKind::Bind => json!({
+                    "Type": "bind", "Source": m.source, "Destination": m.target,
+                    "Mode": mode, "RW": !m.read_only, "Propagation": "rprivate",
+                }),
+                MountKind::Volume { name, .. } => json!({
+                    "Type": "volume", "Name": name, "Source": m.source,
+                    "Destination": m.target, "Driver": crate::engine::volumes::LOCAL_DRIVER,
+                    "Mode": if m.read_only { "ro" } else { "z" }, "RW": !m.read_only,
+                    "Propagation": "",
+                }),
+            }
+        })
+        .collect()
 }
 
-fn summary(r: &Record, image_config: &Value) -> Value {
+fn summary(api: &Api, r: &Record, image_config: &Value) -> Value {
     json!({
         "Id": r.id,
         "Names": [format!("/{}", r.name)],
@@ -220,7 +232,7 @@ fn summary(r: &Record, image_config: &Value) -> Value {
         "Status": status_text(r),
         "HostConfig": {"NetworkMode": r.host_config.network()},
         "NetworkSettings": {"Networks": networks_json(r)},
-        "Mounts": mounts_json(r),
+        "Mounts": mounts_json(api, r, image_config),
     })
 }
 
@@ -259,7 +271,7 @@ pub(super) async fn list(api: &Arc<Api>, req: Req) -> ApiResult {
         if !shown_by_state || !matches(&r, &filters) {
             continue;
         }
-        out.push(summary(&r, &image_config_of(api, &r)));
+        out.push(summary(api, &r, &image_config_of(api, &r)));
         if limit > 0 && out.len() as i64 >= limit {
             break;
         }
@@ -294,7 +306,8 @@ pub(super) async fn create(api: &Arc<Api>, req: Req) -> ApiResult {
 
 pub(super) async fn remove(api: &Arc<Api>, id: &str, req: Req) -> ApiResult {
     let force = req.flag("force")?;
-    api.engine.remove(id, force).await?;
+    let volumes = req.flag("v")?;
+    api.engine.remove_with_volumes(id, force, volumes).await?;
     status(StatusCode::NO_CONTENT)
 }
 
@@ -422,7 +435,7 @@ fn inspect_json(api: &Api, r: &Record) -> Value {
         "AppArmorProfile": "",
         "HostConfig": host_config,
         "GraphDriver": {"Name": "overlayfs", "Data": null},
-        "Mounts": mounts_json(r),
+        "Mounts": mounts_json(api, r, &image_config),
         "Config": config,
         "NetworkSettings": {
             "Bridge": "",

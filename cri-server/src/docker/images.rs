@@ -1,4 +1,5 @@
-//! `/images/…`: list, pull (`create?fromImage=`), inspect, remove.
+//! `/images/…`: list, pull (`create?fromImage=`), inspect, remove; the archive side (tag,
+//! history, save, load, import) is in `image_archive`.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use http::{Method, Response, StatusCode, header};
 use serde_json::{Value, json};
 
 use super::containers::Filters;
+use super::image_archive;
 use super::{Api, ApiError, ApiResult, Req, channel_body, json};
 use crate::image::store::NamedImage;
 
@@ -108,6 +110,8 @@ pub(super) async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
     match (m.as_str(), rest.as_str()) {
         ("GET", "json") => list(api, req),
         ("POST", "create") => create(api, req).await,
+        ("GET", "get") => image_archive::save(api, req.q_all("names")),
+        ("POST", "load") => image_archive::load(api, req).await,
         ("POST", "prune") => Err(ApiError {
             status: StatusCode::NOT_IMPLEMENTED,
             message: "image prune is not supported by berth yet".into(),
@@ -117,6 +121,9 @@ pub(super) async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
             match (m.as_str(), action.as_str()) {
                 ("GET", "json") => json(StatusCode::OK, &inspect(api, &find(api, &name)?)),
                 ("DELETE", "") => remove(api, &name, req).await,
+                ("POST", "tag") => image_archive::tag(api, &name, &req),
+                ("GET", "history") => image_archive::history(api, &find(api, &name)?),
+                ("GET", "get") => image_archive::save(api, vec![name]),
                 _ => Err(ApiError::not_found("page not found")),
             }
         }
@@ -174,10 +181,7 @@ fn registry_auth(req: &Req) -> Result<Option<api::cri::AuthConfig>, ApiError> {
 
 async fn create(api: &Arc<Api>, req: Req) -> ApiResult {
     if !req.q("fromSrc").is_empty() {
-        return Err(ApiError {
-            status: StatusCode::NOT_IMPLEMENTED,
-            message: "image import is not supported by berth yet".into(),
-        });
+        return image_archive::import(api, req).await;
     }
     let from = req.q("fromImage").to_owned();
     if from.is_empty() {
@@ -259,6 +263,14 @@ fn familiar_repo(from: &str) -> String {
 async fn remove(api: &Arc<Api>, name: &str, req: Req) -> ApiResult {
     let force = req.flag("force")?;
     let image = find(api, name)?;
+    // One name of several: only that name goes, as docker's rmi does.
+    if let Some(tag) = api.engine.images().untag_if_shared(name)? {
+        let attributes = std::collections::BTreeMap::from([("name".to_owned(), familiar(&tag))]);
+        api.engine
+            .events
+            .emit("image", "untag", &image.record.id.to_string(), attributes);
+        return json(StatusCode::OK, &json!([{"Untagged": familiar(&tag)}]));
+    }
     let users: Vec<String> = api
         .engine
         .list()?

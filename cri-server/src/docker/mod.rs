@@ -7,9 +7,11 @@ mod archive;
 mod containers;
 mod exec;
 mod hijack;
+mod image_archive;
 mod images;
 mod system;
 mod usage;
+mod volumes;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -52,6 +54,8 @@ pub struct Api {
 impl Api {
     /// The API over `engine`.
     pub fn new(engine: Arc<Engine>, root: &Path) -> Arc<Api> {
+        // Uploads (load, import) a crash cut short.
+        let _ = std::fs::remove_dir_all(root.join("uploads"));
         Arc::new(Api {
             engine,
             execs: exec::Execs::default(),
@@ -109,6 +113,20 @@ impl Req {
     /// A query parameter, or `""`.
     pub fn q(&self, key: &str) -> &str {
         self.query.get(key).map_or("", String::as_str)
+    }
+
+    /// Every value of a query parameter given more than once (`names=a&names=b`).
+    pub fn q_all(&self, key: &str) -> Vec<String> {
+        self.inner
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (percent_decode(k) == key).then(|| percent_decode(v))
+            })
+            .collect()
     }
 
     /// A boolean query parameter (`1`, `true`, `True`…); absent is false.
@@ -359,6 +377,7 @@ async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
             exec::inspect(api, &id)
         }
         (_, ["images", ..]) => images::route(api, req).await,
+        (_, ["volumes", ..]) => volumes::route(api, req).await,
         _ => Err(ApiError::not_found("page not found")),
     }
 }

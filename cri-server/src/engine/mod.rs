@@ -12,6 +12,7 @@ pub mod events;
 pub mod logs;
 pub mod spec;
 pub mod translate;
+pub mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -253,6 +254,7 @@ impl Engine {
         tx.open_table(RECORDS)?;
         tx.open_table(NAMES)?;
         tx.commit()?;
+        volumes::init(&db, root, &*snapshots)?;
         Ok(Arc::new(Engine {
             db,
             root: root.to_owned(),
@@ -455,8 +457,14 @@ impl Engine {
         })
         .await
         .map_err(|e| Error::Internal(format!("rootfs thread: {e}")))?;
-        if let Err(e) = prepared {
+        // Volumes are made at create, as docker does: `volume ls` shows them from then on.
+        let image_volumes = image_config["config"]["Volumes"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        if let Err(e) = prepared.and_then(|()| self.create_volumes(&r, image_volumes)) {
             self.forget(&r).await;
+            self.remove_anonymous_volumes(&r);
             return Err(e);
         }
         tracing::info!(container_id = %id, name = %name, image = %r.image, "container created");
@@ -639,6 +647,7 @@ impl Engine {
                     r.state.status = Status::Removing;
                     let _ = self.put(&r);
                     self.forget(&r).await;
+                    self.remove_anonymous_volumes(&r);
                     self.emit("destroy", &r, &[]);
                 }
                 Err(e)
@@ -816,68 +825,9 @@ impl Engine {
         Ok(ports)
     }
 
-    /// The container's binds and volumes as CRI mounts; missing host directories of `-v` binds
-    /// are created (docker does), named and anonymous volumes live under `<root>/volumes`.
+    /// The container's binds and volumes as CRI mounts (see [`volumes`]).
     fn resolve_mounts(&self, r: &Record) -> Result<Vec<cri::Mount>> {
-        let mut out: Vec<cri::Mount> = Vec::new();
-        let mut add = |m: cri::Mount| {
-            out.retain(|o| o.container_path != m.container_path);
-            out.push(m);
-        };
-        for target in r.config.volumes.keys() {
-            let dir = self.volume_dir(&format!("{}-{}", &r.id[..12], sanitize(target)))?;
-            add(translate::mount(dir, target, false));
-        }
-        for b in &r.host_config.binds {
-            let b = translate::parse_bind(b)?;
-            let source = if b.is_host_path() {
-                let p = PathBuf::from(&b.source);
-                std::fs::create_dir_all(&p).map_err(|e| {
-                    Error::InvalidArgument(format!("create bind source {}: {e}", p.display()))
-                })?;
-                p
-            } else if b.source.is_empty() {
-                self.volume_dir(&format!("{}-{}", &r.id[..12], sanitize(&b.target)))?
-            } else {
-                check_name(&b.source)?;
-                self.volume_dir(&b.source)?
-            };
-            add(translate::mount(source, &b.target, b.read_only));
-        }
-        for m in &r.host_config.mounts {
-            let source = match m.kind.as_str() {
-                "bind" => {
-                    let p = PathBuf::from(&m.source);
-                    if !p.exists() {
-                        return Err(Error::InvalidArgument(format!(
-                            "invalid mount config for type \"bind\": bind source path does not exist: {}",
-                            m.source
-                        )));
-                    }
-                    p
-                }
-                "volume" if m.source.is_empty() => {
-                    self.volume_dir(&format!("{}-{}", &r.id[..12], sanitize(&m.target)))?
-                }
-                "volume" => {
-                    check_name(&m.source)?;
-                    self.volume_dir(&m.source)?
-                }
-                other => {
-                    return Err(Error::InvalidArgument(format!(
-                        "mount type {other:?} is not supported by berth"
-                    )));
-                }
-            };
-            add(translate::mount(source, &m.target, m.read_only));
-        }
-        Ok(out)
-    }
-
-    fn volume_dir(&self, name: &str) -> Result<PathBuf> {
-        let dir = self.root.join("volumes").join(name).join("_data");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::internal("create volume", e))?;
-        Ok(dir)
+        self.volume_mounts(r)
     }
 
     /// Stops a running container: its stop signal, SIGKILL after `timeout` (its own
@@ -1017,7 +967,8 @@ impl Engine {
             self.schedule_start(&r.id, delay);
         } else if r.host_config.auto_remove {
             drop(held);
-            if let Err(e) = self.remove(id, true).await {
+            // As docker's `--rm`: its anonymous volumes go with it.
+            if let Err(e) = self.remove_with_volumes(id, true, true).await {
                 tracing::warn!(container_id = %id, error = %e, "auto-remove");
             }
         }
@@ -1286,13 +1237,6 @@ pub fn check_name(name: &str) -> Result<()> {
             "Invalid container name ({name}), only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
         )))
     }
-}
-
-fn sanitize(path: &str) -> String {
-    path.trim_matches('/')
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect()
 }
 
 fn free_port(ip: std::net::IpAddr, proto: &str) -> Result<u16> {

@@ -6,6 +6,7 @@
 //! a record (ingest files, `extract-*` snapshots, unreferenced layers and blobs) is collected by
 //! [`ImageManager::gc`] at start.
 
+pub mod archive;
 pub mod reference;
 pub mod registry;
 pub mod store;

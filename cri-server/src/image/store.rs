@@ -177,6 +177,14 @@ impl ImageStore {
         Ok(orphaned)
     }
 
+    /// Deletes one reference; the image stays (it has others: callers check).
+    pub fn remove_ref(&self, reference: &str) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(REFS)?.remove(reference)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Deletes the image and every reference to it. Returns whether it existed.
     pub fn remove(&self, id: &Digest) -> Result<bool> {
         let tx = self.db.begin_write()?;
