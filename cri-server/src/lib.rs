@@ -7,6 +7,7 @@
 pub mod authority;
 pub mod config;
 pub mod container;
+pub mod dns;
 pub mod docker;
 pub mod engine;
 pub mod error;

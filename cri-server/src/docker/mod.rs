@@ -7,6 +7,7 @@ mod containers;
 mod exec;
 mod hijack;
 mod images;
+mod networks;
 mod system;
 
 use std::collections::HashMap;
@@ -357,6 +358,7 @@ async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
             exec::inspect(api, &id)
         }
         (_, ["images", ..]) => images::route(api, req).await,
+        (_, ["networks", ..]) => networks::route(api, req).await,
         _ => Err(ApiError::not_found("page not found")),
     }
 }

@@ -1,0 +1,334 @@
+//! docker's networks with the stock docker client: network objects, containers on user
+//! networks reaching each other by address and by name, connect/disconnect of a running
+//! container. Each test's daemon runs in a network namespace of its own, so its bridges,
+//! subnets and nft tables go with it.
+
+use crictl_tests::docker::DockerEnv;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+async fn raw_status(env: &DockerEnv, method: &str, path: &str, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(&env.d.docker_socket)
+        .await
+        .expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+async fn ip_on(env: &DockerEnv, container: &str, network: &str) -> String {
+    let f = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+    env.ok(&["inspect", "-f", &f, container])
+        .await
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn network_objects_create_inspect_ls_rm_prune() {
+    let env = DockerEnv::start("").await;
+    let id = env.ok(&["network", "create", "mynet"]).await;
+    let id = id.trim();
+    assert_eq!(id.len(), 64, "{id}");
+    let subnet = env
+        .ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Subnet}} {{.Driver}} {{.Internal}}",
+            "mynet",
+        ])
+        .await;
+    assert!(
+        subnet.starts_with("172.") && subnet.contains("/16 bridge false"),
+        "{subnet}"
+    );
+    env.ok(&[
+        "network",
+        "create",
+        "--subnet",
+        "10.123.0.0/24",
+        "--gateway",
+        "10.123.0.254",
+        "--label",
+        "team=net",
+        "--internal",
+        "other",
+    ])
+    .await;
+    let other = env
+        .ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Subnet}} {{(index .IPAM.Config 0).Gateway}} {{.Internal}} {{.Labels.team}}",
+            "other",
+        ])
+        .await;
+    assert_eq!(other.trim(), "10.123.0.0/24 10.123.0.254 true net");
+    // A second network without --subnet gets another free one.
+    env.ok(&["network", "create", "third"]).await;
+    let third = env
+        .ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Subnet}}",
+            "third",
+        ])
+        .await;
+    assert_ne!(third.trim(), subnet.split(' ').next().unwrap_or_default());
+
+    let dup = env.docker(&["network", "create", "mynet"]).await;
+    assert!(!dup.status.success());
+    assert!(stderr(&dup).contains("already exists"), "{dup:?}");
+    let raw = raw_status(
+        &env,
+        "POST",
+        "/v1.44/networks/create",
+        r#"{"Name":"mynet","CheckDuplicate":true}"#,
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 409"), "{raw}");
+    let overlap = env
+        .docker(&["network", "create", "--subnet", "10.123.0.128/25", "clash"])
+        .await;
+    assert!(!overlap.status.success(), "{overlap:?}");
+
+    let ls = env
+        .ok(&["network", "ls", "--format", "{{.Name}} {{.Driver}}"])
+        .await;
+    for want in [
+        "bridge bridge",
+        "host host",
+        "none null",
+        "mynet bridge",
+        "other bridge",
+    ] {
+        assert!(ls.lines().any(|l| l == want), "{want} in {ls}");
+    }
+    let labelled = env
+        .ok(&[
+            "network",
+            "ls",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            "label=team=net",
+        ])
+        .await;
+    assert_eq!(labelled.lines().count(), 1, "{labelled}");
+    let by_name = env
+        .ok(&[
+            "network",
+            "ls",
+            "--format",
+            "{{.Name}}",
+            "--filter",
+            "name=myn",
+        ])
+        .await;
+    assert_eq!(by_name.trim(), "mynet");
+
+    let missing = env.docker(&["network", "inspect", "nosuch"]).await;
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains("network nosuch not found"),
+        "{missing:?}"
+    );
+    let raw = raw_status(&env, "GET", "/v1.44/networks/nosuch", "").await;
+    assert!(
+        raw.starts_with("HTTP/1.1 404") && raw.contains("network nosuch not found"),
+        "{raw}"
+    );
+    let run = env
+        .docker(&["run", "--rm", "--network", "nosuch", "busybox", "true"])
+        .await;
+    assert!(!run.status.success());
+    assert!(stderr(&run).contains("network nosuch not found"), "{run:?}");
+    let predefined = env.docker(&["network", "rm", "bridge"]).await;
+    assert!(!predefined.status.success(), "{predefined:?}");
+
+    // An id prefix works where a name does.
+    env.ok(&["network", "rm", &id[..8]]).await;
+    let pruned = env.ok(&["network", "prune", "-f"]).await;
+    assert!(
+        pruned.contains("other") && pruned.contains("third"),
+        "{pruned}"
+    );
+    let ls = env.ok(&["network", "ls", "--format", "{{.Name}}"]).await;
+    let mut names: Vec<&str> = ls.lines().collect();
+    names.sort_unstable();
+    assert_eq!(names, ["bridge", "host", "none"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_on_a_user_network_reach_each_other_by_ip_name_and_alias() {
+    let env = DockerEnv::start("").await;
+    env.ok(&["network", "create", "--subnet", "10.201.0.0/24", "appnet"])
+        .await;
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "appnet",
+        "--network-alias",
+        "site",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "client",
+        "--network",
+        "appnet",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    let web_ip = ip_on(&env, "web", "appnet").await;
+    assert!(web_ip.starts_with("10.201.0."), "{web_ip}");
+    let gw = env
+        .ok(&[
+            "inspect",
+            "-f",
+            "{{(index .NetworkSettings.Networks \"appnet\").Gateway}}",
+            "web",
+        ])
+        .await;
+    assert_eq!(gw.trim(), "10.201.0.1");
+    env.ok(&["exec", "client", "busybox", "ping", "-c1", "-W2", &web_ip])
+        .await;
+    for name in ["web", "site"] {
+        let out = env
+            .ok(&["exec", "client", "busybox", "nslookup", name])
+            .await;
+        assert!(out.contains(&web_ip), "{name}: {out}");
+    }
+    env.ok(&["exec", "client", "busybox", "ping", "-c1", "-W2", "web"])
+        .await;
+    let members = env
+        .ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{range .Containers}}{{.Name}}={{.IPv4Address}} {{end}}",
+            "appnet",
+        ])
+        .await;
+    assert!(members.contains(&format!("web={web_ip}/24")), "{members}");
+    let busy = env.docker(&["network", "rm", "appnet"]).await;
+    assert!(!busy.status.success());
+    assert!(stderr(&busy).contains("has active endpoints"), "{busy:?}");
+
+    // The default bridge: addresses work, names do not (docker's rule).
+    env.ok(&["run", "-d", "--name", "b1", "busybox", "sleep", "300"])
+        .await;
+    env.ok(&["run", "-d", "--name", "b2", "busybox", "sleep", "300"])
+        .await;
+    let b1_ip = ip_on(&env, "b1", "bridge").await;
+    assert!(!b1_ip.is_empty());
+    env.ok(&["exec", "b2", "busybox", "ping", "-c1", "-W2", &b1_ip])
+        .await;
+    let by_name = env
+        .docker(&["exec", "b2", "busybox", "ping", "-c1", "-W2", "b1"])
+        .await;
+    assert!(!by_name.status.success(), "{by_name:?}");
+
+    env.ok(&["rm", "-f", "web", "client", "b1", "b2"]).await;
+    env.ok(&["network", "rm", "appnet"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_gives_a_running_container_a_second_interface() {
+    let env = DockerEnv::start("").await;
+    env.ok(&["network", "create", "--subnet", "10.202.0.0/24", "n1"])
+        .await;
+    env.ok(&["network", "create", "--subnet", "10.203.0.0/24", "n2"])
+        .await;
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "cc",
+        "--network",
+        "n1",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "peer",
+        "--network",
+        "n2",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    env.ok(&["network", "connect", "--alias", "second", "n2", "cc"])
+        .await;
+    let addr = env
+        .ok(&["exec", "cc", "busybox", "ip", "-4", "addr", "show", "eth1"])
+        .await;
+    assert!(addr.contains("10.203.0."), "{addr}");
+    let c_ip = ip_on(&env, "cc", "n2").await;
+    assert!(c_ip.starts_with("10.203.0."), "{c_ip}");
+    env.ok(&["exec", "cc", "busybox", "ping", "-c1", "-W2", "peer"])
+        .await;
+    let out = env
+        .ok(&["exec", "peer", "busybox", "nslookup", "second"])
+        .await;
+    assert!(out.contains(&c_ip), "{out}");
+    env.ok(&["network", "disconnect", "n2", "cc"]).await;
+    let gone = env
+        .docker(&["exec", "cc", "busybox", "ip", "link", "show", "eth1"])
+        .await;
+    assert!(!gone.status.success(), "{gone:?}");
+    let nets = env
+        .ok(&[
+            "inspect",
+            "-f",
+            "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+            "cc",
+        ])
+        .await;
+    assert_eq!(nets.trim(), "n1");
+    // A created container can be connected too; it joins at start.
+    env.ok(&[
+        "create",
+        "--name",
+        "late",
+        "--network",
+        "n1",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    env.ok(&["network", "connect", "n2", "late"]).await;
+    env.ok(&["start", "late"]).await;
+    let late_ip = ip_on(&env, "late", "n2").await;
+    assert!(late_ip.starts_with("10.203.0."), "{late_ip}");
+    env.ok(&["rm", "-f", "cc", "peer", "late"]).await;
+    env.ok(&["network", "rm", "n1", "n2"]).await;
+}
