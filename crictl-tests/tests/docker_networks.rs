@@ -4,6 +4,7 @@
 //! subnets and nft tables go with it.
 
 use crictl_tests::docker::DockerEnv;
+use crictl_tests::pods::{assert_network_clean, network_leftovers};
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -168,6 +169,14 @@ async fn network_objects_create_inspect_ls_rm_prune() {
     let mut names: Vec<&str> = ls.lines().collect();
     names.sort_unstable();
     assert_eq!(names, ["bridge", "host", "none"]);
+    let conflists: Vec<_> = std::fs::read_dir(env.d.root().join("networks"))
+        .expect("managed dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("docker-"))
+        .collect();
+    assert!(conflists.is_empty(), "{conflists:?}");
+    assert_network_clean(&env.d);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -250,8 +259,28 @@ async fn containers_on_a_user_network_reach_each_other_by_ip_name_and_alias() {
         .await;
     assert!(!by_name.status.success(), "{by_name:?}");
 
+    // --link: the linked container's address in /etc/hosts under the alias.
+    let hosts = env
+        .ok(&[
+            "run",
+            "--rm",
+            "--link",
+            "b1:db",
+            "busybox",
+            "cat",
+            "/etc/hosts",
+        ])
+        .await;
+    assert!(
+        hosts
+            .lines()
+            .any(|l| l.starts_with(&b1_ip) && l.contains("db")),
+        "{hosts}"
+    );
+
     env.ok(&["rm", "-f", "web", "client", "b1", "b2"]).await;
     env.ok(&["network", "rm", "appnet"]).await;
+    assert_network_clean(&env.d);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -331,4 +360,51 @@ async fn connect_gives_a_running_container_a_second_interface() {
     assert!(late_ip.starts_with("10.203.0."), "{late_ip}");
     env.ok(&["rm", "-f", "cc", "peer", "late"]).await;
     env.ok(&["network", "rm", "n1", "n2"]).await;
+    assert_network_clean(&env.d);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_interface_is_torn_down_after_berthd_is_killed_and_restarted() {
+    let mut env = DockerEnv::start("").await;
+    env.ok(&["network", "create", "--subnet", "10.204.0.0/24", "k1"])
+        .await;
+    env.ok(&["network", "create", "--subnet", "10.205.0.0/24", "k2"])
+        .await;
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "srv",
+        "--network",
+        "k1",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    env.ok(&["network", "connect", "--alias", "svc", "k2", "srv"])
+        .await;
+    let srv_ip = ip_on(&env, "srv", "k2").await;
+    env.d.kill9().await.expect("kill -9");
+    env.d.restart().await.expect("restart");
+    // The restarted daemon answers names again, and knows the second interface.
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "cli",
+        "--network",
+        "k2",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    let out = env.ok(&["exec", "cli", "busybox", "nslookup", "svc"]).await;
+    assert!(out.contains(&srv_ip), "{out}");
+    env.ok(&["rm", "-f", "srv", "cli"]).await;
+    let left = network_leftovers(&env.d);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    env.ok(&["network", "rm", "k1", "k2"]).await;
+    assert_network_clean(&env.d);
 }
