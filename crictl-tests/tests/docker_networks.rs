@@ -408,3 +408,91 @@ async fn every_interface_is_torn_down_after_berthd_is_killed_and_restarted() {
     env.ok(&["network", "rm", "k1", "k2"]).await;
     assert_network_clean(&env.d);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_attaches_roll_back_and_leave_nothing() {
+    let env = DockerEnv::start("").await;
+    // A /30: one address for containers besides the gateway.
+    env.ok(&["network", "create", "--subnet", "10.206.0.0/30", "tiny"])
+        .await;
+    env.ok(&["network", "create", "--subnet", "10.207.0.0/24", "roomy"])
+        .await;
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "a1",
+        "--network",
+        "tiny",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    assert_eq!(ip_on(&env, "a1", "tiny").await, "10.206.0.2");
+    let full = env
+        .docker(&[
+            "run",
+            "-d",
+            "--name",
+            "a2",
+            "--network",
+            "tiny",
+            "busybox",
+            "sleep",
+            "300",
+        ])
+        .await;
+    assert!(!full.status.success(), "{full:?}");
+    assert!(
+        stderr(&full).contains("tiny") || stderr(&full).contains("10.206"),
+        "{full:?}"
+    );
+    // The second network of a start failing takes the first one's interface with it.
+    env.ok(&[
+        "create",
+        "--name",
+        "a3",
+        "--network",
+        "roomy",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    env.ok(&["network", "connect", "tiny", "a3"]).await;
+    let start = env.docker(&["start", "a3"]).await;
+    assert!(!start.status.success(), "{start:?}");
+    // A running container's connect failing leaves it as it was.
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "a4",
+        "--network",
+        "roomy",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    let connect = env.docker(&["network", "connect", "tiny", "a4"]).await;
+    assert!(!connect.status.success(), "{connect:?}");
+    assert!(stderr(&connect).contains("no IP addresses"), "{connect:?}");
+    let nets = env
+        .ok(&[
+            "inspect",
+            "-f",
+            "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+            "a4",
+        ])
+        .await;
+    assert_eq!(nets.trim(), "roomy");
+    let eth1 = env
+        .docker(&["exec", "a4", "busybox", "ip", "link", "show", "eth1"])
+        .await;
+    assert!(!eth1.status.success(), "{eth1:?}");
+    env.ok(&["rm", "-f", "a1", "a2", "a3", "a4"]).await;
+    env.ok(&["network", "rm", "tiny", "roomy"]).await;
+    assert_network_clean(&env.d);
+}
