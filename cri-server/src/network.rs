@@ -222,6 +222,30 @@ impl PodNetwork {
         self.cni.del_cached(&entry).await.map_err(fail)
     }
 
+    /// DELs every cached attachment of pod `id` other than its `eth0` (which the pod's own
+    /// teardown DELs): for pods whose owner no longer knows which networks it attached.
+    /// Reads the whole cache, so it is for rare paths. Logs failures and goes on.
+    pub async fn detach_others(&self, id: &str, netns: Option<&Path>) {
+        let cached = match self.cni.cached_attachments().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, error = %e, "list the CNI result cache");
+                return;
+            }
+        };
+        for mut entry in cached
+            .into_iter()
+            .filter(|e| e.container_id == id && e.ifname != POD_IFNAME)
+        {
+            if netns.is_some() {
+                entry.netns = netns.map(Path::to_path_buf);
+            }
+            if let Err(e) = self.cni.del_cached(&entry).await {
+                tracing::warn!(sandbox_id = %id, network = %entry.network_name, ifname = %entry.ifname, error = %e, "detach a network");
+            }
+        }
+    }
+
     /// The cached ADD result of interface `ifname` of pod `id` on network `name`, if any.
     pub async fn cached_result(&self, name: &str, id: &str, ifname: &str) -> Option<CniResult> {
         let entry = self.cni.cached_attachment(name, id, ifname).await.ok()??;

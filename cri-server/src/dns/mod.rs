@@ -17,6 +17,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
+use cni::plugins::ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
@@ -31,6 +32,9 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 const PORT: u16 = 53;
 /// Largest message over TCP accepted.
 const MAX_TCP_MESSAGE: usize = 16 << 10;
+/// Queries answered at once, over all networks: a flood waits instead of piling up tasks
+/// (each forward may wait [`UPSTREAM_TIMEOUT`] per upstream).
+const MAX_IN_FLIGHT: usize = 256;
 
 /// What the resolver knows: the names containers may resolve.
 pub trait Names: Send + Sync {
@@ -46,6 +50,7 @@ pub struct DnsServer {
     names: OnceLock<Weak<dyn Names>>,
     upstreams: Vec<SocketAddr>,
     listeners: Mutex<HashMap<IpAddr, Vec<JoinHandle<()>>>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl DnsServer {
@@ -56,6 +61,7 @@ impl DnsServer {
             names: OnceLock::new(),
             upstreams: upstreams(&conf),
             listeners: Mutex::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         })
     }
 
@@ -64,8 +70,13 @@ impl DnsServer {
         let _ = self.names.set(names);
     }
 
-    /// Listens on `addr` port 53 (UDP and TCP). Listening twice on one address is a no-op.
-    pub fn listen(self: &Arc<Self>, addr: IpAddr) -> Result<()> {
+    /// Listens on `addr` port 53 (UDP and TCP) for clients in `subnet`. Listening twice on
+    /// one address is a no-op.
+    ///
+    /// Clients outside the subnet get nothing: the gateway address is one of the host's, and
+    /// Linux accepts packets for it on every interface, so without this berthd would be an
+    /// open resolver to anyone routing to it.
+    pub fn listen(self: &Arc<Self>, addr: IpAddr, subnet: IpNet) -> Result<()> {
         let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         if listeners.contains_key(&addr) {
             return Ok(());
@@ -84,8 +95,8 @@ impl DnsServer {
         let tcp =
             tokio::net::TcpListener::from_std(tcp).map_err(|e| Error::internal("DNS socket", e))?;
         let weak = Arc::downgrade(self);
-        let u = tokio::spawn(serve_udp(weak.clone(), Arc::new(udp)));
-        let t = tokio::spawn(serve_tcp(weak, tcp));
+        let u = tokio::spawn(serve_udp(weak.clone(), Arc::new(udp), subnet));
+        let t = tokio::spawn(serve_tcp(weak, tcp, subnet));
         listeners.insert(addr, vec![u, t]);
         tracing::debug!(listen = %sa, "embedded DNS listening");
         Ok(())
@@ -231,7 +242,7 @@ fn bind(addr: SocketAddr, stream: bool) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-async fn serve_udp(server: Weak<DnsServer>, sock: Arc<tokio::net::UdpSocket>) {
+async fn serve_udp(server: Weak<DnsServer>, sock: Arc<tokio::net::UdpSocket>, subnet: IpNet) {
     let mut buf = vec![0u8; 4096];
     loop {
         let (n, from) = match sock.recv_from(&mut buf).await {
@@ -242,7 +253,13 @@ async fn serve_udp(server: Weak<DnsServer>, sock: Arc<tokio::net::UdpSocket>) {
                 continue;
             }
         };
+        if !subnet.contains(from.ip()) {
+            continue;
+        }
         let Some(server) = server.upgrade() else {
+            return;
+        };
+        let Ok(permit) = server.in_flight.clone().acquire_owned().await else {
             return;
         };
         let msg = buf[..n].to_vec();
@@ -252,20 +269,28 @@ async fn serve_udp(server: Weak<DnsServer>, sock: Arc<tokio::net::UdpSocket>) {
             if let Some(reply) = server.answer(from.ip(), &msg).await {
                 let _ = sock.send_to(&reply, from).await;
             }
+            drop(permit);
         });
     }
 }
 
-async fn serve_tcp(server: Weak<DnsServer>, listener: tokio::net::TcpListener) {
+async fn serve_tcp(server: Weak<DnsServer>, listener: tokio::net::TcpListener, subnet: IpNet) {
     loop {
         let Ok((mut conn, from)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
+        if !subnet.contains(from.ip()) {
+            continue;
+        }
         let Some(server) = server.upgrade() else {
             return;
         };
+        let Ok(permit) = server.in_flight.clone().acquire_owned().await else {
+            return;
+        };
         tokio::spawn(async move {
+            let _permit = permit;
             let session = async {
                 loop {
                     let len = usize::from(conn.read_u16().await.ok()?);

@@ -1281,6 +1281,11 @@ impl Engine {
             for p in pods {
                 if p.config.labels.contains_key(ENGINE_LABEL) && !owned.contains(&p.id) {
                     tracing::info!(sandbox_id = %p.id, "removing an engine pod no container owns");
+                    // Its record is gone with the list of its networks: the cache knows them.
+                    self.sandboxes
+                        .network()
+                        .detach_others(&p.id, p.ns_path("net"))
+                        .await;
                     let _ = self.containers.remove_sandbox(&p.id).await;
                 }
             }

@@ -482,7 +482,7 @@ impl Engine {
             let _ = std::fs::remove_file(&file);
             return Err(e);
         }
-        if let Err(e) = self.dns.listen(gateway) {
+        if let Err(e) = self.dns.listen(gateway, subnet) {
             tracing::warn!(network = %n.name, error = %e, "embedded DNS");
         }
         tracing::info!(network = %n.name, network_id = %n.id, subnet = %n.subnet, "network created");
@@ -570,8 +570,8 @@ impl Engine {
     /// Starts the embedded DNS of every user network (berthd's start).
     pub fn start_dns(&self) -> Result<()> {
         for n in self.network_records()? {
-            if let Ok(gw) = n.gateway.parse()
-                && let Err(e) = self.dns.listen(gw)
+            if let (Ok(gw), Ok(subnet)) = (n.gateway.parse(), n.subnet.parse())
+                && let Err(e) = self.dns.listen(gw, subnet)
             {
                 tracing::warn!(network = %n.name, error = %e, "embedded DNS");
             }
@@ -776,7 +776,10 @@ impl Engine {
                 {
                     tracing::warn!(sandbox_id, network = %n.name, error = %de, "roll back a failed attach");
                 }
-                Err(e)
+                Err(Error::Internal(format!(
+                    "failed to attach to network {}: {e}",
+                    n.name
+                )))
             }
         }
     }
