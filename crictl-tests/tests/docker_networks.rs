@@ -241,6 +241,49 @@ async fn containers_on_a_user_network_reach_each_other_by_ip_name_and_alias() {
         ])
         .await;
     assert!(members.contains(&format!("web={web_ip}/24")), "{members}");
+    // Reverse lookups of a peer's address name it.
+    let ptr = env
+        .ok(&["exec", "client", "busybox", "nslookup", &web_ip])
+        .await;
+    assert!(ptr.contains("web"), "{ptr}");
+    // Published ports work on a user network as on the default one.
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "pub",
+        "--network",
+        "appnet",
+        "-p",
+        "18081:80",
+        "busybox",
+        "sh",
+        "-c",
+        "mkdir /www && echo hello > /www/index.html && exec busybox httpd -f -p 80 -h /www",
+    ])
+    .await;
+    let fetched = env
+        .ok(&["exec", "client", "busybox", "wget", "-qO-", "http://pub/"])
+        .await;
+    assert_eq!(fetched, "hello\n");
+    let from_host = env.d.netns().run(|| {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let got = std::net::TcpStream::connect("127.0.0.1:18081").and_then(|mut c| {
+                c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut out = String::new();
+                c.read_to_string(&mut out)?;
+                Ok(out)
+            });
+            match got {
+                Ok(body) if body.contains("hello") => return body,
+                _ if std::time::Instant::now() > deadline => return format!("{got:?}"),
+                _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+    });
+    assert!(from_host.contains("hello"), "{from_host}");
     let busy = env.docker(&["network", "rm", "appnet"]).await;
     assert!(!busy.status.success());
     assert!(stderr(&busy).contains("has active endpoints"), "{busy:?}");
@@ -278,7 +321,8 @@ async fn containers_on_a_user_network_reach_each_other_by_ip_name_and_alias() {
         "{hosts}"
     );
 
-    env.ok(&["rm", "-f", "web", "client", "b1", "b2"]).await;
+    env.ok(&["rm", "-f", "web", "client", "pub", "b1", "b2"])
+        .await;
     env.ok(&["network", "rm", "appnet"]).await;
     assert_network_clean(&env.d);
 }
