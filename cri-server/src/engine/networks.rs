@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use api::cri;
 use cni::plugins::ipnet::IpNet;
@@ -199,6 +200,37 @@ fn conflist(n: &NetworkRecord, ipam_dir: &Path) -> serde_json::Value {
             { "type": "berth-portmap", "capabilities": { "portMappings": true } },
         ],
     })
+}
+
+/// berth's table isolating docker's bridge networks from each other.
+pub const ISOLATION_TABLE: &str = "berth-isolation";
+
+/// The nft script that makes the isolation table say exactly this: traffic forwarded from
+/// one of `bridges` to another is dropped (docker's DOCKER-ISOLATION rules), so containers
+/// reach other networks only through interfaces of their own on them. Without two bridges
+/// there is nothing to isolate and the table goes.
+pub fn isolation_script(bridges: &[String]) -> String {
+    // Declaring the table before deleting it makes the delete succeed when it is absent.
+    let mut s = format!("table inet {ISOLATION_TABLE}\ndelete table inet {ISOLATION_TABLE}\n");
+    if bridges.len() < 2 {
+        return s;
+    }
+    s.push_str(&format!(
+        "table inet {ISOLATION_TABLE} {{\n  chain forward {{\n    type filter hook forward priority filter - 1; policy accept;\n"
+    ));
+    for b in bridges {
+        let others: Vec<String> = bridges
+            .iter()
+            .filter(|o| *o != b)
+            .map(|o| format!("\"{o}\""))
+            .collect();
+        s.push_str(&format!(
+            "    iifname \"{b}\" oifname {{ {} }} drop\n",
+            others.join(", ")
+        ));
+    }
+    s.push_str("  }\n}\n");
+    s
 }
 
 /// The bridge device of a user network: `br-` and 12 hex digits of its id, as docker names
@@ -482,6 +514,7 @@ impl Engine {
             let _ = std::fs::remove_file(&file);
             return Err(e);
         }
+        self.apply_isolation().await;
         if let Err(e) = self.dns.listen(gateway, subnet) {
             tracing::warn!(network = %n.name, error = %e, "embedded DNS");
         }
@@ -489,6 +522,50 @@ impl Engine {
         self.events
             .emit("network", "create", &n.id, network_attrs(&n, None));
         Ok(n)
+    }
+
+    /// Brings the isolation table in line with the networks now (under `net_lock`). A
+    /// failure is logged: a network without isolation still works.
+    async fn apply_isolation(&self) {
+        let Ok(all) = self.networks() else { return };
+        let mut bridges: Vec<String> = all
+            .iter()
+            .filter_map(|n| n.options.get("com.docker.network.bridge.name").cloned())
+            .filter(|b| cni::plugins::netlink::is_valid_ifname(b))
+            .collect();
+        bridges.dedup();
+        let script = isolation_script(&bridges);
+        let run = async {
+            use tokio::io::AsyncWriteExt;
+            let mut child = tokio::process::Command::new("nft")
+                .args(["-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(script.as_bytes()).await?;
+            }
+            let out = child.wait_with_output().await?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(
+                    String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                ))
+            }
+        };
+        match run.await {
+            Ok(()) => {}
+            // Nothing to isolate: only a stale table could be there, and without nft none is.
+            Err(e) if bridges.len() < 2 => {
+                tracing::debug!(error = %e, "clear the docker network isolation table");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "isolate docker networks from each other (nftables)");
+            }
+        }
     }
 
     /// Containers now running with an interface on `network_id`.
@@ -543,6 +620,7 @@ impl Engine {
             delete_link(&bridge);
         })
         .await;
+        self.apply_isolation().await;
         tracing::info!(network = %n.name, network_id = %n.id, "network removed");
         self.events
             .emit("network", "destroy", &n.id, network_attrs(&n, None));
@@ -568,7 +646,14 @@ impl Engine {
     }
 
     /// Starts the embedded DNS of every user network (berthd's start).
-    pub fn start_dns(&self) -> Result<()> {
+    pub fn start_dns(self: &Arc<Self>) -> Result<()> {
+        // The isolation table outlives berthd in the kernel, but not a reboot; and networks
+        // may have changed under a berthd that was killed mid-way.
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _held = this.net_lock.lock().await;
+            this.apply_isolation().await;
+        });
         for n in self.network_records()? {
             if let (Ok(gw), Ok(subnet)) = (n.gateway.parse(), n.subnet.parse())
                 && let Err(e) = self.dns.listen(gw, subnet)
@@ -1173,6 +1258,25 @@ mod tests {
         );
         let everything = [net("172.16.0.0/12"), net("192.168.0.0/16")];
         assert_eq!(pick_subnet(&everything), None);
+    }
+
+    #[test]
+    fn isolation_drops_traffic_between_bridges_only() {
+        let none = isolation_script(&["berth0".into()]);
+        assert_eq!(
+            none,
+            "table inet berth-isolation\ndelete table inet berth-isolation\n"
+        );
+        let two = isolation_script(&["berth0".into(), "br-1".into(), "br-2".into()]);
+        assert!(
+            two.contains("iifname \"berth0\" oifname { \"br-1\", \"br-2\" } drop"),
+            "{two}"
+        );
+        assert!(
+            two.contains("iifname \"br-2\" oifname { \"berth0\", \"br-1\" } drop"),
+            "{two}"
+        );
+        assert!(two.contains("policy accept"));
     }
 
     #[test]
