@@ -317,6 +317,93 @@ async fn serve_tcp(server: Weak<DnsServer>, listener: tokio::net::TcpListener, s
 mod tests {
     use super::*;
 
+    struct Fixed;
+
+    impl Names for Fixed {
+        fn lookup(&self, asker: IpAddr, name: &str) -> Option<Vec<IpAddr>> {
+            (asker == IpAddr::from([172, 18, 0, 3]) && name == "web")
+                .then(|| vec![IpAddr::from([172, 18, 0, 2])])
+        }
+        fn reverse(&self, _: IpAddr, addr: IpAddr) -> Option<String> {
+            (addr == IpAddr::from([172, 18, 0, 2])).then(|| "web.net".to_owned())
+        }
+    }
+
+    fn query(name: &str, qtype: u16) -> Vec<u8> {
+        let mut b = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in name.split('.') {
+            b.push(l.len() as u8);
+            b.extend_from_slice(l.as_bytes());
+        }
+        b.push(0);
+        b.extend_from_slice(&qtype.to_be_bytes());
+        b.extend_from_slice(&message::CLASS_IN.to_be_bytes());
+        b
+    }
+
+    #[tokio::test]
+    async fn own_names_are_answered_and_the_rest_forwarded() {
+        // A stand-in upstream on loopback that answers everything with a fixed reply.
+        let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let up_addr = upstream.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = upstream.recv_from(&mut buf).await {
+                let mut reply = buf[..n].to_vec();
+                reply[2] |= 0x80;
+                let _ = upstream.send_to(&reply, from).await;
+            }
+        });
+        let server = Arc::new(DnsServer {
+            names: OnceLock::new(),
+            upstreams: vec![up_addr],
+            listeners: Mutex::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+        });
+        let names: Arc<dyn Names> = Arc::new(Fixed);
+        server.set_names(Arc::downgrade(&names));
+        let asker = IpAddr::from([172, 18, 0, 3]);
+
+        let a = server
+            .answer(asker, &query("web", message::TYPE_A))
+            .await
+            .expect("a");
+        assert_eq!((a[3] & 0x0f, a[7]), (message::NOERROR, 1));
+        assert_eq!(&a[a.len() - 4..], &[172, 18, 0, 2]);
+        // Our name without an IPv6 address: NODATA, not forwarded.
+        let aaaa = server
+            .answer(asker, &query("web", message::TYPE_AAAA))
+            .await
+            .expect("aaaa");
+        assert_eq!((aaaa[3] & 0x0f, aaaa[7]), (message::NOERROR, 0));
+        let ptr = server
+            .answer(asker, &query("2.0.18.172.in-addr.arpa", message::TYPE_PTR))
+            .await
+            .expect("ptr");
+        assert_eq!(ptr[7], 1);
+        // Another asker does not see the name: forwarded, the upstream's reply comes back.
+        let other = IpAddr::from([172, 18, 0, 9]);
+        let q = query("web", message::TYPE_A);
+        let fwd = server.answer(other, &q).await.expect("forwarded");
+        assert_eq!(&fwd[..2], &q[..2]);
+        assert_eq!(fwd.len(), q.len(), "the stand-in upstream's echo");
+        // Garbage gets a SERVFAIL when it has an id, nothing when it has not.
+        let bad = server.answer(asker, &[1, 2, 3]).await.expect("servfail");
+        assert_eq!(bad[3] & 0x0f, message::SERVFAIL);
+        assert!(server.answer(asker, &[1]).await.is_none());
+        // No upstream answering: SERVFAIL.
+        let lonely = Arc::new(DnsServer {
+            names: OnceLock::new(),
+            upstreams: vec![],
+            listeners: Mutex::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(1)),
+        });
+        let sf = lonely.answer(asker, &q).await.expect("servfail");
+        assert_eq!(sf[3] & 0x0f, message::SERVFAIL);
+    }
+
     #[test]
     fn loopback_resolvers_are_not_forwarded_to() {
         let conf = "# comment\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nnameserver fe80::1%eth0\nnameserver fd00::53\nsearch example\nnameserver bogus\n";
