@@ -157,6 +157,11 @@ async fn network_objects_create_inspect_ls_rm_prune() {
     assert!(stderr(&run).contains("network nosuch not found"), "{run:?}");
     let predefined = env.docker(&["network", "rm", "bridge"]).await;
     assert!(!predefined.status.success(), "{predefined:?}");
+    let raw = raw_status(&env, "DELETE", "/v1.44/networks/bridge", "").await;
+    assert!(
+        raw.starts_with("HTTP/1.1 403") && raw.contains("pre-defined network"),
+        "{raw}"
+    );
 
     // An id prefix works where a name does.
     env.ok(&["network", "rm", &id[..8]]).await;
@@ -287,6 +292,8 @@ async fn containers_on_a_user_network_reach_each_other_by_ip_name_and_alias() {
     let busy = env.docker(&["network", "rm", "appnet"]).await;
     assert!(!busy.status.success());
     assert!(stderr(&busy).contains("has active endpoints"), "{busy:?}");
+    let raw = raw_status(&env, "DELETE", "/v1.44/networks/appnet", "").await;
+    assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
 
     // The default bridge: addresses work, names do not (docker's rule).
     env.ok(&["run", "-d", "--name", "b1", "busybox", "sleep", "300"])

@@ -425,7 +425,7 @@ impl Engine {
         let _held = self.net_lock.lock().await;
         let all = self.networks()?;
         if PREDEFINED.contains(&spec.name.as_str()) {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Forbidden(format!(
                 "{} is a pre-defined network and cannot be created",
                 spec.name
             )));
@@ -454,7 +454,7 @@ impl Engine {
                     .filter_map(|n| n.subnet.parse::<IpNet>().ok())
                     .any(|t| t.overlaps(&net))
                 {
-                    return Err(Error::FailedPrecondition(
+                    return Err(Error::Forbidden(
                         "Pool overlaps with other one on this address space".into(),
                     ));
                 }
@@ -587,13 +587,13 @@ impl Engine {
         let _held = self.net_lock.lock().await;
         let n = self.network(name_or_id)?;
         if n.is_predefined() {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Forbidden(format!(
                 "{} is a pre-defined network and cannot be removed",
                 n.name
             )));
         }
         if !self.active_on(&n.id)?.is_empty() {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Forbidden(format!(
                 "error while removing network: network {} id {} has active endpoints",
                 n.name, n.id
             )));
@@ -914,14 +914,14 @@ impl Engine {
         let mut r = self.get(&r.id)?;
         let mode = r.host_config.network();
         if mode == "host" || mode == "none" || n.name == "host" || n.name == "none" {
-            return Err(Error::FailedPrecondition(
+            return Err(Error::Forbidden(
                 "container cannot be disconnected from host network or connected to host network"
                     .into(),
             ));
         }
         let mut endpoints = self.endpoints(&r);
         if endpoints.iter().any(|e| e.network_id == n.id) {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Forbidden(format!(
                 "endpoint with name {} already exists in network {}",
                 r.name, n.name
             )));
@@ -989,7 +989,7 @@ impl Engine {
         let before = endpoints.len();
         endpoints.retain(|e| e.network_id != n.id);
         if endpoints.len() == before {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Forbidden(format!(
                 "container {} is not connected to network {}",
                 r.id, n.name
             )));
