@@ -88,6 +88,17 @@ async fn network_objects_create_inspect_ls_rm_prune() {
         .await;
     assert_ne!(third.trim(), subnet.split(' ').next().unwrap_or_default());
 
+    // docker's bridge is the CRI default network.
+    let bridge = env
+        .ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Subnet}} {{(index .IPAM.Config 0).Gateway}}",
+            "bridge",
+        ])
+        .await;
+    assert_eq!(bridge.trim(), "10.88.0.0/16 10.88.0.1");
     let dup = env.docker(&["network", "create", "mynet"]).await;
     assert!(!dup.status.success());
     assert!(stderr(&dup).contains("already exists"), "{dup:?}");
@@ -433,7 +444,32 @@ async fn connect_gives_a_running_container_a_second_interface() {
     env.ok(&["start", "late"]).await;
     let late_ip = ip_on(&env, "late", "n2").await;
     assert!(late_ip.starts_with("10.203.0."), "{late_ip}");
-    env.ok(&["rm", "-f", "cc", "peer", "late"]).await;
+    // Two networks at create (the client's repeated --network).
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "multi",
+        "--network",
+        "n1",
+        "--network",
+        "n2",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    let addrs = env
+        .ok(&["exec", "multi", "busybox", "ip", "-4", "-o", "addr"])
+        .await;
+    assert!(
+        addrs.contains("eth0")
+            && addrs.contains("10.202.0.")
+            && addrs.contains("eth1")
+            && addrs.contains("10.203.0."),
+        "{addrs}"
+    );
+    env.ok(&["rm", "-f", "cc", "peer", "late", "multi"]).await;
     env.ok(&["network", "rm", "n1", "n2"]).await;
     assert_network_clean(&env.d);
 }
