@@ -937,10 +937,8 @@ impl Engine {
             network_name: n.name.clone(),
             aliases,
         };
-        if let Some(run) = r
-            .run
-            .as_mut()
-            .filter(|_| r.state.status == super::Status::Running)
+        if r.running()
+            && let Some(run) = r.run.clone()
         {
             let sandbox = self.sandboxes.get(&run.sandbox_id)?;
             let netns = sandbox
@@ -951,10 +949,29 @@ impl Engine {
                 .map(|i| format!("eth{i}"))
                 .find(|name| !run.attachments.iter().any(|a| &a.ifname == name))
                 .unwrap_or_default();
-            let a = self
-                .attach_one(&run.sandbox_id, &netns, &n, &ifname)
-                .await?;
-            run.attachments.push(a);
+            // Recorded before the ADD: a crash in the middle leaves an interface the run's
+            // teardown knows to DEL (a DEL of what never got set up is harmless).
+            let pending = Attached {
+                network_id: n.id.clone(),
+                cni_name: n.cni_name.clone(),
+                ifname: ifname.clone(),
+                ..Attached::default()
+            };
+            let with = |a: Option<Attached>| {
+                let mut r = r.clone();
+                if let Some(run) = r.run.as_mut() {
+                    run.attachments.extend(a);
+                }
+                r
+            };
+            self.put(&with(Some(pending)))?;
+            match self.attach_one(&run.sandbox_id, &netns, &n, &ifname).await {
+                Ok(a) => r = with(Some(a)),
+                Err(e) => {
+                    self.put(&with(None))?;
+                    return Err(e);
+                }
+            }
         }
         endpoints.push(endpoint);
         r.networks = endpoints;
