@@ -16,6 +16,10 @@ pub enum Error {
     /// The state does not allow the operation.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The operation is not allowed on this object, now or in another state (a predefined
+    /// network, one still in use: docker's 403).
+    #[error("{0}")]
+    Forbidden(String),
     /// A remote (registry) cannot be reached.
     #[error("{0}")]
     Unavailable(String),
@@ -75,6 +79,7 @@ impl From<Error> for tonic::Status {
             Error::NotFound(_) => tonic::Status::not_found(msg),
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            Error::Forbidden(_) => tonic::Status::permission_denied(msg),
             Error::Unavailable(_) => tonic::Status::unavailable(msg),
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
             Error::BadContent(_) => tonic::Status::data_loss(msg),

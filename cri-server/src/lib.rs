@@ -8,6 +8,7 @@ pub mod authority;
 pub mod bridge;
 pub mod config;
 pub mod container;
+pub mod dns;
 pub mod docker;
 pub mod engine;
 pub mod error;

@@ -68,7 +68,10 @@ impl PodNetwork {
             timeout: Duration::from_secs(cfg.plugin_timeout_secs),
         });
         let configs = cni.configs();
-        if configs.networks.is_empty() && configs.skipped.is_empty() {
+        // docker's user-defined networks live in the managed dir too, but are never the pods'
+        // network: with only those, the default is still missing.
+        let only_docker = configs.networks.iter().all(|n| is_docker_network(n.name()));
+        if only_docker && configs.skipped.is_empty() {
             write_default(cfg, &managed, &state.join("cni").join("ipam"))?;
             tracing::info!(path = %managed.join(DEFAULT_FILE).display(), bridge = %cfg.default_bridge, subnet = %cfg.default_subnet, "no CNI network config found: wrote berth's default network");
         }
@@ -83,7 +86,6 @@ impl PodNetwork {
     /// and answer STATUS. The error says why not, for NetworkReady's message.
     pub async fn ready(&self) -> std::result::Result<(), String> {
         let net = self
-            .cni
             .default_network()
             .map_err(|NotReady { reason }| reason)?;
         self.cni
@@ -109,9 +111,145 @@ impl PodNetwork {
 
     /// The pods' network now, or FailedPrecondition saying why there is none.
     pub fn network(&self) -> Result<Arc<Network>> {
-        self.cni.default_network().map_err(|NotReady { reason }| {
+        self.default_network().map_err(|NotReady { reason }| {
             Error::FailedPrecondition(format!("pod networking is not ready: {reason}"))
         })
+    }
+
+    /// The first valid network that is not one of docker's user-defined ones.
+    fn default_network(&self) -> std::result::Result<Arc<Network>, NotReady> {
+        let configs = self.cni.configs();
+        match configs
+            .networks
+            .iter()
+            .find(|n| !is_docker_network(n.name()))
+        {
+            Some(n) => Ok(n.clone()),
+            None => match configs.default_network() {
+                Ok(_) => Err(NotReady {
+                    reason: "only docker's user-defined networks are configured".into(),
+                }),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// The network named `name`, or NotFound.
+    pub fn named(&self, name: &str) -> Result<Arc<Network>> {
+        self.cni
+            .network(name)
+            .ok_or_else(|| Error::NotFound(format!("network {name} not found")))
+    }
+
+    /// berth's managed conf dir (`<root>/networks`).
+    pub fn managed_dir(&self) -> &Path {
+        &self.managed
+    }
+
+    /// Where `berth-host-local` keeps the allocations of berth's networks: beside the result
+    /// cache, on the state tmpfs, so a reboot frees them with the pods that held them.
+    pub fn ipam_dir(&self) -> PathBuf {
+        let cache = &self.cni.config().cache_dir;
+        cache.parent().unwrap_or(cache).join("ipam")
+    }
+
+    /// Attaches pod `id` to `net` as interface `ifname` (a docker container's second and
+    /// further networks). Ports are published only through the pod's first interface, so
+    /// none are passed here. A failure may leave part of the chain set up: roll it back with
+    /// [`PodNetwork::detach_ifname`].
+    pub async fn attach_ifname(
+        &self,
+        net: &Network,
+        id: &str,
+        netns: &Path,
+        ifname: &str,
+    ) -> Result<CniResult> {
+        let att = Attachment::new(id, Some(netns.to_path_buf()), ifname);
+        self.cni.add(net, &att).await.map_err(|e| {
+            Error::Internal(format!(
+                "attach to network {:?}: {}",
+                net.name(),
+                crate::error::chain(&e)
+            ))
+        })
+    }
+
+    /// Detaches interface `ifname` of pod `id` from `net`: DEL from the cache entry if there
+    /// is one, else with `net`. Idempotent.
+    pub async fn detach_ifname(
+        &self,
+        net: &Network,
+        id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+    ) -> Result<()> {
+        let att = Attachment::new(id, netns.map(Path::to_path_buf), ifname);
+        self.cni.del(net, &att).await.map_err(|e| {
+            Error::Internal(format!(
+                "detach from network {:?}: {}",
+                net.name(),
+                crate::error::chain(&e)
+            ))
+        })
+    }
+
+    /// DEL of interface `ifname` of pod `id` on network `name` from its cache entry alone (the
+    /// network's conflist is gone). Nothing cached: nothing to do.
+    pub async fn detach_cached_ifname(
+        &self,
+        name: &str,
+        id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+    ) -> Result<()> {
+        let fail = |e: cni::runtime::Error| {
+            Error::Internal(format!(
+                "detach from network {name:?}: {}",
+                crate::error::chain(&e)
+            ))
+        };
+        let Some(mut entry) = self
+            .cni
+            .cached_attachment(name, id, ifname)
+            .await
+            .map_err(fail)?
+        else {
+            return Ok(());
+        };
+        if netns.is_some() {
+            entry.netns = netns.map(Path::to_path_buf);
+        }
+        self.cni.del_cached(&entry).await.map_err(fail)
+    }
+
+    /// DELs every cached attachment of pod `id` other than its `eth0` (which the pod's own
+    /// teardown DELs): for pods whose owner no longer knows which networks it attached.
+    /// Reads the whole cache, so it is for rare paths. Logs failures and goes on.
+    pub async fn detach_others(&self, id: &str, netns: Option<&Path>) {
+        let cached = match self.cni.cached_attachments().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, error = %e, "list the CNI result cache");
+                return;
+            }
+        };
+        for mut entry in cached
+            .into_iter()
+            .filter(|e| e.container_id == id && e.ifname != POD_IFNAME)
+        {
+            if netns.is_some() {
+                entry.netns = netns.map(Path::to_path_buf);
+            }
+            if let Err(e) = self.cni.del_cached(&entry).await {
+                tracing::warn!(sandbox_id = %id, network = %entry.network_name, ifname = %entry.ifname, error = %e, "detach a network");
+            }
+        }
+    }
+
+    /// The cached ADD result of interface `ifname` of pod `id` on network `name`, if any.
+    pub async fn cached_result(&self, name: &str, id: &str, ifname: &str) -> Option<CniResult> {
+        let entry = self.cni.cached_attachment(name, id, ifname).await.ok()??;
+        CniResult::from_value(entry.result?).ok()
     }
 
     fn attachment(
@@ -184,7 +322,7 @@ impl PodNetwork {
     /// is in flight. Errors are logged, not returned: a stale allocation is no reason to fail
     /// a start.
     pub async fn gc(&self, pods: &[String]) {
-        let valid: Vec<GcAttachment> = pods
+        let mut valid: Vec<GcAttachment> = pods
             .iter()
             .map(|id| GcAttachment {
                 container_id: id.clone(),
@@ -199,7 +337,15 @@ impl PodNetwork {
             }
         };
         for entry in cached {
-            if entry.ifname == POD_IFNAME && pods.contains(&entry.container_id) {
+            // A docker container on several networks has an interface on each (eth1, ...):
+            // those of a known pod are its owner's (the engine's) to tear down.
+            if pods.contains(&entry.container_id) {
+                if entry.ifname != POD_IFNAME {
+                    valid.push(GcAttachment {
+                        container_id: entry.container_id.clone(),
+                        ifname: entry.ifname.clone(),
+                    });
+                }
                 continue;
             }
             tracing::info!(network = %entry.network_name, sandbox_id = %entry.container_id, "CNI GC: tearing down an attachment of a pod berthd does not know");
@@ -306,6 +452,14 @@ impl PodNetwork {
             }
         }
     }
+}
+
+/// Prefix of the CNI names of docker's user-defined networks (engine/networks.rs).
+pub const DOCKER_NETWORK_PREFIX: &str = "docker-";
+
+/// Whether a CNI network is one of docker's user-defined networks.
+pub fn is_docker_network(name: &str) -> bool {
+    name.starts_with(DOCKER_NETWORK_PREFIX)
 }
 
 /// The pod annotation limiting traffic into the pod, in bits per second.

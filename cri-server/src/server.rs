@@ -85,6 +85,9 @@ pub async fn run(
     if let Err(e) = containers.watch_exits() {
         tracing::warn!(error = %e, "cannot watch running containers for their exits");
     }
+    if let Err(e) = engine.start_dns() {
+        tracing::warn!(error = %e, "cannot start the embedded DNS of the docker networks");
+    }
     if let Err(e) = engine.watch() {
         tracing::warn!(error = %e, "cannot watch the engine's containers");
     }

@@ -168,22 +168,40 @@ fn ports_json(r: &Record) -> Vec<Value> {
     out
 }
 
-fn networks_json(r: &Record) -> Value {
-    let network = r.host_config.network();
-    let ip = r
+fn networks_json(api: &Api, r: &Record) -> Value {
+    let mut nets = serde_json::Map::new();
+    let attachments = r
         .run
         .as_ref()
-        .and_then(|run| run.ips.iter().find(|ip| !ip.contains(':')).cloned())
+        .map(|run| run.attachments.as_slice())
         .unwrap_or_default();
-    let mut nets = serde_json::Map::new();
-    if network != "none" {
+    for e in api.engine.endpoints(r) {
+        let name = api
+            .engine
+            .network(&e.network_id)
+            .map(|n| n.name)
+            .unwrap_or_else(|_| e.network_name.clone());
+        let a = attachments.iter().find(|a| a.network_id == e.network_id);
+        let (ip, prefix, gateway, mac) = match a {
+            Some(a) => (a.ip.as_str(), a.prefix, a.gateway.as_str(), a.mac.as_str()),
+            None => ("", 0, "", ""),
+        };
+        let mut aliases = e.aliases.clone();
+        let user = !crate::engine::networks::PREDEFINED.contains(&name.as_str());
+        if user && r.running() {
+            // docker lists the short id among a running container's aliases.
+            aliases.push(r.id[..12].to_owned());
+        }
         nets.insert(
-            network.to_owned(),
+            name,
             json!({
-                "IPAMConfig": null, "Links": null, "Aliases": null,
-                "NetworkID": network, "EndpointID": r.run.as_ref().map(|run| run.sandbox_id.clone()).unwrap_or_default(),
-                "Gateway": "", "IPAddress": ip, "IPPrefixLen": if ip.is_empty() { 0 } else { 16 },
-                "IPv6Gateway": "", "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0, "MacAddress": "",
+                "IPAMConfig": null, "Links": null,
+                "Aliases": if aliases.is_empty() { Value::Null } else { json!(aliases) },
+                "NetworkID": e.network_id,
+                "EndpointID": if a.is_some() { super::networks::endpoint_id(&r.id, &e.network_id) } else { String::new() },
+                "Gateway": gateway, "IPAddress": ip, "IPPrefixLen": prefix,
+                "IPv6Gateway": "", "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0, "MacAddress": mac,
+                "DNSNames": if user { json!([r.name.clone(), r.id[..12].to_owned()]) } else { Value::Null },
             }),
         );
     }
@@ -231,7 +249,7 @@ fn summary(api: &Api, r: &Record, image_config: &Value) -> Value {
         "State": r.state.status.as_str(),
         "Status": status_text(r),
         "HostConfig": {"NetworkMode": r.host_config.network()},
-        "NetworkSettings": {"Networks": networks_json(r)},
+        "NetworkSettings": {"Networks": networks_json(api, r)},
         "Mounts": mounts_json(api, r, image_config),
     })
 }
@@ -255,7 +273,12 @@ fn matches(r: &Record, f: &Filters) -> bool {
                 && v.parse::<i32>().is_ok_and(|c| c == r.state.exit_code)
         })
         && f.all("ancestor", |v| r.image == v || r.image_id.contains(v))
-        && f.all("network", |v| r.host_config.network() == v)
+        && f.all("network", |v| {
+            r.host_config.network() == v
+                || r.networks
+                    .iter()
+                    .any(|e| e.network_name == v || e.network_id.starts_with(v))
+        })
         && f.labels(&r.config.labels)
 }
 
@@ -285,17 +308,39 @@ struct CreateBody {
     #[serde(flatten)]
     config: Config,
     host_config: HostConfig,
+    #[serde(default)]
+    networking_config: NetworkingConfig,
+}
+
+/// docker's `NetworkingConfig` at create: the networks to join and the aliases on each.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct NetworkingConfig {
+    endpoints_config: BTreeMap<String, EndpointSettings>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct EndpointSettings {
+    aliases: Vec<String>,
 }
 
 pub(super) async fn create(api: &Arc<Api>, req: Req) -> ApiResult {
     let name = req.q("name").to_owned();
     let body: CreateBody = req.json().await?;
+    let endpoints: BTreeMap<String, Vec<String>> = body
+        .networking_config
+        .endpoints_config
+        .into_iter()
+        .map(|(k, v)| (k, v.aliases))
+        .collect();
     let created = api
         .engine
-        .create(
+        .create_with_networks(
             (!name.is_empty()).then_some(name.as_str()),
             body.config,
             body.host_config,
+            &endpoints,
         )
         .await?;
     json(
@@ -446,7 +491,7 @@ fn inspect_json(api: &Api, r: &Record) -> Value {
             "IPPrefixLen": if ip.is_empty() { 0 } else { 16 },
             "Gateway": "",
             "MacAddress": "",
-            "Networks": networks_json(r),
+            "Networks": networks_json(api, r),
         },
     })
 }

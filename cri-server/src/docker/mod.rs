@@ -9,6 +9,7 @@ mod exec;
 mod hijack;
 mod image_archive;
 mod images;
+mod networks;
 mod system;
 mod usage;
 mod volumes;
@@ -191,6 +192,7 @@ impl From<Error> for ApiError {
             Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::AlreadyExists(_) | Error::FailedPrecondition(_) => StatusCode::CONFLICT,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -378,6 +380,7 @@ async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
         }
         (_, ["images", ..]) => images::route(api, req).await,
         (_, ["volumes", ..]) => volumes::route(api, req).await,
+        (_, ["networks", ..]) => networks::route(api, req).await,
         _ => Err(ApiError::not_found("page not found")),
     }
 }

@@ -10,6 +10,7 @@
 pub mod archive;
 pub mod events;
 pub mod logs;
+pub mod networks;
 pub mod spec;
 pub mod translate;
 pub mod volumes;
@@ -124,6 +125,9 @@ pub struct Run {
     pub ips: Vec<String>,
     /// The ports published for this run.
     pub ports: Vec<PublishedPort>,
+    /// Its interface on each network, `eth0` first.
+    #[serde(default)]
+    pub attachments: Vec<networks::Attached>,
 }
 
 /// What the engine records of a docker container.
@@ -154,6 +158,10 @@ pub struct Record {
     /// The ports of the last run (kept after it for `inspect`, as docker shows none then).
     #[serde(default)]
     pub log_path: PathBuf,
+    /// The networks it is connected to, its primary first (empty in records from before
+    /// networks: see [`Engine::endpoints`]).
+    #[serde(default)]
+    pub networks: Vec<networks::Endpoint>,
 }
 
 impl Record {
@@ -237,6 +245,10 @@ pub struct Engine {
     pending: Mutex<HashMap<String, Vec<PendingAttach>>>,
     /// docker-style events.
     pub events: EngineEvents,
+    /// The embedded DNS of user-defined networks.
+    dns: Arc<crate::dns::DnsServer>,
+    /// Network creation and removal, one at a time (names and subnets stay unique).
+    net_lock: tokio::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -253,9 +265,10 @@ impl Engine {
         let tx = db.begin_write()?;
         tx.open_table(RECORDS)?;
         tx.open_table(NAMES)?;
+        tx.open_table(networks::NETWORKS)?;
         tx.commit()?;
         volumes::init(&db, root, &*snapshots)?;
-        Ok(Arc::new(Engine {
+        let engine = Arc::new(Engine {
             db,
             root: root.to_owned(),
             images,
@@ -266,7 +279,13 @@ impl Engine {
             changed: watch::channel(0).0,
             pending: Mutex::default(),
             events: EngineEvents::default(),
-        }))
+            dns: crate::dns::DnsServer::new(),
+            net_lock: tokio::sync::Mutex::new(()),
+        });
+        let names: Weak<dyn crate::dns::Names> =
+            Arc::downgrade(&engine) as Weak<dyn crate::dns::Names>;
+        engine.dns.set_names(names);
+        Ok(engine)
     }
 
     /// The images the engine runs from.
@@ -376,8 +395,21 @@ impl Engine {
     pub async fn create(
         &self,
         name: Option<&str>,
+        config: Config,
+        host_config: HostConfig,
+    ) -> Result<Created> {
+        self.create_with_networks(name, config, host_config, &BTreeMap::new())
+            .await
+    }
+
+    /// [`create`](Self::create) with docker's `NetworkingConfig.EndpointsConfig`: network
+    /// (name or id) → aliases on it.
+    pub async fn create_with_networks(
+        &self,
+        name: Option<&str>,
         mut config: Config,
         host_config: HostConfig,
+        endpoints: &BTreeMap<String, Vec<String>>,
     ) -> Result<Created> {
         let mut warnings = Vec::new();
         spec::check_restart_policy(&host_config.restart_policy).map_err(Error::InvalidArgument)?;
@@ -394,6 +426,7 @@ impl Engine {
             translate::parse_bind(b)?;
         }
         translate::wanted_ports(&config, &host_config)?;
+        let networks = self.plan_endpoints(&host_config.network_mode, endpoints)?;
         let image = self
             .images
             .resolve(&config.image)?
@@ -442,6 +475,7 @@ impl Engine {
             restart_count: 0,
             manual_stop: false,
             run: None,
+            networks,
         };
         // Name first (atomic with the record), then the snapshot; a crash in between leaves a
         // record whose snapshot `start` prepares on demand.
@@ -659,7 +693,9 @@ impl Engine {
         let ports = self.pick_ports(r)?;
         let mounts = self.resolve_mounts(r)?;
         let log_dir = self.container_dir(&r.id);
-        let plan = translate::plan(r, &log_dir, &ports, mounts)?;
+        let joined = self.joined(r)?;
+        let mut plan = translate::plan(r, &log_dir, &ports, mounts)?;
+        self.apply_networks(r, &joined, &mut plan.pod);
         // The snapshot is made at create; a crash between record and snapshot, or a snapshot
         // lost with its storage, is made good here.
         let key = r.snapshot_key();
@@ -682,8 +718,21 @@ impl Engine {
         .map_err(|e| Error::Internal(format!("rootfs thread: {e}")))??;
 
         let sandbox_id = self.sandboxes.run(plan.pod.clone(), "").await?;
-        let result = self.start_in_pod(r, &sandbox_id, plan, ports.clone()).await;
+        let attachments = match self.attach_networks(&sandbox_id, &joined).await {
+            Ok(a) => a,
+            Err(e) => {
+                if let Err(te) = self.containers.remove_sandbox(&sandbox_id).await {
+                    tracing::warn!(container_id = %r.id, error = %te, "tear down a failed start");
+                }
+                return Err(e);
+            }
+        };
+        let result = self
+            .start_in_pod(r, &sandbox_id, plan, ports.clone(), attachments.clone())
+            .await;
         if let Err(e) = result {
+            self.detach_attachments(&sandbox_id, None, &attachments)
+                .await;
             if let Err(te) = self.containers.remove_sandbox(&sandbox_id).await {
                 tracing::warn!(container_id = %r.id, error = %te, "tear down a failed start");
             }
@@ -699,6 +748,7 @@ impl Engine {
         sandbox_id: &str,
         plan: translate::Plan,
         ports: Vec<PublishedPort>,
+        attachments: Vec<networks::Attached>,
     ) -> Result<()> {
         let sandbox = self.sandboxes.get(sandbox_id)?;
         self.write_hosts(r, sandbox_id, &sandbox.ips)?;
@@ -716,6 +766,7 @@ impl Engine {
             container_id: cri_id.clone(),
             ips: sandbox.ips.clone(),
             ports,
+            attachments,
         });
         // Recorded before the process runs: its exit always finds the run.
         self.put(r)?;
@@ -776,6 +827,7 @@ impl Engine {
         for ip in ips {
             hosts.push_str(&format!("{ip}\t{hostname}\n"));
         }
+        hosts.push_str(&self.link_hosts(r));
         let path = self.sandboxes.files_dir(sandbox_id).join("hosts");
         std::fs::write(&path, hosts).map_err(|e| Error::internal("write hosts", e))
     }
@@ -783,7 +835,7 @@ impl Engine {
     /// Host ports for this run: the asked ones checked free, 0 replaced by a free one.
     fn pick_ports(&self, r: &Record) -> Result<Vec<PublishedPort>> {
         let mut ports = translate::wanted_ports(&r.config, &r.host_config)?;
-        if r.host_config.network() != "bridge" {
+        if matches!(r.host_config.network(), "host" | "none") {
             return Ok(Vec::new());
         }
         let taken: Vec<(u16, String)> = self
@@ -920,6 +972,7 @@ impl Engine {
             // The CRI container is gone (a crash during a previous teardown): lost.
             Err(_) => (255, now_ns(), false),
         };
+        self.detach_run(&run).await;
         if let Err(e) = self.containers.remove_sandbox(&run.sandbox_id).await {
             tracing::warn!(container_id = %r.id, error = %e, "tear down the container's pod");
         }
@@ -1180,6 +1233,11 @@ impl Engine {
             for p in pods {
                 if p.config.labels.contains_key(ENGINE_LABEL) && !owned.contains(&p.id) {
                     tracing::info!(sandbox_id = %p.id, "removing an engine pod no container owns");
+                    // Its record is gone with the list of its networks: the cache knows them.
+                    self.sandboxes
+                        .network()
+                        .detach_others(&p.id, p.ns_path("net"))
+                        .await;
                     let _ = self.containers.remove_sandbox(&p.id).await;
                 }
             }

@@ -36,9 +36,14 @@ pub fn plan(
         "none" => {
             pod_annotations.insert(NETWORK_ANNOTATION.to_owned(), "none".to_owned());
         }
-        other => {
-            return Err(Error::NotFound(format!("network {other} not found")));
+        other if other.starts_with("container:") => {
+            return Err(Error::InvalidArgument(format!(
+                "network mode {other:?} is not supported by berth"
+            )));
         }
+        // A user-defined network: the engine resolves it and points the pod at it
+        // (engine/networks.rs `apply_networks`).
+        _ => {}
     }
     let labels = HashMap::from([
         (ENGINE_LABEL.to_owned(), "docker".to_owned()),

@@ -103,7 +103,8 @@ fn name_key(m: Option<&cri::PodSandboxMetadata>) -> String {
 }
 
 /// Pod annotation: `none` gives the pod a network namespace with only loopback (docker's
-/// `--network none`), attached to no CNI network.
+/// `--network none`), attached to no CNI network; any other value names the CNI network its
+/// `eth0` joins instead of the default one (docker's user-defined networks).
 pub const NETWORK_ANNOTATION: &str = "io.berth.network";
 
 /// Now, in nanoseconds since the Unix epoch.
@@ -361,15 +362,16 @@ impl SandboxManager {
         PodNetwork::validate(&config)?;
         let id = hex::encode(rand::random::<[u8; 32]>());
         let host_net = is_node(ns.network);
-        let no_network = config
+        let named = config
             .annotations
             .get(NETWORK_ANNOTATION)
-            .is_some_and(|v| v == "none");
+            .map(String::as_str);
         // Without a usable network config the pod fails before anything is made for it.
-        let network = if host_net || no_network {
-            None
-        } else {
-            Some(self.network.network()?)
+        let network = match named {
+            _ if host_net => None,
+            Some("none") => None,
+            Some(name) => Some(self.network.named(name)?),
+            None => Some(self.network.network()?),
         };
         let hostname = if host_net {
             nix::unistd::gethostname()
