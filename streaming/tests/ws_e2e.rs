@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use berth_streaming::ws::{ClientRequest, CloseFrame, Config, Error, Message, accept, connect};
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ws_support::within;
 
@@ -231,18 +231,42 @@ async fn tcp_peer_vanishing_mid_message_fails_both_directions() {
         max_message_size: 32 << 20,
         ..Config::default()
     };
-    let (client, server) = tcp_pair(config).await;
-    let (mut server_rx, server_tx) = server.split();
-    let sending = tokio::spawn(async move {
-        server_tx
-            .send(Message::Binary(vec![7u8; TOTAL].into()))
-            .await
+    // The peer is a raw socket, so the test sees the message start on the wire. A sleep cannot
+    // tell that the server is mid-message: under load the send may not have been issued yet when
+    // the peer goes, and a send issued after the connection failed rightly fails with `Closed`.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (peer, server_io) = tokio::join!(TcpStream::connect(addr), async {
+        listener.accept().await.unwrap().0
     });
+    let mut peer = peer.unwrap();
+    let server = tokio::spawn(async move { accept(server_io, PROTOCOLS, config).await });
+    within(peer.write_all(
+        b"GET /exec/t HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+Sec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n",
+    ))
+    .await
+    .unwrap();
+    let (server, _) = within(server).await.unwrap().unwrap();
+    // Byte by byte, so nothing past the response head is read.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(within(peer.read_u8()).await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "), "{head:?}");
+
+    let (mut server_rx, server_tx) = server.split();
+    let message = Message::Binary(vec![7u8; TOTAL].into());
+    let sending = tokio::spawn(async move { server_tx.send(message).await });
     let receiving = tokio::spawn(async move { server_rx.recv().await });
-    // The client never reads, so the server is stuck mid-message when the client goes.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The first frame's first bytes: a binary message in fragments is on its way.
+    let mut first = [0u8; 2];
+    within(peer.read_exact(&mut first)).await.unwrap();
+    assert_eq!(first[0], 0x02, "binary frame without FIN: {first:?}");
+    // The peer reads no more, so the server is stuck mid-message when the peer goes.
     assert!(!sending.is_finished(), "20 MB cannot fit in socket buffers");
-    drop(client);
+    drop(peer);
     let sent = within(sending).await.unwrap();
     assert!(matches!(sent, Err(Error::Io { .. })), "{sent:?}");
     let got = within(receiving).await.unwrap();

@@ -246,7 +246,7 @@ where
         }
         let Some(Pair {
             port,
-            data: Some(data),
+            data: Some(mut data),
             error: Some(mut error),
         }) = pairs.remove(&id)
         else {
@@ -259,6 +259,11 @@ where
                     let _ = error
                         .write_all(format!("error forwarding port {port}: {e}").as_bytes())
                         .await;
+                    // Half-close the data stream, as kubelet's deferred Close does; dropping it
+                    // open would reset it, and a client that has not yet written its first bytes
+                    // (the dial can fail before it gets to) would see its write fail with that
+                    // reset instead of going on to read the error stream.
+                    let _ = data.shutdown().await;
                 }
                 Ok(conn) => {
                     let (mut cr, mut cw) = conn.into_split();
@@ -286,5 +291,60 @@ where
     }
     for t in tasks {
         t.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ::streaming::spdy::{Config, Headers, Session};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::portforward;
+    use crate::error::Error;
+
+    /// A connection that cannot be made: the error stream says why, and the data stream is
+    /// half-closed rather than reset, so a client slower than the failed dial still gets to
+    /// write its request and then read the error (kubectl and our tests do it in that order).
+    #[tokio::test]
+    async fn failed_dial_half_closes_the_data_stream() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client = Session::client(a, Config::default());
+        let serving = tokio::spawn(portforward(
+            Session::server(b, Config::default()),
+            |port| async move { Err(Error::NotFound(format!("nothing listens on {port}"))) },
+        ));
+        let headers = |kind: &str| {
+            Headers::new()
+                .with("streamtype", kind)
+                .with("port", "8081")
+                .with("requestid", "1")
+        };
+        let within = |secs| Duration::from_secs(secs);
+        let mut error = client.open(headers("error")).await.expect("error stream");
+        let mut data = client.open(headers("data")).await.expect("data stream");
+        // The server is done with the connection before the client writes anything.
+        let mut msg = String::new();
+        tokio::time::timeout(within(10), error.read_to_string(&mut msg))
+            .await
+            .expect("error stream ends")
+            .expect("error stream read");
+        assert!(msg.contains("8081"), "{msg:?}");
+        let mut rest = Vec::new();
+        tokio::time::timeout(within(10), data.read_to_end(&mut rest))
+            .await
+            .expect("data stream ends")
+            .expect("data stream ends with a FIN, not a reset");
+        assert!(rest.is_empty(), "{rest:?}");
+        data.write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .await
+            .expect("writing after the server's FIN");
+        data.flush().await.expect("flush");
+        drop((data, error, client));
+        tokio::time::timeout(within(10), serving)
+            .await
+            .expect("port-forward session ends with the client")
+            .expect("port-forward task");
     }
 }
