@@ -611,3 +611,74 @@ async fn failed_attaches_roll_back_and_leave_nothing() {
     env.ok(&["network", "rm", "tiny", "roomy"]).await;
     assert_network_clean(&env.d);
 }
+
+/// RunPodSandbox of `name` with `io.berth.network` set to `network`; its pod IP.
+async fn cri_pod_on(env: &DockerEnv, name: &str, network: &str) -> (String, String) {
+    use api::cri;
+    let cfg = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        annotations: [("io.berth.network".to_owned(), network.to_owned())].into(),
+        ..Default::default()
+    };
+    let mut rt = env.d.runtime().await.expect("client");
+    let id = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("run pod {name} on {network:?}: {e:?}"))
+        .into_inner()
+        .pod_sandbox_id;
+    let ip = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("pod status")
+        .into_inner()
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    (id, ip)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cri_pods_cannot_pick_a_network_by_annotation() {
+    use api::cri;
+    let env = DockerEnv::start("").await;
+    let id = env
+        .ok(&["network", "create", "--subnet", "10.208.0.0/24", "tenant"])
+        .await;
+    let cni_name = format!("docker-{}", &id.trim()[..12]);
+    // A docker network's CNI name, and a name of nothing: both the default network, as a
+    // CRI pod without the annotation.
+    let (on_docker, ip) = cri_pod_on(&env, "sneaky", &cni_name).await;
+    assert!(ip.starts_with("10.88."), "{ip}");
+    let (unknown, ip) = cri_pod_on(&env, "unknown", "no-such-network").await;
+    assert!(ip.starts_with("10.88."), "{ip}");
+    // `none` still means loopback only.
+    let (none, ip) = cri_pod_on(&env, "loner", "none").await;
+    assert!(ip.is_empty(), "{ip}");
+    let mut rt = env.d.runtime().await.expect("client");
+    for id in [on_docker, unknown, none] {
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .expect("stop pod");
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
+            .await
+            .expect("remove pod");
+    }
+    env.ok(&["network", "rm", "tenant"]).await;
+    assert_network_clean(&env.d);
+}

@@ -717,7 +717,7 @@ impl Engine {
         .await
         .map_err(|e| Error::Internal(format!("rootfs thread: {e}")))??;
 
-        let sandbox_id = self.sandboxes.run(plan.pod.clone(), "").await?;
+        let sandbox_id = self.sandboxes.run_engine(plan.pod.clone()).await?;
         let attachments = match self.attach_networks(&sandbox_id, &joined).await {
             Ok(a) => a,
             Err(e) => {
