@@ -249,6 +249,8 @@ pub struct Engine {
     dns: Arc<crate::dns::DnsServer>,
     /// Network creation and removal, one at a time (names and subnets stay unique).
     net_lock: tokio::sync::Mutex<()>,
+    /// What the embedded DNS answers from, as of a value of `changed`.
+    dns_index: std::sync::RwLock<Arc<networks::DnsIndex>>,
 }
 
 impl Engine {
@@ -281,6 +283,7 @@ impl Engine {
             events: EngineEvents::default(),
             dns: crate::dns::DnsServer::new(),
             net_lock: tokio::sync::Mutex::new(()),
+            dns_index: std::sync::RwLock::default(),
         });
         let names: Weak<dyn crate::dns::Names> =
             Arc::downgrade(&engine) as Weak<dyn crate::dns::Names>;
