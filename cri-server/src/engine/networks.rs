@@ -422,7 +422,7 @@ impl Engine {
                 spec.driver
             )));
         }
-        let _held = self.net_lock.lock().await;
+        let _held = self.net_lock.write().await;
         let all = self.networks()?;
         if PREDEFINED.contains(&spec.name.as_str()) {
             return Err(Error::Forbidden(format!(
@@ -585,7 +585,7 @@ impl Engine {
     /// Removes a user network: refused while a running container is on it (docker's "active
     /// endpoints"). Its conflist, record, DNS listener and bridge go.
     pub async fn remove_network(&self, name_or_id: &str) -> Result<()> {
-        let _held = self.net_lock.lock().await;
+        let _held = self.net_lock.write().await;
         let n = self.network(name_or_id)?;
         if n.is_predefined() {
             return Err(Error::Forbidden(format!(
@@ -654,7 +654,7 @@ impl Engine {
         // may have changed under a berthd that was killed mid-way.
         let this = self.clone();
         tokio::spawn(async move {
-            let _held = this.net_lock.lock().await;
+            let _held = this.net_lock.write().await;
             this.apply_isolation().await;
         });
         for n in self.network_records()? {
@@ -910,10 +910,12 @@ impl Engine {
         container: &str,
         aliases: Vec<String>,
     ) -> Result<()> {
-        let n = self.network(network)?;
         let r = self.get(container)?;
         let lock = self.lock(&r.id);
         let _held = lock.lock().await;
+        // Shared until the ADD is done: the network cannot be removed in between.
+        let _networks = self.net_lock.read().await;
+        let n = self.network(network)?;
         let mut r = self.get(&r.id)?;
         let mode = r.host_config.network();
         if mode == "host" || mode == "none" || n.name == "host" || n.name == "none" {
