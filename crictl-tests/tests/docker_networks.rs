@@ -682,3 +682,46 @@ async fn cri_pods_cannot_pick_a_network_by_annotation() {
     env.ok(&["network", "rm", "tenant"]).await;
     assert_network_clean(&env.d);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connecting_after_the_primary_is_disconnected_leaks_no_interface() {
+    let env = DockerEnv::start("").await;
+    for (subnet, name) in [
+        ("10.209.0.0/24", "p1"),
+        ("10.210.0.0/24", "p2"),
+        ("10.211.0.0/24", "p3"),
+    ] {
+        env.ok(&["network", "create", "--subnet", subnet, name])
+            .await;
+    }
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "hop",
+        "--network",
+        "p1",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    env.ok(&["network", "connect", "p2", "hop"]).await;
+    // The primary goes: eth0 with it. What joins next is never a new eth0.
+    env.ok(&["network", "disconnect", "p1", "hop"]).await;
+    env.ok(&["network", "connect", "p3", "hop"]).await;
+    let p3 = ip_on(&env, "hop", "p3").await;
+    assert!(p3.starts_with("10.211.0."), "{p3}");
+    let links = env
+        .ok(&["exec", "hop", "busybox", "ip", "-o", "addr", "show"])
+        .await;
+    let on_p3 = links
+        .lines()
+        .find(|l| l.contains(&p3))
+        .unwrap_or_else(|| panic!("{p3} in {links}"));
+    assert!(!on_p3.contains("eth0"), "{on_p3}");
+    // Everything it had goes with it: nothing cached or allocated stays behind.
+    env.ok(&["rm", "-f", "hop"]).await;
+    env.ok(&["network", "rm", "p1", "p2", "p3"]).await;
+    assert_network_clean(&env.d);
+}

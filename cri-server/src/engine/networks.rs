@@ -950,7 +950,10 @@ impl Engine {
                 .ns_path("net")
                 .ok_or_else(|| Error::Internal("the pod has no network namespace".into()))?
                 .to_path_buf();
-            let ifname = (0..)
+            // Never `eth0`, even when the primary network was disconnected: `eth0` is the
+            // pod's own, which its teardown DELs on the pod's network, and which
+            // detach_attachments leaves to it.
+            let ifname = (1..)
                 .map(|i| format!("eth{i}"))
                 .find(|name| !run.attachments.iter().any(|a| &a.ifname == name))
                 .unwrap_or_default();
