@@ -725,3 +725,36 @@ async fn connecting_after_the_primary_is_disconnected_leaks_no_interface() {
     env.ok(&["network", "rm", "p1", "p2", "p3"]).await;
     assert_network_clean(&env.d);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conflists_and_records_are_reconciled_at_start() {
+    let mut env = DockerEnv::start("").await;
+    let id = env
+        .ok(&["network", "create", "--subnet", "10.212.0.0/24", "kept"])
+        .await;
+    let id = id.trim().to_owned();
+    let managed = env.d.root().join("networks");
+    let kept = managed.join(format!("docker-{}.conflist", &id[..12]));
+    assert!(kept.exists(), "{}", kept.display());
+    env.d.kill9().await.expect("kill -9");
+    // As a crash between the two writes leaves them: a record whose conflist is gone, and a
+    // marked conflist whose record never was.
+    std::fs::remove_file(&kept).expect("rm conflist");
+    let orphan_id = "f".repeat(64);
+    let orphan = managed.join("docker-ffffffffffff.conflist");
+    let body = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "docker-ffffffffffff",
+        "io.berth.docker-network": orphan_id,
+        "plugins": [{ "type": "berth-bridge", "bridge": "br-ffffffffffff" }],
+    });
+    std::fs::write(&orphan, body.to_string()).expect("write orphan");
+    env.d.restart().await.expect("restart");
+    assert!(kept.exists(), "the record's conflist is back");
+    assert!(!orphan.exists(), "the orphan conflist is gone");
+    env.ok(&["run", "--rm", "--network", "kept", "busybox", "true"])
+        .await;
+    env.ok(&["network", "rm", "kept"]).await;
+    assert!(!kept.exists());
+    assert_network_clean(&env.d);
+}

@@ -34,7 +34,7 @@ use sha2::Digest;
 
 use super::{Engine, Record, Run};
 use crate::error::{Error, Result};
-use crate::network::{DOCKER_NETWORK_PREFIX, POD_IFNAME};
+use crate::network::{DOCKER_NETWORK_KEY, DOCKER_NETWORK_PREFIX, POD_IFNAME};
 use crate::sandbox::{NETWORK_ANNOTATION, now_ns};
 
 /// network id → JSON [`NetworkRecord`].
@@ -183,6 +183,7 @@ fn conflist(n: &NetworkRecord, ipam_dir: &Path) -> serde_json::Value {
     serde_json::json!({
         "cniVersion": "1.1.0",
         "name": n.cni_name,
+        DOCKER_NETWORK_KEY: n.id,
         "plugins": [
             {
                 "type": "berth-bridge",
@@ -498,7 +499,9 @@ impl Engine {
         };
         let network = self.sandboxes.network();
         let dir = network.managed_dir().to_owned();
-        let file = dir.join(format!("{}.conflist", n.cni_name));
+        // The conflist first: a crash before the record leaves a conflist without one, which
+        // the next start removes (see reconcile_networks).
+        let file = conflist_path(&dir, &n);
         let bytes = serde_json::to_vec_pretty(&conflist(&n, &network.ipam_dir()))
             .map_err(|e| Error::internal("encode conflist", e))?;
         write_atomic(&dir, &file, &bytes)?;
@@ -600,18 +603,20 @@ impl Engine {
             )));
         }
         let network = self.sandboxes.network();
-        let file = network
-            .managed_dir()
-            .join(format!("{}.conflist", n.cni_name));
-        match std::fs::remove_file(&file) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::internal("remove the network's conflist", e)),
-        }
+        // The record first: a crash before the conflist goes leaves a marked conflist without
+        // a record, which the next start removes (see reconcile_networks).
         let tx = self.db.begin_write()?;
         tx.open_table(NETWORKS)?.remove(n.id.as_str())?;
         tx.commit()?;
         self.changed.send_modify(|v| *v += 1);
+        let file = conflist_path(network.managed_dir(), &n);
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(network = %n.name, error = %e, "remove the network's conflist (removed at the next start)");
+            }
+        }
         if let Ok(gw) = n.gateway.parse() {
             self.dns.stop(gw);
         }
@@ -647,8 +652,67 @@ impl Engine {
         Ok(out)
     }
 
+    /// Makes the managed dir's docker conflists and the network records agree again after a
+    /// crash between writing one and the other: a record without its conflist (or with one
+    /// from before the mark) gets it written, a marked conflist without a record goes (a
+    /// create that never answered, or a remove cut short). Runs before anything is served.
+    pub fn reconcile_networks(&self) -> Result<()> {
+        let network = self.sandboxes.network();
+        let dir = network.managed_dir().to_owned();
+        let records = self.network_records()?;
+        for n in &records {
+            let file = conflist_path(&dir, n);
+            let marked = std::fs::read(&file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| v[DOCKER_NETWORK_KEY].as_str() == Some(n.id.as_str()));
+            if !marked {
+                tracing::info!(network = %n.name, path = %file.display(), "writing a network's missing conflist");
+                let bytes = serde_json::to_vec_pretty(&conflist(n, &network.ipam_dir()))
+                    .map_err(|e| Error::internal("encode conflist", e))?;
+                write_atomic(&dir, &file, &bytes)?;
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "conflist") {
+                continue;
+            }
+            let Some(id) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v[DOCKER_NETWORK_KEY].as_str().map(str::to_owned))
+            else {
+                continue;
+            };
+            if records.iter().any(|n| n.id == id) {
+                continue;
+            }
+            tracing::info!(path = %path.display(), "removing the conflist of a network that has no record");
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "remove an orphan network conflist");
+            }
+            if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                let _ = std::fs::remove_dir_all(
+                    network
+                        .ipam_dir()
+                        .join(format!("{DOCKER_NETWORK_PREFIX}{}", &id[..12])),
+                );
+                // A remove cut short may have left its bridge too.
+                delete_link(&bridge_name(&id));
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the embedded DNS of every user network (berthd's start).
     pub fn start_dns(self: &Arc<Self>) -> Result<()> {
+        if let Err(e) = self.reconcile_networks() {
+            tracing::warn!(error = %e, "reconcile the docker networks' conflists");
+        }
         self.spawn_dns_refresher();
         // The isolation table outlives berthd in the kernel, but not a reboot; and networks
         // may have changed under a berthd that was killed mid-way.
@@ -1338,6 +1402,11 @@ fn delete_link(name: &str) {
     if let Err(e) = deleted {
         tracing::warn!(bridge = name, error = %e, "delete a network's bridge");
     }
+}
+
+/// Where a user network's conflist is.
+fn conflist_path(managed: &Path, n: &NetworkRecord) -> std::path::PathBuf {
+    managed.join(format!("{}.conflist", n.cni_name))
 }
 
 fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
