@@ -70,7 +70,10 @@ impl PodNetwork {
         let configs = cni.configs();
         // docker's user-defined networks live in the managed dir too, but are never the pods'
         // network: with only those, the default is still missing.
-        let only_docker = configs.networks.iter().all(|n| is_docker_network(n.name()));
+        let only_docker = configs
+            .networks
+            .iter()
+            .all(|n| is_docker_network(n, &managed));
         if only_docker && configs.skipped.is_empty() {
             write_default(cfg, &managed, &state.join("cni").join("ipam"))?;
             tracing::info!(path = %managed.join(DEFAULT_FILE).display(), bridge = %cfg.default_bridge, subnet = %cfg.default_subnet, "no CNI network config found: wrote berth's default network");
@@ -122,13 +125,24 @@ impl PodNetwork {
         match configs
             .networks
             .iter()
-            .find(|n| !is_docker_network(n.name()))
+            .find(|n| !is_docker_network(n, &self.managed))
         {
             Some(n) => Ok(n.clone()),
             None => match configs.default_network() {
-                Ok(_) => Err(NotReady {
-                    reason: "only docker's user-defined networks are configured".into(),
-                }),
+                Ok(_) => {
+                    // The files skipped are why there is no pods' network: say so.
+                    let mut reason =
+                        "only docker's user-defined networks are configured".to_owned();
+                    if !configs.skipped.is_empty() {
+                        let why: Vec<String> = configs
+                            .skipped
+                            .iter()
+                            .map(|s| format!("{}: {}", s.path.display(), s.reason))
+                            .collect();
+                        reason = format!("{reason}; skipped: {}", why.join("; "));
+                    }
+                    Err(NotReady { reason })
+                }
                 Err(e) => Err(e),
             },
         }
@@ -457,9 +471,27 @@ impl PodNetwork {
 /// Prefix of the CNI names of docker's user-defined networks (engine/networks.rs).
 pub const DOCKER_NETWORK_PREFIX: &str = "docker-";
 
-/// Whether a CNI network is one of docker's user-defined networks.
-pub fn is_docker_network(name: &str) -> bool {
-    name.starts_with(DOCKER_NETWORK_PREFIX)
+/// Top-level key of the conflists of docker's user-defined networks: the network's id. Plugins
+/// never see it (they get their own config, the network's name and version).
+pub const DOCKER_NETWORK_KEY: &str = "io.berth.docker-network";
+
+/// Whether a CNI network is one of docker's user-defined networks: a conflist in berth's
+/// managed dir `managed` marked with [`DOCKER_NETWORK_KEY`] (or, written before the mark
+/// existed, a `docker-*.conflist` there). An operator's network, wherever it is and whatever
+/// its name, is never one.
+pub fn is_docker_network(net: &Network, managed: &Path) -> bool {
+    if !net.source().is_some_and(|p| p.starts_with(managed)) {
+        return false;
+    }
+    if net.raw().contains_key(DOCKER_NETWORK_KEY) {
+        return true;
+    }
+    let file = net
+        .source()
+        .and_then(|p| p.file_name())
+        .and_then(|f| f.to_str())
+        .unwrap_or_default();
+    file.starts_with(DOCKER_NETWORK_PREFIX) && net.name().starts_with(DOCKER_NETWORK_PREFIX)
 }
 
 /// The pod annotation limiting traffic into the pod, in bits per second.
@@ -548,4 +580,95 @@ fn write_default(cfg: &CniSection, dir: &Path, ipam_dir: &Path) -> Result<()> {
         .map_err(|e| io("sync the default network", e))?;
     std::fs::rename(&tmp, &path).map_err(|e| io("install the default network", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conflist(name: &str, marker: Option<&str>) -> String {
+        let mut v = json!({
+            "cniVersion": "1.1.0",
+            "name": name,
+            "plugins": [{ "type": "berth-bridge", "bridge": "brx" }],
+        });
+        if let Some(id) = marker {
+            v[DOCKER_NETWORK_KEY] = json!(id);
+        }
+        v.to_string()
+    }
+
+    fn setup(
+        conf: &[(&str, String)],
+        managed: &[(&str, String)],
+    ) -> (tempfile::TempDir, PodNetwork) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf_dir = dir.path().join("conf");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&conf_dir).expect("conf dir");
+        std::fs::create_dir_all(root.join("networks")).expect("managed dir");
+        for (f, body) in conf {
+            std::fs::write(conf_dir.join(f), body).expect("write");
+        }
+        for (f, body) in managed {
+            std::fs::write(root.join("networks").join(f), body).expect("write");
+        }
+        let cfg = CniSection {
+            conf_dirs: vec![conf_dir],
+            bin_dirs: vec![],
+            ..CniSection::default()
+        };
+        let net = PodNetwork::new(&cfg, &root, &dir.path().join("state"), None).expect("network");
+        (dir, net)
+    }
+
+    #[test]
+    fn an_operators_docker_named_network_can_be_the_pods_network() {
+        let id = "ab".repeat(32);
+        let (_dir, net) = setup(
+            &[("10-docker-ops.conflist", conflist("docker-ops", None))],
+            &[(
+                "docker-abababababab.conflist",
+                conflist("docker-abababababab", Some(&id)),
+            )],
+        );
+        assert_eq!(net.network().expect("network").name(), "docker-ops");
+    }
+
+    #[test]
+    fn berths_docker_networks_are_never_the_pods_network() {
+        let id = "ab".repeat(32);
+        // Marked, whatever its name; and one from before the mark, by its file name.
+        let (dir, net) = setup(
+            &[],
+            &[
+                ("00-mine.conflist", conflist("mine", Some(&id))),
+                (
+                    "docker-cdcdcdcdcdcd.conflist",
+                    conflist("docker-cdcdcdcdcdcd", None),
+                ),
+            ],
+        );
+        // The default network is written beside them and is the pods'.
+        assert_eq!(net.network().expect("network").name(), DEFAULT_NETWORK);
+        drop(net);
+        // With only docker networks and a broken file, the reason names the broken file.
+        std::fs::remove_file(dir.path().join("root/networks").join(DEFAULT_FILE)).expect("rm");
+        std::fs::write(dir.path().join("conf/05-broken.conflist"), "{").expect("write");
+        let cfg = CniSection {
+            conf_dirs: vec![dir.path().join("conf")],
+            bin_dirs: vec![],
+            ..CniSection::default()
+        };
+        let net = PodNetwork::new(
+            &cfg,
+            &dir.path().join("root"),
+            &dir.path().join("state"),
+            None,
+        )
+        .expect("network");
+        let reason = net.default_network().expect_err("not ready").reason;
+        assert!(reason.contains("only docker's"), "{reason}");
+        assert!(reason.contains("05-broken.conflist"), "{reason}");
+    }
 }

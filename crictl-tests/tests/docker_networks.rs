@@ -611,3 +611,150 @@ async fn failed_attaches_roll_back_and_leave_nothing() {
     env.ok(&["network", "rm", "tiny", "roomy"]).await;
     assert_network_clean(&env.d);
 }
+
+/// RunPodSandbox of `name` with `io.berth.network` set to `network`; its pod IP.
+async fn cri_pod_on(env: &DockerEnv, name: &str, network: &str) -> (String, String) {
+    use api::cri;
+    let cfg = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        annotations: [("io.berth.network".to_owned(), network.to_owned())].into(),
+        ..Default::default()
+    };
+    let mut rt = env.d.runtime().await.expect("client");
+    let id = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("run pod {name} on {network:?}: {e:?}"))
+        .into_inner()
+        .pod_sandbox_id;
+    let ip = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("pod status")
+        .into_inner()
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    (id, ip)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cri_pods_cannot_pick_a_network_by_annotation() {
+    use api::cri;
+    let env = DockerEnv::start("").await;
+    let id = env
+        .ok(&["network", "create", "--subnet", "10.208.0.0/24", "tenant"])
+        .await;
+    let cni_name = format!("docker-{}", &id.trim()[..12]);
+    // A docker network's CNI name, and a name of nothing: both the default network, as a
+    // CRI pod without the annotation.
+    let (on_docker, ip) = cri_pod_on(&env, "sneaky", &cni_name).await;
+    assert!(ip.starts_with("10.88."), "{ip}");
+    let (unknown, ip) = cri_pod_on(&env, "unknown", "no-such-network").await;
+    assert!(ip.starts_with("10.88."), "{ip}");
+    // `none` still means loopback only.
+    let (none, ip) = cri_pod_on(&env, "loner", "none").await;
+    assert!(ip.is_empty(), "{ip}");
+    let mut rt = env.d.runtime().await.expect("client");
+    for id in [on_docker, unknown, none] {
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .expect("stop pod");
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
+            .await
+            .expect("remove pod");
+    }
+    env.ok(&["network", "rm", "tenant"]).await;
+    assert_network_clean(&env.d);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connecting_after_the_primary_is_disconnected_leaks_no_interface() {
+    let env = DockerEnv::start("").await;
+    for (subnet, name) in [
+        ("10.209.0.0/24", "p1"),
+        ("10.210.0.0/24", "p2"),
+        ("10.211.0.0/24", "p3"),
+    ] {
+        env.ok(&["network", "create", "--subnet", subnet, name])
+            .await;
+    }
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "hop",
+        "--network",
+        "p1",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    env.ok(&["network", "connect", "p2", "hop"]).await;
+    // The primary goes: eth0 with it. What joins next is never a new eth0.
+    env.ok(&["network", "disconnect", "p1", "hop"]).await;
+    env.ok(&["network", "connect", "p3", "hop"]).await;
+    let p3 = ip_on(&env, "hop", "p3").await;
+    assert!(p3.starts_with("10.211.0."), "{p3}");
+    let links = env
+        .ok(&["exec", "hop", "busybox", "ip", "-o", "addr", "show"])
+        .await;
+    let on_p3 = links
+        .lines()
+        .find(|l| l.contains(&p3))
+        .unwrap_or_else(|| panic!("{p3} in {links}"));
+    assert!(!on_p3.contains("eth0"), "{on_p3}");
+    // Everything it had goes with it: nothing cached or allocated stays behind.
+    env.ok(&["rm", "-f", "hop"]).await;
+    env.ok(&["network", "rm", "p1", "p2", "p3"]).await;
+    assert_network_clean(&env.d);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conflists_and_records_are_reconciled_at_start() {
+    let mut env = DockerEnv::start("").await;
+    let id = env
+        .ok(&["network", "create", "--subnet", "10.212.0.0/24", "kept"])
+        .await;
+    let id = id.trim().to_owned();
+    let managed = env.d.root().join("networks");
+    let kept = managed.join(format!("docker-{}.conflist", &id[..12]));
+    assert!(kept.exists(), "{}", kept.display());
+    env.d.kill9().await.expect("kill -9");
+    // As a crash between the two writes leaves them: a record whose conflist is gone, and a
+    // marked conflist whose record never was.
+    std::fs::remove_file(&kept).expect("rm conflist");
+    let orphan_id = "f".repeat(64);
+    let orphan = managed.join("docker-ffffffffffff.conflist");
+    let body = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "docker-ffffffffffff",
+        "io.berth.docker-network": orphan_id,
+        "plugins": [{ "type": "berth-bridge", "bridge": "br-ffffffffffff" }],
+    });
+    std::fs::write(&orphan, body.to_string()).expect("write orphan");
+    env.d.restart().await.expect("restart");
+    assert!(kept.exists(), "the record's conflist is back");
+    assert!(!orphan.exists(), "the orphan conflist is gone");
+    env.ok(&["run", "--rm", "--network", "kept", "busybox", "true"])
+        .await;
+    env.ok(&["network", "rm", "kept"]).await;
+    assert!(!kept.exists());
+    assert_network_clean(&env.d);
+}

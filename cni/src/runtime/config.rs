@@ -94,6 +94,11 @@ impl Network {
         self.disable_gc
     }
 
+    /// The conflist as written, top-level keys a runtime may have added included.
+    pub fn raw(&self) -> &Map<String, Value> {
+        &self.raw
+    }
+
     /// The file the network was loaded from, if any.
     pub fn source(&self) -> Option<&Path> {
         self.source.as_deref()

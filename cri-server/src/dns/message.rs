@@ -59,7 +59,7 @@ pub struct Query {
     pub qtype: u16,
     /// The class asked for.
     pub qclass: u16,
-    /// The question as it was on the wire (echoed in the answer).
+    /// The question as it was on the wire, case and all (echoed in the answer).
     question: Vec<u8>,
 }
 
@@ -69,10 +69,12 @@ fn u16_at(b: &[u8], at: usize) -> Result<u16, ParseError> {
         .ok_or(ParseError::Truncated)
 }
 
-/// Reads the name at `at`; returns it and the offset after it (after the first pointer, if
-/// it is compressed).
-fn read_name(b: &[u8], mut at: usize) -> Result<(String, usize), ParseError> {
+/// Reads the name at `at`; returns it lowercase, its labels as they were on the wire
+/// (uncompressed, ending in the root label) and the offset after it (after the first pointer,
+/// if it is compressed).
+fn read_name(b: &[u8], mut at: usize) -> Result<(String, Vec<u8>, usize), ParseError> {
     let mut labels: Vec<String> = Vec::new();
+    let mut wire: Vec<u8> = Vec::new();
     let mut len = 0usize;
     let mut end = None;
     let mut pointers = 0;
@@ -80,7 +82,8 @@ fn read_name(b: &[u8], mut at: usize) -> Result<(String, usize), ParseError> {
         let n = *b.get(at).ok_or(ParseError::Truncated)?;
         match n & 0xc0 {
             0x00 if n == 0 => {
-                return Ok((labels.join("."), end.unwrap_or(at + 1)));
+                wire.push(0);
+                return Ok((labels.join("."), wire, end.unwrap_or(at + 1)));
             }
             0x00 => {
                 let n = usize::from(n);
@@ -90,6 +93,8 @@ fn read_name(b: &[u8], mut at: usize) -> Result<(String, usize), ParseError> {
                     return Err(ParseError::BadName);
                 }
                 labels.push(String::from_utf8_lossy(label).to_ascii_lowercase());
+                wire.push(n as u8);
+                wire.extend_from_slice(label);
                 at += n + 1;
             }
             0xc0 => {
@@ -117,11 +122,11 @@ impl Query {
         if flags & 0x8000 != 0 || u16_at(b, 4)? == 0 {
             return Err(ParseError::NotAQuery);
         }
-        let (name, after) = read_name(b, HEADER_LEN)?;
+        let (name, mut question, after) = read_name(b, HEADER_LEN)?;
         let qtype = u16_at(b, after)?;
         let qclass = u16_at(b, after + 2)?;
-        let mut question = Vec::with_capacity(name.len() + 6);
-        write_name(&mut question, &name);
+        // The question goes back as asked: resolvers randomise its case (DNS 0x20) and drop
+        // answers that do not echo it.
         question.extend_from_slice(&qtype.to_be_bytes());
         question.extend_from_slice(&qclass.to_be_bytes());
         Ok(Query {
@@ -267,8 +272,11 @@ mod tests {
         assert_eq!(u16_at(&r, 6).expect("ancount"), 1);
         assert_eq!(&r[r.len() - 4..], &[172, 18, 0, 2]);
         // The answer's name is a pointer to the question's.
-        let (name, _) = read_name(&r, r.len() - 16).expect("answer name");
+        let (name, _, _) = read_name(&r, r.len() - 16).expect("answer name");
         assert_eq!(name, "web.example");
+        // The question is echoed in the case it was asked in (DNS 0x20).
+        assert_eq!(&r[13..16], b"Web");
+        assert_eq!(&r[17..24], b"Example");
     }
 
     #[test]

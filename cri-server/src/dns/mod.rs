@@ -14,6 +14,7 @@ pub mod message;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -32,9 +33,22 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 const PORT: u16 = 53;
 /// Largest message over TCP accepted.
 const MAX_TCP_MESSAGE: usize = 16 << 10;
-/// Queries answered at once, over all networks: a flood waits instead of piling up tasks
+/// UDP queries answered at once, over all networks: a flood waits instead of piling up tasks
 /// (each forward may wait [`UPSTREAM_TIMEOUT`] per upstream).
 const MAX_IN_FLIGHT: usize = 256;
+/// TCP sessions at once per network: each may stay open a while, so they have permits of
+/// their own, per network, and a container keeping many open stalls only its own network's
+/// TCP, never UDP nor other networks.
+const MAX_TCP_SESSIONS: usize = 16;
+/// How long a TCP session may take to send the next message (or the rest of one).
+const TCP_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a TCP session stays open.
+const TCP_SESSION_TIMEOUT: Duration = Duration::from_secs(30);
+/// The host's resolv.conf.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// systemd-resolved's list of the real upstreams, for hosts whose resolv.conf names only its
+/// loopback stub (dockerd reads it then too).
+const RESOLVED_CONF: &str = "/run/systemd/resolve/resolv.conf";
 
 /// What the resolver knows: the names containers may resolve.
 pub trait Names: Send + Sync {
@@ -54,12 +68,12 @@ pub struct DnsServer {
 }
 
 impl DnsServer {
-    /// A server forwarding to the resolvers of the host's `/etc/resolv.conf`.
+    /// A server forwarding to the resolvers of the host's `/etc/resolv.conf` (systemd-resolved's
+    /// upstreams when that names only loopback ones).
     pub fn new() -> Arc<DnsServer> {
-        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         Arc::new(DnsServer {
             names: OnceLock::new(),
-            upstreams: upstreams(&conf),
+            upstreams: host_upstreams(Path::new(RESOLV_CONF), Path::new(RESOLVED_CONF)),
             listeners: Mutex::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         })
@@ -96,7 +110,8 @@ impl DnsServer {
             tokio::net::TcpListener::from_std(tcp).map_err(|e| Error::internal("DNS socket", e))?;
         let weak = Arc::downgrade(self);
         let u = tokio::spawn(serve_udp(weak.clone(), Arc::new(udp), subnet));
-        let t = tokio::spawn(serve_tcp(weak, tcp, subnet));
+        let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_SESSIONS));
+        let t = tokio::spawn(serve_tcp(weak, tcp, subnet, sessions));
         listeners.insert(addr, vec![u, t]);
         tracing::debug!(listen = %sa, "embedded DNS listening");
         Ok(())
@@ -114,8 +129,8 @@ impl DnsServer {
         }
     }
 
-    /// The answer to one message from `asker`, or None to drop it.
-    async fn answer(&self, asker: IpAddr, msg: &[u8]) -> Option<Vec<u8>> {
+    /// The answer to one message from `asker` (over TCP with `tcp`), or None to drop it.
+    async fn answer(&self, asker: IpAddr, msg: &[u8], tcp: bool) -> Option<Vec<u8>> {
         let q = match Query::parse(msg) {
             Ok(q) => q,
             Err(_) => return message::servfail_for(msg),
@@ -154,15 +169,22 @@ impl DnsServer {
                 _ => {}
             }
         }
-        match self.forward(msg).await {
+        match self.forward(msg, tcp).await {
             Some(reply) => Some(reply),
             None => Some(message::response(&q, message::SERVFAIL, &[], 0)),
         }
     }
 
-    /// Asks the host's resolvers in turn; the first answer wins.
-    async fn forward(&self, msg: &[u8]) -> Option<Vec<u8>> {
+    /// Asks the host's resolvers in turn; the first answer wins. A TCP query goes on over TCP:
+    /// its answer may be larger than UDP carries, and a truncated one would only come back.
+    async fn forward(&self, msg: &[u8], tcp: bool) -> Option<Vec<u8>> {
         for up in &self.upstreams {
+            if tcp {
+                match tokio::time::timeout(UPSTREAM_TIMEOUT, forward_tcp(*up, msg)).await {
+                    Ok(Some(reply)) => return Some(reply),
+                    _ => continue,
+                }
+            }
             let local: SocketAddr = if up.is_ipv4() {
                 (Ipv4Addr::UNSPECIFIED, 0).into()
             } else {
@@ -182,6 +204,32 @@ impl DnsServer {
         }
         None
     }
+}
+
+/// The upstreams of `resolv_conf`, or of `resolved_conf` when it has none berthd may use (the
+/// host's resolv.conf names only systemd-resolved's stub).
+fn host_upstreams(resolv_conf: &Path, resolved_conf: &Path) -> Vec<SocketAddr> {
+    let conf = std::fs::read_to_string(resolv_conf).unwrap_or_default();
+    let ups = upstreams(&conf);
+    if !ups.is_empty() {
+        return ups;
+    }
+    let resolved = std::fs::read_to_string(resolved_conf).unwrap_or_default();
+    upstreams(&resolved)
+}
+
+/// One query to `up` over TCP, and its answer.
+async fn forward_tcp(up: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
+    let mut conn = tokio::net::TcpStream::connect(up).await.ok()?;
+    let len = u16::try_from(msg.len()).ok()?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    conn.write_all(&out).await.ok()?;
+    let rlen = usize::from(conn.read_u16().await.ok()?);
+    let mut reply = vec![0u8; rlen];
+    conn.read_exact(&mut reply).await.ok()?;
+    Some(reply)
 }
 
 /// The host's resolvers that berthd can reach for a container. Loopback ones are left out:
@@ -266,7 +314,7 @@ async fn serve_udp(server: Weak<DnsServer>, sock: Arc<tokio::net::UdpSocket>, su
         let sock = sock.clone();
         // Forwards wait for upstreams: never hold the next query up for one.
         tokio::spawn(async move {
-            if let Some(reply) = server.answer(from.ip(), &msg).await {
+            if let Some(reply) = server.answer(from.ip(), &msg, false).await {
                 let _ = sock.send_to(&reply, from).await;
             }
             drop(permit);
@@ -274,7 +322,12 @@ async fn serve_udp(server: Weak<DnsServer>, sock: Arc<tokio::net::UdpSocket>, su
     }
 }
 
-async fn serve_tcp(server: Weak<DnsServer>, listener: tokio::net::TcpListener, subnet: IpNet) {
+async fn serve_tcp(
+    server: Weak<DnsServer>,
+    listener: tokio::net::TcpListener,
+    subnet: IpNet,
+    sessions: Arc<tokio::sync::Semaphore>,
+) {
     loop {
         let Ok((mut conn, from)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -283,29 +336,38 @@ async fn serve_tcp(server: Weak<DnsServer>, listener: tokio::net::TcpListener, s
         if !subnet.contains(from.ip()) {
             continue;
         }
-        let Some(server) = server.upgrade() else {
-            return;
+        // All of this network's sessions busy: this one is closed at once rather than queued
+        // (the client retries), so the accept loop never waits on a slow client.
+        let Ok(permit) = sessions.clone().try_acquire_owned() else {
+            continue;
         };
-        let Ok(permit) = server.in_flight.clone().acquire_owned().await else {
+        let Some(server) = server.upgrade() else {
             return;
         };
         tokio::spawn(async move {
             let _permit = permit;
             let session = async {
                 loop {
-                    let len = usize::from(conn.read_u16().await.ok()?);
+                    let len = tokio::time::timeout(TCP_READ_TIMEOUT, conn.read_u16())
+                        .await
+                        .ok()?
+                        .ok()?;
+                    let len = usize::from(len);
                     if len == 0 || len > MAX_TCP_MESSAGE {
                         return None;
                     }
                     let mut msg = vec![0u8; len];
-                    conn.read_exact(&mut msg).await.ok()?;
-                    let reply = server.answer(from.ip(), &msg).await?;
+                    tokio::time::timeout(TCP_READ_TIMEOUT, conn.read_exact(&mut msg))
+                        .await
+                        .ok()?
+                        .ok()?;
+                    let reply = server.answer(from.ip(), &msg, true).await?;
                     let rlen = u16::try_from(reply.len()).ok()?;
                     conn.write_all(&rlen.to_be_bytes()).await.ok()?;
                     conn.write_all(&reply).await.ok()?;
                 }
             };
-            let _: Option<()> = tokio::time::timeout(Duration::from_secs(30), session)
+            let _: Option<()> = tokio::time::timeout(TCP_SESSION_TIMEOUT, session)
                 .await
                 .ok()
                 .flatten();
@@ -367,32 +429,39 @@ mod tests {
         let asker = IpAddr::from([172, 18, 0, 3]);
 
         let a = server
-            .answer(asker, &query("web", message::TYPE_A))
+            .answer(asker, &query("web", message::TYPE_A), false)
             .await
             .expect("a");
         assert_eq!((a[3] & 0x0f, a[7]), (message::NOERROR, 1));
         assert_eq!(&a[a.len() - 4..], &[172, 18, 0, 2]);
         // Our name without an IPv6 address: NODATA, not forwarded.
         let aaaa = server
-            .answer(asker, &query("web", message::TYPE_AAAA))
+            .answer(asker, &query("web", message::TYPE_AAAA), false)
             .await
             .expect("aaaa");
         assert_eq!((aaaa[3] & 0x0f, aaaa[7]), (message::NOERROR, 0));
         let ptr = server
-            .answer(asker, &query("2.0.18.172.in-addr.arpa", message::TYPE_PTR))
+            .answer(
+                asker,
+                &query("2.0.18.172.in-addr.arpa", message::TYPE_PTR),
+                false,
+            )
             .await
             .expect("ptr");
         assert_eq!(ptr[7], 1);
         // Another asker does not see the name: forwarded, the upstream's reply comes back.
         let other = IpAddr::from([172, 18, 0, 9]);
         let q = query("web", message::TYPE_A);
-        let fwd = server.answer(other, &q).await.expect("forwarded");
+        let fwd = server.answer(other, &q, false).await.expect("forwarded");
         assert_eq!(&fwd[..2], &q[..2]);
         assert_eq!(fwd.len(), q.len(), "the stand-in upstream's echo");
         // Garbage gets a SERVFAIL when it has an id, nothing when it has not.
-        let bad = server.answer(asker, &[1, 2, 3]).await.expect("servfail");
+        let bad = server
+            .answer(asker, &[1, 2, 3], false)
+            .await
+            .expect("servfail");
         assert_eq!(bad[3] & 0x0f, message::SERVFAIL);
-        assert!(server.answer(asker, &[1]).await.is_none());
+        assert!(server.answer(asker, &[1], false).await.is_none());
         // No upstream answering: SERVFAIL.
         let lonely = Arc::new(DnsServer {
             names: OnceLock::new(),
@@ -400,7 +469,7 @@ mod tests {
             listeners: Mutex::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(1)),
         });
-        let sf = lonely.answer(asker, &q).await.expect("servfail");
+        let sf = lonely.answer(asker, &q, false).await.expect("servfail");
         assert_eq!(sf[3] & 0x0f, message::SERVFAIL);
     }
 
@@ -414,5 +483,110 @@ mod tests {
                 "[fd00::53]:53".parse().expect("addr"),
             ]
         );
+    }
+
+    #[test]
+    fn systemd_resolved_upstreams_stand_in_for_its_stub() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let etc = dir.path().join("resolv.conf");
+        let resolved = dir.path().join("resolved.conf");
+        std::fs::write(&etc, "nameserver 127.0.0.53\noptions edns0\n").expect("write");
+        std::fs::write(&resolved, "nameserver 192.0.2.53\n").expect("write");
+        let want: SocketAddr = "192.0.2.53:53".parse().expect("addr");
+        assert_eq!(host_upstreams(&etc, &resolved), vec![want]);
+        // A resolv.conf with a usable resolver is taken as it is.
+        std::fs::write(&etc, "nameserver 10.0.0.2\n").expect("write");
+        let own: SocketAddr = "10.0.0.2:53".parse().expect("addr");
+        assert_eq!(host_upstreams(&etc, &resolved), vec![own]);
+        assert!(host_upstreams(&dir.path().join("no"), &dir.path().join("ne")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn tcp_queries_are_forwarded_over_tcp() {
+        // An upstream on TCP only, answering with a reply too large for UDP.
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let up_addr = upstream.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = upstream.accept().await {
+                let len = usize::from(conn.read_u16().await.expect("len"));
+                let mut q = vec![0u8; len];
+                conn.read_exact(&mut q).await.expect("query");
+                let mut reply = q.clone();
+                reply[2] |= 0x80;
+                reply.resize(6000, 0);
+                conn.write_all(&6000u16.to_be_bytes()).await.expect("write");
+                conn.write_all(&reply).await.expect("write");
+            }
+        });
+        let server = Arc::new(DnsServer {
+            names: OnceLock::new(),
+            upstreams: vec![up_addr],
+            listeners: Mutex::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+        });
+        let q = query("big.example", message::TYPE_A);
+        let reply = server
+            .answer(IpAddr::from([172, 18, 0, 3]), &q, true)
+            .await
+            .expect("reply");
+        assert_eq!(reply.len(), 6000);
+        assert_eq!(&reply[..2], &q[..2]);
+    }
+
+    #[tokio::test]
+    async fn tcp_sessions_are_capped_per_network_and_leave_udp_alone() {
+        let server = Arc::new(DnsServer {
+            names: OnceLock::new(),
+            upstreams: vec![],
+            listeners: Mutex::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+        });
+        let names: Arc<dyn Names> = Arc::new(Fixed);
+        server.set_names(Arc::downgrade(&names));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let subnet: IpNet = "127.0.0.0/8".parse().expect("subnet");
+        let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_SESSIONS));
+        tokio::spawn(serve_tcp(
+            Arc::downgrade(&server),
+            listener,
+            subnet,
+            sessions.clone(),
+        ));
+        // Idle sessions, as a container holding them open would keep them.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_TCP_SESSIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        for _ in 0..100 {
+            if sessions.available_permits() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(sessions.available_permits(), 0);
+        // One more is closed at once instead of waiting for a permit.
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("closed, not left waiting");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        // UDP answers still: its permits are its own.
+        assert_eq!(server.in_flight.available_permits(), MAX_IN_FLIGHT);
+        let a = server
+            .answer(
+                IpAddr::from([172, 18, 0, 3]),
+                &query("web", message::TYPE_A),
+                false,
+            )
+            .await
+            .expect("a");
+        assert_eq!(a[7], 1);
+        drop(idle);
     }
 }

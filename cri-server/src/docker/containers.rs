@@ -14,6 +14,7 @@ use super::hijack;
 use super::{Api, ApiError, ApiResult, Req, channel_body, json, status};
 use crate::container::stream::StreamOpts;
 use crate::engine::logs::{LogOptions, Stream};
+use crate::engine::networks::NetworkRecord;
 use crate::engine::spec::{Config, HostConfig};
 use crate::engine::{Record, Started, Status, WaitCondition};
 
@@ -168,7 +169,9 @@ fn ports_json(r: &Record) -> Vec<Value> {
     out
 }
 
-fn networks_json(api: &Api, r: &Record) -> Value {
+/// The container's networks, named as `networks` (every network, read once per request)
+/// names them now.
+fn networks_json(api: &Api, r: &Record, networks: &[NetworkRecord]) -> Value {
     let mut nets = serde_json::Map::new();
     let attachments = r
         .run
@@ -176,11 +179,11 @@ fn networks_json(api: &Api, r: &Record) -> Value {
         .map(|run| run.attachments.as_slice())
         .unwrap_or_default();
     for e in api.engine.endpoints(r) {
-        let name = api
-            .engine
-            .network(&e.network_id)
-            .map(|n| n.name)
-            .unwrap_or_else(|_| e.network_name.clone());
+        let name = networks
+            .iter()
+            .find(|n| n.id == e.network_id)
+            .map(|n| n.name.clone())
+            .unwrap_or_else(|| e.network_name.clone());
         let a = attachments.iter().find(|a| a.network_id == e.network_id);
         let (ip, prefix, gateway, mac) = match a {
             Some(a) => (a.ip.as_str(), a.prefix, a.gateway.as_str(), a.mac.as_str()),
@@ -236,7 +239,7 @@ fn mounts_json(api: &Api, r: &Record, image_config: &Value) -> Vec<Value> {
         .collect()
 }
 
-fn summary(api: &Api, r: &Record, image_config: &Value) -> Value {
+fn summary(api: &Api, r: &Record, image_config: &Value, networks: &[NetworkRecord]) -> Value {
     json!({
         "Id": r.id,
         "Names": [format!("/{}", r.name)],
@@ -249,7 +252,7 @@ fn summary(api: &Api, r: &Record, image_config: &Value) -> Value {
         "State": r.state.status.as_str(),
         "Status": status_text(r),
         "HostConfig": {"NetworkMode": r.host_config.network()},
-        "NetworkSettings": {"Networks": networks_json(api, r)},
+        "NetworkSettings": {"Networks": networks_json(api, r, networks)},
         "Mounts": mounts_json(api, r, image_config),
     })
 }
@@ -287,6 +290,7 @@ pub(super) async fn list(api: &Arc<Api>, req: Req) -> ApiResult {
     let limit: i64 = req.q("limit").parse().unwrap_or(-1);
     let filters = Filters::parse(req.q("filters"))?;
     let mut out = Vec::new();
+    let networks = api.engine.networks()?;
     for r in api.engine.list()? {
         let shown_by_state = all_flag
             || matches!(r.state.status, Status::Running | Status::Restarting)
@@ -294,7 +298,7 @@ pub(super) async fn list(api: &Arc<Api>, req: Req) -> ApiResult {
         if !shown_by_state || !matches(&r, &filters) {
             continue;
         }
-        out.push(summary(api, &r, &image_config_of(api, &r)));
+        out.push(summary(api, &r, &image_config_of(api, &r), &networks));
         if limit > 0 && out.len() as i64 >= limit {
             break;
         }
@@ -491,7 +495,7 @@ fn inspect_json(api: &Api, r: &Record) -> Value {
             "IPPrefixLen": if ip.is_empty() { 0 } else { 16 },
             "Gateway": "",
             "MacAddress": "",
-            "Networks": networks_json(api, r),
+            "Networks": networks_json(api, r, &api.engine.networks().unwrap_or_default()),
         },
     })
 }

@@ -247,8 +247,12 @@ pub struct Engine {
     pub events: EngineEvents,
     /// The embedded DNS of user-defined networks.
     dns: Arc<crate::dns::DnsServer>,
-    /// Network creation and removal, one at a time (names and subnets stay unique).
-    net_lock: tokio::sync::Mutex<()>,
+    /// Network creation and removal take it exclusively, one at a time (names and subnets stay
+    /// unique); a start or connect holds it shared from resolving its networks to their ADDs,
+    /// so no network goes (conflist, bridge) under a container joining it.
+    net_lock: tokio::sync::RwLock<()>,
+    /// What the embedded DNS answers from, as of a value of `changed`.
+    dns_index: std::sync::RwLock<Arc<networks::DnsIndex>>,
 }
 
 impl Engine {
@@ -280,7 +284,8 @@ impl Engine {
             pending: Mutex::default(),
             events: EngineEvents::default(),
             dns: crate::dns::DnsServer::new(),
-            net_lock: tokio::sync::Mutex::new(()),
+            net_lock: tokio::sync::RwLock::new(()),
+            dns_index: std::sync::RwLock::default(),
         });
         let names: Weak<dyn crate::dns::Names> =
             Arc::downgrade(&engine) as Weak<dyn crate::dns::Names>;
@@ -693,6 +698,9 @@ impl Engine {
         let ports = self.pick_ports(r)?;
         let mounts = self.resolve_mounts(r)?;
         let log_dir = self.container_dir(&r.id);
+        // Held until the networks are attached: a network rm waits, then finds this container
+        // on it.
+        let _networks = self.net_lock.read().await;
         let joined = self.joined(r)?;
         let mut plan = translate::plan(r, &log_dir, &ports, mounts)?;
         self.apply_networks(r, &joined, &mut plan.pod);
@@ -717,7 +725,7 @@ impl Engine {
         .await
         .map_err(|e| Error::Internal(format!("rootfs thread: {e}")))??;
 
-        let sandbox_id = self.sandboxes.run(plan.pod.clone(), "").await?;
+        let sandbox_id = self.sandboxes.run_engine(plan.pod.clone()).await?;
         let attachments = match self.attach_networks(&sandbox_id, &joined).await {
             Ok(a) => a,
             Err(e) => {

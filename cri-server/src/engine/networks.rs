@@ -20,7 +20,7 @@
 //! - **DNS**: containers on a user network get its gateway as their resolver, where
 //!   [`crate::dns`] answers with the names of containers sharing a network with the asker.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -34,7 +34,7 @@ use sha2::Digest;
 
 use super::{Engine, Record, Run};
 use crate::error::{Error, Result};
-use crate::network::{DOCKER_NETWORK_PREFIX, POD_IFNAME};
+use crate::network::{DOCKER_NETWORK_KEY, DOCKER_NETWORK_PREFIX, POD_IFNAME};
 use crate::sandbox::{NETWORK_ANNOTATION, now_ns};
 
 /// network id → JSON [`NetworkRecord`].
@@ -183,6 +183,7 @@ fn conflist(n: &NetworkRecord, ipam_dir: &Path) -> serde_json::Value {
     serde_json::json!({
         "cniVersion": "1.1.0",
         "name": n.cni_name,
+        DOCKER_NETWORK_KEY: n.id,
         "plugins": [
             {
                 "type": "berth-bridge",
@@ -422,7 +423,7 @@ impl Engine {
                 spec.driver
             )));
         }
-        let _held = self.net_lock.lock().await;
+        let _held = self.net_lock.write().await;
         let all = self.networks()?;
         if PREDEFINED.contains(&spec.name.as_str()) {
             return Err(Error::Forbidden(format!(
@@ -498,7 +499,9 @@ impl Engine {
         };
         let network = self.sandboxes.network();
         let dir = network.managed_dir().to_owned();
-        let file = dir.join(format!("{}.conflist", n.cni_name));
+        // The conflist first: a crash before the record leaves a conflist without one, which
+        // the next start removes (see reconcile_networks).
+        let file = conflist_path(&dir, &n);
         let bytes = serde_json::to_vec_pretty(&conflist(&n, &network.ipam_dir()))
             .map_err(|e| Error::internal("encode conflist", e))?;
         write_atomic(&dir, &file, &bytes)?;
@@ -514,6 +517,7 @@ impl Engine {
             let _ = std::fs::remove_file(&file);
             return Err(e);
         }
+        self.changed.send_modify(|v| *v += 1);
         self.apply_isolation().await;
         if let Err(e) = self.dns.listen(gateway, subnet) {
             tracing::warn!(network = %n.name, error = %e, "embedded DNS");
@@ -584,7 +588,7 @@ impl Engine {
     /// Removes a user network: refused while a running container is on it (docker's "active
     /// endpoints"). Its conflist, record, DNS listener and bridge go.
     pub async fn remove_network(&self, name_or_id: &str) -> Result<()> {
-        let _held = self.net_lock.lock().await;
+        let _held = self.net_lock.write().await;
         let n = self.network(name_or_id)?;
         if n.is_predefined() {
             return Err(Error::Forbidden(format!(
@@ -599,17 +603,20 @@ impl Engine {
             )));
         }
         let network = self.sandboxes.network();
-        let file = network
-            .managed_dir()
-            .join(format!("{}.conflist", n.cni_name));
-        match std::fs::remove_file(&file) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::internal("remove the network's conflist", e)),
-        }
+        // The record first: a crash before the conflist goes leaves a marked conflist without
+        // a record, which the next start removes (see reconcile_networks).
         let tx = self.db.begin_write()?;
         tx.open_table(NETWORKS)?.remove(n.id.as_str())?;
         tx.commit()?;
+        self.changed.send_modify(|v| *v += 1);
+        let file = conflist_path(network.managed_dir(), &n);
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(network = %n.name, error = %e, "remove the network's conflist (removed at the next start)");
+            }
+        }
         if let Ok(gw) = n.gateway.parse() {
             self.dns.stop(gw);
         }
@@ -645,13 +652,73 @@ impl Engine {
         Ok(out)
     }
 
+    /// Makes the managed dir's docker conflists and the network records agree again after a
+    /// crash between writing one and the other: a record without its conflist (or with one
+    /// from before the mark) gets it written, a marked conflist without a record goes (a
+    /// create that never answered, or a remove cut short). Runs before anything is served.
+    pub fn reconcile_networks(&self) -> Result<()> {
+        let network = self.sandboxes.network();
+        let dir = network.managed_dir().to_owned();
+        let records = self.network_records()?;
+        for n in &records {
+            let file = conflist_path(&dir, n);
+            let marked = std::fs::read(&file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .is_some_and(|v| v[DOCKER_NETWORK_KEY].as_str() == Some(n.id.as_str()));
+            if !marked {
+                tracing::info!(network = %n.name, path = %file.display(), "writing a network's missing conflist");
+                let bytes = serde_json::to_vec_pretty(&conflist(n, &network.ipam_dir()))
+                    .map_err(|e| Error::internal("encode conflist", e))?;
+                write_atomic(&dir, &file, &bytes)?;
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "conflist") {
+                continue;
+            }
+            let Some(id) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v[DOCKER_NETWORK_KEY].as_str().map(str::to_owned))
+            else {
+                continue;
+            };
+            if records.iter().any(|n| n.id == id) {
+                continue;
+            }
+            tracing::info!(path = %path.display(), "removing the conflist of a network that has no record");
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "remove an orphan network conflist");
+            }
+            if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                let _ = std::fs::remove_dir_all(
+                    network
+                        .ipam_dir()
+                        .join(format!("{DOCKER_NETWORK_PREFIX}{}", &id[..12])),
+                );
+                // A remove cut short may have left its bridge too.
+                delete_link(&bridge_name(&id));
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the embedded DNS of every user network (berthd's start).
     pub fn start_dns(self: &Arc<Self>) -> Result<()> {
+        if let Err(e) = self.reconcile_networks() {
+            tracing::warn!(error = %e, "reconcile the docker networks' conflists");
+        }
+        self.spawn_dns_refresher();
         // The isolation table outlives berthd in the kernel, but not a reboot; and networks
         // may have changed under a berthd that was killed mid-way.
         let this = self.clone();
         tokio::spawn(async move {
-            let _held = this.net_lock.lock().await;
+            let _held = this.net_lock.write().await;
             this.apply_isolation().await;
         });
         for n in self.network_records()? {
@@ -907,10 +974,12 @@ impl Engine {
         container: &str,
         aliases: Vec<String>,
     ) -> Result<()> {
-        let n = self.network(network)?;
         let r = self.get(container)?;
         let lock = self.lock(&r.id);
         let _held = lock.lock().await;
+        // Shared until the ADD is done: the network cannot be removed in between.
+        let _networks = self.net_lock.read().await;
+        let n = self.network(network)?;
         let mut r = self.get(&r.id)?;
         let mode = r.host_config.network();
         if mode == "host" || mode == "none" || n.name == "host" || n.name == "none" {
@@ -945,7 +1014,10 @@ impl Engine {
                 .ns_path("net")
                 .ok_or_else(|| Error::Internal("the pod has no network namespace".into()))?
                 .to_path_buf();
-            let ifname = (0..)
+            // Never `eth0`, even when the primary network was disconnected: `eth0` is the
+            // pod's own, which its teardown DELs on the pod's network, and which
+            // detach_attachments leaves to it.
+            let ifname = (1..)
                 .map(|i| format!("eth{i}"))
                 .find(|name| !run.attachments.iter().any(|a| &a.ifname == name))
                 .unwrap_or_default();
@@ -1098,80 +1170,174 @@ impl Engine {
         }
         out
     }
+}
 
-    /// The user networks the container at `asker` is on, and every running container's
-    /// interfaces (for DNS).
-    fn dns_view(&self, asker: IpAddr) -> Option<(Vec<String>, Vec<Record>)> {
-        let all = self.all().ok()?;
-        let users: Vec<String> = self
-            .network_records()
-            .ok()?
-            .into_iter()
-            .map(|n| n.id)
-            .collect();
-        let asker_ip = asker.to_string();
-        let mine: Vec<String> = all
-            .iter()
-            .filter_map(|r| r.run.as_ref())
-            .find(|run| run.attachments.iter().any(|a| a.ip == asker_ip))?
-            .attachments
-            .iter()
-            .filter(|a| users.contains(&a.network_id))
-            .map(|a| a.network_id.clone())
-            .collect();
-        if mine.is_empty() {
-            return None;
+/// The names the embedded DNS answers, by network: built from the records in one pass, so a
+/// query is a few hash lookups and never reads the store.
+#[derive(Debug)]
+pub struct DnsIndex {
+    /// The value of the engine's `changed` it was built at.
+    version: u64,
+    /// A container's address → the user networks that container is on.
+    nets_of: HashMap<IpAddr, Vec<String>>,
+    /// (network id, lowercase name, short id or alias) → the addresses of running containers.
+    names: HashMap<(String, String), Vec<IpAddr>>,
+    /// (network id, address) → `<container name>.<network name>`.
+    ptr: HashMap<(String, IpAddr), String>,
+}
+
+impl Default for DnsIndex {
+    fn default() -> Self {
+        DnsIndex {
+            // Stale whatever `changed` says: the first query builds it.
+            version: u64::MAX,
+            nets_of: HashMap::new(),
+            names: HashMap::new(),
+            ptr: HashMap::new(),
         }
-        Some((mine, all))
     }
 }
 
-impl crate::dns::Names for Engine {
-    fn lookup(&self, asker: IpAddr, name: &str) -> Option<Vec<IpAddr>> {
-        let (mine, all) = self.dns_view(asker)?;
-        let name = name.trim_end_matches('.');
-        let mut ips: Vec<IpAddr> = Vec::new();
-        for r in &all {
-            let Some(run) = r.run.as_ref().filter(|_| r.running()) else {
-                continue;
-            };
-            for a in run
+impl DnsIndex {
+    /// The index of `records` on the user networks `users`.
+    pub fn build(version: u64, records: &[Record], users: &[NetworkRecord]) -> DnsIndex {
+        let user_name = |id: &str| users.iter().find(|n| n.id == id).map(|n| n.name.as_str());
+        let mut index = DnsIndex {
+            version,
+            ..DnsIndex::default()
+        };
+        // Running containers first: an address a stopped run still lists is the live one's.
+        let mut ordered: Vec<&Record> = records.iter().filter(|r| r.run.is_some()).collect();
+        ordered.sort_by_key(|r| !r.running());
+        for r in ordered {
+            let Some(run) = &r.run else { continue };
+            let mine: Vec<String> = run
                 .attachments
                 .iter()
-                .filter(|a| mine.contains(&a.network_id))
-            {
+                .filter(|a| user_name(&a.network_id).is_some())
+                .map(|a| a.network_id.clone())
+                .collect();
+            for a in &run.attachments {
+                let (Some(net_name), Ok(ip)) = (user_name(&a.network_id), a.ip.parse::<IpAddr>())
+                else {
+                    continue;
+                };
+                index.nets_of.entry(ip).or_insert_with(|| mine.clone());
+                index
+                    .ptr
+                    .entry((a.network_id.clone(), ip))
+                    .or_insert_with(|| format!("{}.{net_name}", r.name));
+                if !r.running() {
+                    continue;
+                }
                 let aliases = r
                     .networks
                     .iter()
                     .find(|e| e.network_id == a.network_id)
                     .map(|e| e.aliases.as_slice())
                     .unwrap_or_default();
-                let hit = r.name.eq_ignore_ascii_case(name)
-                    || r.id[..12].eq_ignore_ascii_case(name)
-                    || aliases.iter().any(|al| al.eq_ignore_ascii_case(name));
-                if hit
-                    && let Ok(ip) = a.ip.parse()
-                    && !ips.contains(&ip)
-                {
-                    ips.push(ip);
+                let short = r.id.get(..12).unwrap_or(&r.id);
+                let mut names: Vec<String> = [r.name.as_str(), short]
+                    .into_iter()
+                    .chain(aliases.iter().map(String::as_str))
+                    .map(str::to_ascii_lowercase)
+                    .collect();
+                names.dedup();
+                for name in names {
+                    let ips = index.names.entry((a.network_id.clone(), name)).or_default();
+                    if !ips.contains(&ip) {
+                        ips.push(ip);
+                    }
+                }
+            }
+        }
+        index
+    }
+
+    /// Addresses of `name` for the container at `asker`.
+    pub fn lookup(&self, asker: IpAddr, name: &str) -> Option<Vec<IpAddr>> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for net in self.nets_of.get(&asker)? {
+            if let Some(found) = self.names.get(&(net.clone(), name.clone())) {
+                for ip in found {
+                    if !ips.contains(ip) {
+                        ips.push(*ip);
+                    }
                 }
             }
         }
         (!ips.is_empty()).then_some(ips)
     }
 
+    /// The name of `addr` for the container at `asker`.
+    pub fn reverse(&self, asker: IpAddr, addr: IpAddr) -> Option<String> {
+        self.nets_of
+            .get(&asker)?
+            .iter()
+            .find_map(|net| self.ptr.get(&(net.clone(), addr)).cloned())
+    }
+}
+
+impl Engine {
+    /// The DNS index as of now. Rebuilt here only when a change has not reached it yet (the
+    /// refresher started by [`Engine::start_dns`] rebuilds it after every change).
+    fn dns_index(&self) -> Arc<DnsIndex> {
+        let now = *self.changed.borrow();
+        let current = self
+            .dns_index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if current.version == now {
+            return current;
+        }
+        self.rebuild_dns_index().unwrap_or(current)
+    }
+
+    /// Builds the DNS index from the store and installs it (unless a newer one is there).
+    fn rebuild_dns_index(&self) -> Option<Arc<DnsIndex>> {
+        // Read before the records: a change in between leaves the index marked stale.
+        let version = *self.changed.borrow();
+        let records = self
+            .all()
+            .inspect_err(|e| tracing::warn!(error = %e, "embedded DNS: read the containers"))
+            .ok()?;
+        let users = self
+            .network_records()
+            .inspect_err(|e| tracing::warn!(error = %e, "embedded DNS: read the networks"))
+            .ok()?;
+        let index = Arc::new(DnsIndex::build(version, &records, &users));
+        let mut slot = self.dns_index.write().unwrap_or_else(|p| p.into_inner());
+        if slot.version == u64::MAX || slot.version <= version {
+            *slot = index.clone();
+        }
+        Some(index)
+    }
+
+    /// Keeps the DNS index up to date with the records: one rebuild per batch of changes, off
+    /// the async workers.
+    fn spawn_dns_refresher(self: &Arc<Self>) {
+        let mut changed = self.changed.subscribe();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            // Once now, then after each change (changes made during a rebuild make one more).
+            changed.mark_changed();
+            while changed.changed().await.is_ok() {
+                let Some(engine) = weak.upgrade() else { return };
+                let _ = tokio::task::spawn_blocking(move || engine.rebuild_dns_index()).await;
+            }
+        });
+    }
+}
+
+impl crate::dns::Names for Engine {
+    fn lookup(&self, asker: IpAddr, name: &str) -> Option<Vec<IpAddr>> {
+        self.dns_index().lookup(asker, name)
+    }
+
     fn reverse(&self, asker: IpAddr, addr: IpAddr) -> Option<String> {
-        let (mine, all) = self.dns_view(asker)?;
-        let addr = addr.to_string();
-        all.iter().find_map(|r| {
-            let run = r.run.as_ref()?;
-            let a = run
-                .attachments
-                .iter()
-                .find(|a| a.ip == addr && mine.contains(&a.network_id))?;
-            let net = self.network(&a.network_id).ok()?;
-            Some(format!("{}.{}", r.name, net.name))
-        })
+        self.dns_index().reverse(asker, addr)
     }
 }
 
@@ -1236,6 +1402,11 @@ fn delete_link(name: &str) {
     if let Err(e) = deleted {
         tracing::warn!(bridge = name, error = %e, "delete a network's bridge");
     }
+}
+
+/// Where a user network's conflist is.
+fn conflist_path(managed: &Path, n: &NetworkRecord) -> std::path::PathBuf {
+    managed.join(format!("{}.conflist", n.cni_name))
 }
 
 fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
@@ -1330,5 +1501,107 @@ mod tests {
         assert_eq!(s.name(), "docker-x");
         assert_eq!(s.plugins().len(), 1);
         assert_eq!(s.plugins()[0].raw()["isDefaultGateway"], false);
+    }
+
+    fn user_net(name: &str) -> NetworkRecord {
+        NetworkRecord {
+            id: predefined_id(&format!("user {name}")),
+            name: name.into(),
+            driver: "bridge".into(),
+            subnet: String::new(),
+            gateway: String::new(),
+            internal: false,
+            labels: BTreeMap::new(),
+            options: BTreeMap::new(),
+            created_ns: 0,
+            cni_name: format!("docker-{name}"),
+        }
+    }
+
+    fn container(name: &str, running: bool, on: &[(&NetworkRecord, &str, &[&str])]) -> Record {
+        let id = predefined_id(&format!("container {name}"));
+        Record {
+            id,
+            name: name.into(),
+            created_ns: 0,
+            image: String::new(),
+            image_id: String::new(),
+            config: Default::default(),
+            host_config: Default::default(),
+            state: super::super::RunState {
+                status: if running {
+                    super::super::Status::Running
+                } else {
+                    super::super::Status::Exited
+                },
+                ..Default::default()
+            },
+            restart_count: 0,
+            manual_stop: false,
+            run: Some(Run {
+                sandbox_id: String::new(),
+                container_id: String::new(),
+                ips: vec![],
+                ports: vec![],
+                attachments: on
+                    .iter()
+                    .map(|(n, ip, _)| Attached {
+                        network_id: n.id.clone(),
+                        ip: (*ip).to_owned(),
+                        ..Attached::default()
+                    })
+                    .collect(),
+            }),
+            log_path: Default::default(),
+            networks: on
+                .iter()
+                .map(|(n, _, aliases)| Endpoint {
+                    network_id: n.id.clone(),
+                    network_name: n.name.clone(),
+                    aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn dns_index_answers_names_on_shared_networks_only() {
+        let (a, b) = (user_net("a"), user_net("b"));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let records = vec![
+            container("web", true, &[(&a, "172.18.0.2", &["Svc"])]),
+            container(
+                "db",
+                true,
+                &[(&a, "172.18.0.3", &[]), (&b, "172.19.0.2", &[])],
+            ),
+            container("lone", true, &[(&b, "172.19.0.3", &[])]),
+            container("gone", false, &[(&a, "172.18.0.9", &[])]),
+        ];
+        // A network that is not a user network (the default bridge) is not indexed.
+        let index = DnsIndex::build(7, &records, &[a.clone(), b.clone()]);
+        let web = ip("172.18.0.2");
+        assert_eq!(index.lookup(web, "db"), Some(vec![ip("172.18.0.3")]));
+        assert_eq!(index.lookup(web, "SVC."), Some(vec![web]));
+        let short = &records[0].id[..12];
+        assert_eq!(
+            index.lookup(ip("172.19.0.3"), short),
+            None,
+            "lone shares no network with web"
+        );
+        // A container's networks are all its interfaces' networks, whichever address asks.
+        assert_eq!(index.lookup(ip("172.19.0.2"), short), Some(vec![web]));
+        assert_eq!(index.lookup(ip("172.18.0.3"), short), Some(vec![web]));
+        // Not sharing a network, and a stopped container's name.
+        assert_eq!(index.lookup(web, "lone"), None);
+        assert_eq!(index.lookup(web, "gone"), None);
+        assert_eq!(index.lookup(ip("10.0.0.1"), "web"), None);
+        assert_eq!(
+            index.reverse(web, ip("172.18.0.3")),
+            Some("db.a".to_owned())
+        );
+        assert_eq!(index.reverse(web, ip("172.19.0.3")), None);
+        assert_eq!(index.version, 7);
+        assert_eq!(DnsIndex::build(0, &records, &[]).lookup(web, "db"), None);
     }
 }

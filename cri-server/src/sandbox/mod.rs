@@ -103,8 +103,11 @@ fn name_key(m: Option<&cri::PodSandboxMetadata>) -> String {
 }
 
 /// Pod annotation: `none` gives the pod a network namespace with only loopback (docker's
-/// `--network none`), attached to no CNI network; any other value names the CNI network its
-/// `eth0` joins instead of the default one (docker's user-defined networks).
+/// `--network none`), attached to no CNI network. On the engine's own pods (and only there)
+/// any other value names the CNI network its `eth0` joins instead of the default one
+/// (docker's user-defined networks): CRI pods' annotations are the kubelet user's to set, and
+/// a tenant choosing its network would get around the isolation between networks, so there
+/// other values are ignored.
 pub const NETWORK_ANNOTATION: &str = "io.berth.network";
 
 /// Now, in nanoseconds since the Unix epoch.
@@ -318,11 +321,28 @@ impl SandboxManager {
         }
     }
 
-    /// Creates a sandbox: namespaces pinned, pod files written. Rolled back fully on failure.
+    /// Creates a sandbox for the CRI front door: namespaces pinned, pod files written. Rolled
+    /// back fully on failure. The pod joins the default network (none with the
+    /// [`NETWORK_ANNOTATION`] `none`).
     pub async fn run(
         &self,
         config: cri::PodSandboxConfig,
         runtime_handler: &str,
+    ) -> Result<String> {
+        self.run_as(config, runtime_handler, false).await
+    }
+
+    /// As [`SandboxManager::run`], for the engine's pods: a [`NETWORK_ANNOTATION`] naming a
+    /// network is honoured when the pod also carries [`crate::engine::ENGINE_LABEL`].
+    pub async fn run_engine(&self, config: cri::PodSandboxConfig) -> Result<String> {
+        self.run_as(config, "", true).await
+    }
+
+    async fn run_as(
+        &self,
+        config: cri::PodSandboxConfig,
+        runtime_handler: &str,
+        engine: bool,
     ) -> Result<String> {
         let meta = config
             .metadata
@@ -366,12 +386,13 @@ impl SandboxManager {
             .annotations
             .get(NETWORK_ANNOTATION)
             .map(String::as_str);
+        let engine_pod = engine && config.labels.contains_key(crate::engine::ENGINE_LABEL);
         // Without a usable network config the pod fails before anything is made for it.
         let network = match named {
             _ if host_net => None,
             Some("none") => None,
-            Some(name) => Some(self.network.named(name)?),
-            None => Some(self.network.network()?),
+            Some(name) if engine_pod => Some(self.network.named(name)?),
+            _ => Some(self.network.network()?),
         };
         let hostname = if host_net {
             nix::unistd::gethostname()
