@@ -691,7 +691,14 @@ impl Engine {
 
     async fn start_locked(self: &Arc<Self>, r: &mut Record) -> Result<()> {
         let ports = self.pick_ports(r)?;
-        let mounts = self.resolve_mounts(r)?;
+        // Filling a fresh volume copies the image's files: disk work, off the runtime.
+        let mounts = {
+            let engine = self.clone();
+            let rec = r.clone();
+            tokio::task::spawn_blocking(move || engine.resolve_mounts(&rec))
+                .await
+                .map_err(|e| Error::Internal(format!("volume thread: {e}")))??
+        };
         let log_dir = self.container_dir(&r.id);
         let joined = self.joined(r)?;
         let mut plan = translate::plan(r, &log_dir, &ports, mounts)?;
