@@ -498,3 +498,25 @@ async fn hostile_archives_are_refused_and_leave_nothing() {
     }
     assert_eq!(left, 0, "blobs left in {}", blobs.display());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volume_prune_never_takes_the_volume_of_a_racing_create() {
+    let env = DockerEnv::start("").await;
+    for i in 0..8 {
+        let vol = format!("race{i}");
+        env.ok(&["volume", "create", &vol]).await;
+        let bind = format!("{vol}:/x");
+        let create_args = ["create", "-v", bind.as_str(), "busybox"];
+        let prune_args = ["volume", "prune", "-a", "-f"];
+        let (created, pruned) = tokio::join!(env.docker(&create_args), env.docker(&prune_args));
+        assert!(created.status.success(), "{created:?}");
+        assert!(pruned.status.success(), "{pruned:?}");
+        // Prune first (the create makes it again) or create first (prune keeps it): either
+        // way the container's volume is there.
+        let inspect = env.docker(&["volume", "inspect", &vol]).await;
+        assert!(inspect.status.success(), "round {i}: {inspect:?}");
+        let id = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+        env.ok(&["rm", &id]).await;
+        env.ok(&["volume", "rm", &vol]).await;
+    }
+}

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use api::cri;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -34,7 +34,15 @@ pub const LOCAL_DRIVER: &str = "local";
 
 /// Serialises changes to volume records and their directories: create, remove and the
 /// in-use check must not interleave. Held only for short, local disk work.
+/// Container create holds it too, from storing its record until its volumes are made, so a
+/// remove or prune that works out which volumes are in use (under it) sees either the whole
+/// container or none of it.
 static VOLUME_LOCK: Mutex<()> = Mutex::new(());
+
+/// Takes [`VOLUME_LOCK`].
+pub(super) fn lock() -> MutexGuard<'static, ()> {
+    VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// What the engine records of a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,10 +305,20 @@ impl Engine {
     fn ensure_volume(
         &self,
         name: &str,
+        labels: BTreeMap<String, String>,
+        owner: Option<&str>,
+    ) -> Result<(VolumeRecord, bool)> {
+        let _held = lock();
+        self.ensure_volume_locked(name, labels, owner)
+    }
+
+    /// [`ensure_volume`](Self::ensure_volume) with [`VOLUME_LOCK`] held by the caller.
+    fn ensure_volume_locked(
+        &self,
+        name: &str,
         mut labels: BTreeMap<String, String>,
         owner: Option<&str>,
     ) -> Result<(VolumeRecord, bool)> {
-        let _held = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let tx = self.db.begin_write()?;
         let made;
         let rec = {
@@ -392,8 +410,10 @@ impl Engine {
     /// Removes a volume: 409 with docker's words while a container uses it. `force` makes an
     /// absent volume no error.
     pub fn remove_volume(&self, name: &str, force: bool) -> Result<()> {
+        // Users are worked out under the lock: a container create between the two would
+        // otherwise lose the volume it was just given.
+        let _held = lock();
         let users = self.volume_users(name)?;
-        let _held = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let v = match self.volume(name) {
             Ok(v) => v,
             Err(Error::NotFound(_)) if force => return Ok(()),
@@ -431,8 +451,8 @@ impl Engine {
         &self,
         take: impl Fn(&VolumeRecord) -> bool,
     ) -> Result<(Vec<String>, u64)> {
+        let _held = lock();
         let used = self.volumes_in_use()?;
-        let _held = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let mut names = Vec::new();
         let mut bytes = 0u64;
         for v in self.volumes()? {
@@ -599,11 +619,16 @@ impl Engine {
     /// Makes the records (and directories) of the volumes container `r` uses, at create as
     /// docker does. Start makes them again if missing: containers created by a berthd from
     /// before volumes were objects have none.
-    pub(super) fn create_volumes(&self, r: &Record, image_volumes: Vec<String>) -> Result<()> {
+    /// The caller holds [`lock`], from before it stored `r`.
+    pub(super) fn create_volumes_locked(
+        &self,
+        r: &Record,
+        image_volumes: Vec<String>,
+    ) -> Result<()> {
         for m in self.mount_points(r, Some(image_volumes))? {
             if let MountKind::Volume { name, anonymous } = &m.kind {
                 let owner = anonymous.then_some(r.id.as_str());
-                let (rec, made) = self.ensure_volume(name, BTreeMap::new(), owner)?;
+                let (rec, made) = self.ensure_volume_locked(name, BTreeMap::new(), owner)?;
                 if made {
                     self.volume_event("create", &rec);
                 }
