@@ -444,6 +444,33 @@ async fn hostile_archives_are_refused_and_leave_nothing() {
     let raw = raw_request(&env, "POST", "/v1.44/images/load?quiet=1", &traversal).await;
     assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
 
+    // A GNU long name far past the record limit is refused from its header, not read.
+    let mut b = tar::Builder::new(Vec::new());
+    let long = vec![b'n'; 64 << 20];
+    let mut h = tar::Header::new_gnu();
+    h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_size(long.len() as u64);
+    h.set_cksum();
+    b.append(&h, long.as_slice()).expect("append");
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, "manifest.json", &b"[]"[..])
+        .expect("append");
+    let long_name = b.into_inner().expect("tar");
+    let raw = raw_request(&env, "POST", "/v1.44/images/load?quiet=1", &long_name).await;
+    assert!(
+        raw.starts_with("HTTP/1.1 400"),
+        "{}",
+        &raw[..raw.len().min(500)]
+    );
+    assert!(
+        raw.contains("gnu long name"),
+        "{}",
+        &raw[..raw.len().min(500)]
+    );
+
     let layer = crictl_tests::image::busybox_base_layer()
         .build(crictl_tests::image::Compression::Gzip)
         .expect("layer");
@@ -490,11 +517,36 @@ async fn hostile_archives_are_refused_and_leave_nothing() {
     let blobs = env.d.root().join("content/sha256");
     let mut left = usize::MAX;
     for _ in 0..50 {
-        left = std::fs::read_dir(&blobs).map_or(0, |d| d.count());
+        // The dir must be there: a missing or moved content dir is no proof of collection.
+        left = std::fs::read_dir(&blobs)
+            .unwrap_or_else(|e| panic!("read content dir {}: {e}", blobs.display()))
+            .count();
         if left == 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(left, 0, "blobs left in {}", blobs.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volume_prune_never_takes_the_volume_of_a_racing_create() {
+    let env = DockerEnv::start("").await;
+    for i in 0..8 {
+        let vol = format!("race{i}");
+        env.ok(&["volume", "create", &vol]).await;
+        let bind = format!("{vol}:/x");
+        let create_args = ["create", "-v", bind.as_str(), "busybox"];
+        let prune_args = ["volume", "prune", "-a", "-f"];
+        let (created, pruned) = tokio::join!(env.docker(&create_args), env.docker(&prune_args));
+        assert!(created.status.success(), "{created:?}");
+        assert!(pruned.status.success(), "{pruned:?}");
+        // Prune first (the create makes it again) or create first (prune keeps it): either
+        // way the container's volume is there.
+        let inspect = env.docker(&["volume", "inspect", &vol]).await;
+        assert!(inspect.status.success(), "round {i}: {inspect:?}");
+        let id = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+        env.ok(&["rm", &id]).await;
+        env.ok(&["volume", "rm", &vol]).await;
+    }
 }

@@ -569,6 +569,126 @@ impl Meta {
     }
 }
 
+/// Walks a tar in raw mode, handing each real entry to `visit` with the extension records
+/// (GNU long name/link, PAX) that precede it. The `tar` crate would read those records into
+/// memory whatever their size; here each is checked against [`MAX_EXTENSION_RECORD`] first.
+fn each_entry<R: Read>(
+    archive: &mut tar::Archive<R>,
+    mut visit: impl FnMut(&mut tar::Entry<'_, R>, Pending) -> Result<()>,
+) -> Result<()> {
+    let mut pending = Pending::default();
+    let entries = archive.entries().map_err(Error::ReadLayer)?.raw(true);
+    for entry in entries {
+        let mut entry = entry.map_err(Error::ReadLayer)?;
+        let entry_type = entry.header().entry_type();
+        let slot = match entry_type {
+            EntryType::GNULongName => Some((&mut pending.long_name, "gnu long name")),
+            EntryType::GNULongLink => Some((&mut pending.long_link, "gnu long link")),
+            EntryType::XHeader => Some((&mut pending.pax, "pax extended header")),
+            _ => None,
+        };
+        if let Some((slot, what)) = slot {
+            if slot.is_some() {
+                return Err(corrupt(format!("two {what} records for one entry")));
+            }
+            *slot = Some(read_extension(&mut entry, what)?);
+            continue;
+        }
+        if entry_type == EntryType::XGlobalHeader {
+            // Global PAX headers carry nothing we apply (containerd ignores them too).
+            read_extension(&mut entry, "pax global header")?;
+            continue;
+        }
+        visit(&mut entry, std::mem::take(&mut pending))?;
+    }
+    if !pending.is_empty() {
+        return Err(Error::ReadLayer(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "extension record without the entry it describes",
+        )));
+    }
+    Ok(())
+}
+
+/// The names of one entry of a tar walked by [`for_each_entry`], its extension records
+/// applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryNames {
+    /// The entry's path, as the tar names it (not normalised; at most [`MAX_PATH_LEN`] bytes).
+    pub path: Vec<u8>,
+    /// A link's target (at most [`MAX_PATH_LEN`] bytes), if the entry has one.
+    pub link: Option<Vec<u8>>,
+}
+
+/// Walks every entry of the (uncompressed) tar `reader` with the same bounds as a layer
+/// unpack: GNU long-name/long-link and PAX records over [`MAX_EXTENSION_RECORD`] bytes, paths
+/// and link targets over [`MAX_PATH_LEN`] bytes, a PAX size that differs from the header's and
+/// GNU sparse files are refused before anything big is read into memory. Extension records
+/// themselves are not handed to `visit`; the entry is, in raw mode (its data is what
+/// `header().size()` says, at `raw_file_position()`).
+pub fn for_each_entry<R: Read>(
+    reader: R,
+    mut visit: impl FnMut(&mut tar::Entry<'_, R>, EntryNames) -> Result<()>,
+) -> Result<()> {
+    let mut archive = tar::Archive::new(reader);
+    each_entry(&mut archive, |entry, pending| {
+        let names = entry_names(entry, pending)?;
+        visit(entry, names)
+    })
+}
+
+fn entry_names<R: Read>(entry: &tar::Entry<'_, R>, pending: Pending) -> Result<EntryNames> {
+    let header = entry.header();
+    let mut path = match pending.long_name {
+        Some(n) => strip_nuls(n),
+        None => header.path_bytes().into_owned(),
+    };
+    let mut link = match pending.long_link {
+        Some(l) => Some(strip_nuls(l)),
+        None => header.link_name_bytes().map(|l| l.into_owned()),
+    };
+    if let Some(pax) = &pending.pax {
+        let name = lossy(&path);
+        let records = parse_pax(pax).map_err(|e| corrupt(format!("entry {name:?}: {e}")))?;
+        for (key, value) in records {
+            match key {
+                b"path" => path = value.to_vec(),
+                b"linkpath" => link = Some(value.to_vec()),
+                b"size"
+                    if std::str::from_utf8(value).ok().and_then(|s| s.parse().ok())
+                        != Some(entry.size()) =>
+                {
+                    return Err(refuse(
+                        &name,
+                        "pax size record differs from the header size",
+                    ));
+                }
+                k if k.starts_with(b"GNU.sparse.") => {
+                    return Err(refuse(&name, "gnu sparse files are not supported"));
+                }
+                _ => {}
+            }
+        }
+    }
+    let name = lossy(&path[..path.len().min(256)]);
+    if header.entry_type() == EntryType::GNUSparse {
+        return Err(refuse(&name, "gnu sparse files are not supported"));
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(refuse(
+            &name,
+            format!("path exceeds the {MAX_PATH_LEN}-byte limit"),
+        ));
+    }
+    if link.as_ref().is_some_and(|l| l.len() > MAX_PATH_LEN) {
+        return Err(refuse(
+            &name,
+            format!("link target exceeds the {MAX_PATH_LEN}-byte limit"),
+        ));
+    }
+    Ok(EntryNames { path, link })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Applying entries.
 
@@ -747,41 +867,10 @@ impl Unpacker {
     }
 
     fn run<R: Read>(&mut self, archive: &mut tar::Archive<R>) -> Result<()> {
-        let mut pending = Pending::default();
-        // Raw mode: we handle long names and PAX records ourselves, so their size is checked
-        // before they are read into memory.
-        let entries = archive.entries().map_err(Error::ReadLayer)?.raw(true);
-        for entry in entries {
-            let mut entry = entry.map_err(Error::ReadLayer)?;
-            let entry_type = entry.header().entry_type();
-            let slot = match entry_type {
-                EntryType::GNULongName => Some((&mut pending.long_name, "gnu long name")),
-                EntryType::GNULongLink => Some((&mut pending.long_link, "gnu long link")),
-                EntryType::XHeader => Some((&mut pending.pax, "pax extended header")),
-                _ => None,
-            };
-            if let Some((slot, what)) = slot {
-                if slot.is_some() {
-                    return Err(corrupt(format!("two {what} records for one entry")));
-                }
-                *slot = Some(read_extension(&mut entry, what)?);
-                continue;
-            }
-            if entry_type == EntryType::XGlobalHeader {
-                // Global PAX headers carry nothing we apply (containerd ignores them too).
-                read_extension(&mut entry, "pax global header")?;
-                continue;
-            }
-            let meta = Meta::new(&entry, std::mem::take(&mut pending))?;
-            self.apply(&mut entry, &meta)?;
-        }
-        if !pending.is_empty() {
-            return Err(Error::ReadLayer(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "extension record without the entry it describes",
-            )));
-        }
-        Ok(())
+        each_entry(archive, |entry, pending| {
+            let meta = Meta::new(entry, pending)?;
+            self.apply(entry, &meta)
+        })
     }
 
     /// Sets the directory times recorded during the unpack. A directory replaced since is
@@ -1863,6 +1952,38 @@ mod tests {
         b.append_data(&mut h, &long, &b"x"[..]).unwrap();
         unpack_bytes(&finish(b), &dest).unwrap();
         assert!(dest.join(long).exists());
+    }
+
+    #[test]
+    fn for_each_entry_applies_long_names_and_refuses_giant_ones() {
+        let mut b = Builder::new(Vec::new());
+        let long = format!("{}/f", "d".repeat(200));
+        let mut h = Header::new_gnu();
+        h.set_size(1);
+        h.set_entry_type(EntryType::Regular);
+        b.append_data(&mut h, &long, &b"x"[..]).unwrap();
+        b.append_pax_extensions([("path", &b"pax/name"[..])])
+            .unwrap();
+        file(&mut b, "short", b"y");
+        let mut seen = Vec::new();
+        for_each_entry(finish(b).as_slice(), |e, names| {
+            seen.push((lossy(&names.path), e.size()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(long, 1), ("pax/name".to_owned(), 1)]);
+
+        let mut b = Builder::new(Vec::new());
+        let name = vec![b'n'; (MAX_EXTENSION_RECORD + 10) as usize];
+        let mut h = Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(EntryType::GNULongLink);
+        h.set_size(name.len() as u64);
+        h.set_cksum();
+        b.append(&h, &name[..]).unwrap();
+        file(&mut b, "short", b"x");
+        let err = for_each_entry(finish(b).as_slice(), |_, _| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("gnu long link"), "{err}");
     }
 
     #[test]

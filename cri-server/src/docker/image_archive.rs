@@ -183,11 +183,15 @@ pub(super) fn save(api: &Arc<Api>, names: Vec<String>) -> ApiResult {
 pub(super) async fn load(api: &Arc<Api>, req: Req) -> ApiResult {
     let upload = body_to_file(api, req).await?;
     let images = api.engine.images().clone();
-    let path = upload.0.clone();
-    let loaded = tokio::task::spawn_blocking(move || images.load_archive(&path))
-        .await
-        .map_err(|e| Error::Internal(format!("load thread: {e}")))??;
-    drop(upload);
+    // The upload is the blocking thread's to remove: a client that hangs up drops this
+    // future, and the load must not lose its file half-way.
+    let loaded = tokio::task::spawn_blocking(move || {
+        let loaded = images.load_archive(&upload.0);
+        drop(upload);
+        loaded
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("load thread: {e}")))??;
     let mut lines = Vec::new();
     for l in loaded {
         if l.tags.is_empty() {
@@ -235,14 +239,16 @@ pub(super) async fn import(api: &Arc<Api>, req: Req) -> ApiResult {
     };
     let upload = body_to_file(api, req).await?;
     let images = api.engine.images().clone();
-    let path = upload.0.clone();
     let config = Value::Object(config);
     let refs2 = refs.clone();
-    let id =
-        tokio::task::spawn_blocking(move || images.import_rootfs(&path, config, &comment, refs2))
-            .await
-            .map_err(|e| Error::Internal(format!("import thread: {e}")))??;
-    drop(upload);
+    // As for load: the blocking thread owns the upload.
+    let id = tokio::task::spawn_blocking(move || {
+        let id = images.import_rootfs(&upload.0, config, &comment, refs2);
+        drop(upload);
+        id
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("import thread: {e}")))??;
     let attributes = BTreeMap::from([(
         "name".to_owned(),
         refs.first().map(|r| familiar(r)).unwrap_or_default(),

@@ -482,9 +482,25 @@ impl Engine {
             run: None,
             networks,
         };
-        // Name first (atomic with the record), then the snapshot; a crash in between leaves a
-        // record whose snapshot `start` prepares on demand.
-        self.reserve(&r)?;
+        // Volumes are made at create, as docker does: `volume ls` shows them from then on.
+        let image_volumes = image_config["config"]["Volumes"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        // Name first (atomic with the record), then the volumes and the snapshot; a crash in
+        // between leaves a record whose volumes and snapshot `start` makes on demand. The
+        // volume lock is held from the record to its volumes, so a volume rm or prune never
+        // takes a volume this container was just given.
+        let volumes = {
+            let _held = volumes::lock();
+            self.reserve(&r)?;
+            self.create_volumes_locked(&r, image_volumes)
+        };
+        if let Err(e) = volumes {
+            self.forget(&r).await;
+            self.remove_anonymous_volumes(&r);
+            return Err(e);
+        }
         let snapshots = self.snapshots.clone();
         let key = r.snapshot_key();
         let dir = self.container_dir(&id);
@@ -496,12 +512,7 @@ impl Engine {
         })
         .await
         .map_err(|e| Error::Internal(format!("rootfs thread: {e}")))?;
-        // Volumes are made at create, as docker does: `volume ls` shows them from then on.
-        let image_volumes = image_config["config"]["Volumes"]
-            .as_object()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
-        if let Err(e) = prepared.and_then(|()| self.create_volumes(&r, image_volumes)) {
+        if let Err(e) = prepared {
             self.forget(&r).await;
             self.remove_anonymous_volumes(&r);
             return Err(e);
@@ -696,7 +707,14 @@ impl Engine {
 
     async fn start_locked(self: &Arc<Self>, r: &mut Record) -> Result<()> {
         let ports = self.pick_ports(r)?;
-        let mounts = self.resolve_mounts(r)?;
+        // Filling a fresh volume copies the image's files: disk work, off the runtime.
+        let mounts = {
+            let engine = self.clone();
+            let rec = r.clone();
+            tokio::task::spawn_blocking(move || engine.resolve_mounts(&rec))
+                .await
+                .map_err(|e| Error::Internal(format!("volume thread: {e}")))??
+        };
         let log_dir = self.container_dir(&r.id);
         // Held until the networks are attached: a network rm waits, then finds this container
         // on it.

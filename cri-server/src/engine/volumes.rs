@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use api::cri;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -27,12 +27,22 @@ const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("engine_volum
 pub const ANONYMOUS_LABEL: &str = "com.docker.volume.anonymous";
 /// Prefix of the view snapshots (and, with a dot, mount dirs) a copy-up from the image uses.
 const COPY_PREFIX: &str = "volcopy-";
+/// Suffix of the staging dir a copy-up fills before its files move into the volume.
+const FILL_SUFFIX: &str = ".fill";
 /// The only driver berth has.
 pub const LOCAL_DRIVER: &str = "local";
 
 /// Serialises changes to volume records and their directories: create, remove and the
 /// in-use check must not interleave. Held only for short, local disk work.
+/// Container create holds it too, from storing its record until its volumes are made, so a
+/// remove or prune that works out which volumes are in use (under it) sees either the whole
+/// container or none of it.
 static VOLUME_LOCK: Mutex<()> = Mutex::new(());
+
+/// Takes [`VOLUME_LOCK`].
+pub(super) fn lock() -> MutexGuard<'static, ()> {
+    VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// What the engine records of a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,10 +140,16 @@ pub(super) fn init(
     // Views and mount points of an image copy-up that a crash cut short.
     if let Ok(entries) = std::fs::read_dir(root.join("volumes")) {
         for e in entries.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!(".{COPY_PREFIX}"))
-            {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(&format!(".{COPY_PREFIX}")) {
+                continue;
+            }
+            if name.ends_with(FILL_SUFFIX) {
+                // A staging dir is never a mount point: its half copy goes.
+                let _ = std::fs::remove_dir_all(e.path());
+            } else {
+                // A view's mount point: only ever removed empty, so a mount that will not go
+                // away keeps the image's files.
                 let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
                 let _ = std::fs::remove_dir(e.path());
             }
@@ -289,10 +305,20 @@ impl Engine {
     fn ensure_volume(
         &self,
         name: &str,
+        labels: BTreeMap<String, String>,
+        owner: Option<&str>,
+    ) -> Result<(VolumeRecord, bool)> {
+        let _held = lock();
+        self.ensure_volume_locked(name, labels, owner)
+    }
+
+    /// [`ensure_volume`](Self::ensure_volume) with [`VOLUME_LOCK`] held by the caller.
+    fn ensure_volume_locked(
+        &self,
+        name: &str,
         mut labels: BTreeMap<String, String>,
         owner: Option<&str>,
     ) -> Result<(VolumeRecord, bool)> {
-        let _held = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let tx = self.db.begin_write()?;
         let made;
         let rec = {
@@ -384,8 +410,10 @@ impl Engine {
     /// Removes a volume: 409 with docker's words while a container uses it. `force` makes an
     /// absent volume no error.
     pub fn remove_volume(&self, name: &str, force: bool) -> Result<()> {
+        // Users are worked out under the lock: a container create between the two would
+        // otherwise lose the volume it was just given.
+        let _held = lock();
         let users = self.volume_users(name)?;
-        let _held = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let v = match self.volume(name) {
             Ok(v) => v,
             Err(Error::NotFound(_)) if force => return Ok(()),
@@ -423,8 +451,8 @@ impl Engine {
         &self,
         take: impl Fn(&VolumeRecord) -> bool,
     ) -> Result<(Vec<String>, u64)> {
+        let _held = lock();
         let used = self.volumes_in_use()?;
-        let _held = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let mut names = Vec::new();
         let mut bytes = 0u64;
         for v in self.volumes()? {
@@ -591,11 +619,16 @@ impl Engine {
     /// Makes the records (and directories) of the volumes container `r` uses, at create as
     /// docker does. Start makes them again if missing: containers created by a berthd from
     /// before volumes were objects have none.
-    pub(super) fn create_volumes(&self, r: &Record, image_volumes: Vec<String>) -> Result<()> {
+    /// The caller holds [`lock`], from before it stored `r`.
+    pub(super) fn create_volumes_locked(
+        &self,
+        r: &Record,
+        image_volumes: Vec<String>,
+    ) -> Result<()> {
         for m in self.mount_points(r, Some(image_volumes))? {
             if let MountKind::Volume { name, anonymous } = &m.kind {
                 let owner = anonymous.then_some(r.id.as_str());
-                let (rec, made) = self.ensure_volume(name, BTreeMap::new(), owner)?;
+                let (rec, made) = self.ensure_volume_locked(name, BTreeMap::new(), owner)?;
                 if made {
                     self.volume_event("create", &rec);
                 }
@@ -639,14 +672,25 @@ impl Engine {
                     std::fs::create_dir_all(&rec.mountpoint)
                         .map_err(|e| Error::internal("create volume", e))?;
                     if !rec.populated {
-                        if !m.no_copy
-                            && let Err(e) = self.populate(r, &rec, &m.target)
-                        {
-                            tracing::warn!(volume = %rec.name, error = %e, "fill the volume from the image");
+                        let filled = if m.no_copy {
+                            Ok(())
+                        } else {
+                            self.populate(r, &rec, &m.target)
+                        };
+                        match filled {
+                            Ok(()) => {
+                                let mut rec = rec;
+                                rec.populated = true;
+                                self.put_volume(&rec)?;
+                            }
+                            // A failed fill leaves the volume empty: it stays unmarked, so the
+                            // next start tries again.
+                            Err(e) => tracing::warn!(
+                                volume = %rec.name,
+                                error = %e,
+                                "fill the volume from the image failed; it is left empty and not marked filled, so the next start tries again"
+                            ),
                         }
-                        let mut rec = rec;
-                        rec.populated = true;
-                        self.put_volume(&rec)?;
                     }
                 }
             }
@@ -679,7 +723,13 @@ impl Engine {
                 let rel = target.trim_start_matches('/');
                 let src = safe_join(&tmp, rel);
                 let res = match src {
-                    Some(src) if src.is_dir() => copy_tree(&src, &v.mountpoint),
+                    Some(src) if src.is_dir() => {
+                        let staging = self
+                            .root
+                            .join("volumes")
+                            .join(format!(".{key}{FILL_SUFFIX}"));
+                        fill_from(&src, &staging, &v.mountpoint)
+                    }
                     _ => Ok(()),
                 };
                 let _ = nix::mount::umount2(&tmp, nix::mount::MntFlags::MNT_DETACH);
@@ -711,40 +761,72 @@ fn safe_join(root: &Path, rel: &str) -> Option<PathBuf> {
     Some(p)
 }
 
+/// Fills the (empty) volume dir `dst` with the contents of `src`: copied into `staging`
+/// first, then moved in, so a failed copy leaves the volume empty (and a retry possible).
+fn fill_from(src: &Path, staging: &Path, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        Error::Internal(format!("{what} {}: {e}", p.display()))
+    };
+    std::fs::create_dir(staging).map_err(|e| io("create dir", staging, e))?;
+    let moved = copy_tree(src, staging).and_then(|()| {
+        for e in std::fs::read_dir(staging).map_err(|e| io("read dir", staging, e))? {
+            let e = e.map_err(|e| io("read dir", staging, e))?;
+            let to = dst.join(e.file_name());
+            std::fs::rename(e.path(), &to).map_err(|e| io("move", &to, e))?;
+        }
+        let meta = std::fs::symlink_metadata(staging).map_err(|e| io("stat", staging, e))?;
+        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(|e| io("chmod", dst, e))?;
+        std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))
+            .map_err(|e| io("chown", dst, e))
+    });
+    if let Err(e) = std::fs::remove_dir_all(staging)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %staging.display(), error = %e, "remove volume fill staging dir");
+    }
+    moved
+}
+
 /// Copies the contents of `src` into `dst` (which exists), keeping modes, owners and
-/// symlinks; devices and sockets are skipped.
+/// symlinks; devices and sockets are skipped. Iterative, one directory open at a time: an
+/// image may nest directories deeper than any stack.
 fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let io = |what: &str, p: &Path, e: std::io::Error| {
         Error::Internal(format!("{what} {}: {e}", p.display()))
     };
-    let meta = std::fs::symlink_metadata(src).map_err(|e| io("stat", src, e))?;
-    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
-        .map_err(|e| io("chmod", dst, e))?;
-    std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))
-        .map_err(|e| io("chown", dst, e))?;
-    for e in std::fs::read_dir(src).map_err(|e| io("read dir", src, e))? {
-        let e = e.map_err(|e| io("read dir", src, e))?;
-        let from = e.path();
-        let to = dst.join(e.file_name());
-        let m = std::fs::symlink_metadata(&from).map_err(|e| io("stat", &from, e))?;
-        let ft = m.file_type();
-        if ft.is_dir() {
-            std::fs::create_dir(&to).map_err(|e| io("create dir", &to, e))?;
-            copy_tree(&from, &to)?;
-            continue;
-        } else if ft.is_symlink() {
-            let target = std::fs::read_link(&from).map_err(|e| io("read link", &from, e))?;
-            std::os::unix::fs::symlink(&target, &to).map_err(|e| io("symlink", &to, e))?;
-        } else if ft.is_file() {
-            std::fs::copy(&from, &to).map_err(|e| io("copy", &from, e))?;
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(m.mode() & 0o7777))
-                .map_err(|e| io("chmod", &to, e))?;
-        } else {
-            continue;
+    let same_meta = |m: &std::fs::Metadata, to: &Path| -> Result<()> {
+        if !m.file_type().is_symlink() {
+            std::fs::set_permissions(to, std::fs::Permissions::from_mode(m.mode() & 0o7777))
+                .map_err(|e| io("chmod", to, e))?;
         }
-        std::os::unix::fs::lchown(&to, Some(m.uid()), Some(m.gid()))
-            .map_err(|e| io("chown", &to, e))?;
+        std::os::unix::fs::lchown(to, Some(m.uid()), Some(m.gid())).map_err(|e| io("chown", to, e))
+    };
+    let meta = std::fs::symlink_metadata(src).map_err(|e| io("stat", src, e))?;
+    same_meta(&meta, dst)?;
+    let mut dirs = vec![(src.to_path_buf(), dst.to_path_buf())];
+    while let Some((src, dst)) = dirs.pop() {
+        for e in std::fs::read_dir(&src).map_err(|e| io("read dir", &src, e))? {
+            let e = e.map_err(|e| io("read dir", &src, e))?;
+            let from = e.path();
+            let to = dst.join(e.file_name());
+            let m = std::fs::symlink_metadata(&from).map_err(|e| io("stat", &from, e))?;
+            let ft = m.file_type();
+            if ft.is_dir() {
+                std::fs::create_dir(&to).map_err(|e| io("create dir", &to, e))?;
+                dirs.push((from, to.clone()));
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&from).map_err(|e| io("read link", &from, e))?;
+                std::os::unix::fs::symlink(&target, &to).map_err(|e| io("symlink", &to, e))?;
+            } else if ft.is_file() {
+                std::fs::copy(&from, &to).map_err(|e| io("copy", &from, e))?;
+            } else {
+                continue;
+            }
+            same_meta(&m, &to)?;
+        }
     }
     Ok(())
 }
@@ -798,5 +880,46 @@ mod tests {
         assert_eq!(dir_size(dst.path()), 1 + 3);
         assert!(safe_join(src.path(), "../etc").is_none());
         assert!(safe_join(src.path(), "l/x").is_none());
+    }
+
+    #[test]
+    fn copy_tree_takes_deep_trees_on_a_small_stack() {
+        let src = tempfile::tempdir().expect("src");
+        let dst = tempfile::tempdir().expect("dst");
+        // 1500 levels: far past what one stack frame per level fits in 256 KiB.
+        let deep: PathBuf = std::iter::repeat_n("d", 1500).collect();
+        std::fs::create_dir_all(src.path().join(&deep)).expect("mkdir");
+        std::fs::write(src.path().join(&deep).join("f"), b"x").expect("write");
+        let (s, d) = (src.path().to_owned(), dst.path().to_owned());
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || copy_tree(&s, &d))
+            .expect("thread")
+            .join()
+            .expect("no stack overflow")
+            .expect("copy");
+        assert_eq!(
+            std::fs::read(dst.path().join(&deep).join("f")).expect("read"),
+            b"x"
+        );
+    }
+
+    #[test]
+    fn a_failed_fill_leaves_the_volume_empty() {
+        let src = tempfile::tempdir().expect("src");
+        let vol = tempfile::tempdir().expect("vol");
+        std::fs::write(src.path().join("a"), b"x").expect("write");
+        std::fs::create_dir(src.path().join("d")).expect("mkdir");
+        let staging = vol.path().join(".stage");
+        let dst = vol.path().join("_data");
+        std::fs::create_dir(&dst).expect("mkdir");
+        // A staging dir that cannot be made (its parent is missing) fails the fill.
+        let err = fill_from(src.path(), &vol.path().join("no/stage"), &dst).expect_err("fails");
+        assert!(err.to_string().contains("create dir"), "{err}");
+        assert_eq!(std::fs::read_dir(&dst).expect("read").count(), 0);
+        fill_from(src.path(), &staging, &dst).expect("fill");
+        assert_eq!(std::fs::read(dst.join("a")).expect("read"), b"x");
+        assert!(dst.join("d").is_dir());
+        assert!(!staging.exists());
     }
 }

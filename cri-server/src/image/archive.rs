@@ -31,6 +31,9 @@ use crate::error::{Error, Result};
 pub const MAX_ARCHIVE_JSON: u64 = 4 << 20;
 /// Most entries an archive may have: a save of many images has a few per layer.
 const MAX_ENTRIES: usize = 100_000;
+/// Bytes of entry names (and link targets) an archive's index may hold: the index is in
+/// memory, and each name may be up to 4 KiB.
+const MAX_NAME_BYTES: usize = 32 << 20;
 /// Symlinks followed to find one file (docker's legacy layout links shared layers).
 const MAX_LINKS: usize = 8;
 /// Bytes buffered before a chunk of a saved archive goes to the client.
@@ -96,63 +99,92 @@ fn normalise(p: &str) -> Option<String> {
     Some(out.join("/"))
 }
 
+/// Adds one entry of an archive being opened to its index.
+fn index_entry<R: Read>(
+    entries: &mut HashMap<String, Entry>,
+    name_bytes: &mut usize,
+    e: &tar::Entry<'_, R>,
+    names: snapshotter::unpack::EntryNames,
+) -> Result<()> {
+    let raw = String::from_utf8_lossy(&names.path).into_owned();
+    let name = normalise(&raw).ok_or_else(|| {
+        bad(format_args!(
+            "entry {raw:?} points outside the archive (path traversal)"
+        ))
+    })?;
+    let kind = e.header().entry_type();
+    let entry = match kind {
+        tar::EntryType::Regular | tar::EntryType::Continuous => Entry::File {
+            offset: e.raw_file_position(),
+            size: e.size(),
+        },
+        tar::EntryType::Symlink | tar::EntryType::Link => {
+            let target = names
+                .link
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            // Symlinks are relative to their directory, hard links to the root.
+            let dir = if kind == tar::EntryType::Symlink {
+                name.rsplit_once('/').map_or("", |(d, _)| d)
+            } else {
+                ""
+            };
+            Entry::Link(resolve_link(dir, &target).ok_or_else(|| {
+                bad(format_args!(
+                    "link {raw:?} → {target:?} points outside the archive (path traversal)"
+                ))
+            })?)
+        }
+        tar::EntryType::Directory => return Ok(()),
+        other => {
+            return Err(bad(format_args!(
+                "entry {raw:?} is a {other:?}, not a file"
+            )));
+        }
+    };
+    *name_bytes += name.len()
+        + match &entry {
+            Entry::Link(t) => t.len(),
+            Entry::File { .. } => 0,
+        };
+    entries.insert(name, entry);
+    if entries.len() > MAX_ENTRIES {
+        return Err(bad(format_args!("more than {MAX_ENTRIES} entries")));
+    }
+    if *name_bytes > MAX_NAME_BYTES {
+        return Err(bad(format_args!(
+            "its entry names add up to more than {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
 impl Archive {
     /// Indexes the tar at `path`; refuses entries that escape it and kinds that have no place
     /// in an image archive.
     pub fn open(path: &Path) -> Result<Archive> {
         let f = File::open(path).map_err(|e| Error::internal("open archive", e))?;
-        let mut tar = tar::Archive::new(f);
         let mut entries = HashMap::new();
-        let iter = tar
-            .entries()
-            .map_err(|e| bad(format_args!("not a tar archive: {e}")))?;
-        for e in iter {
-            let e = e.map_err(|e| bad(format_args!("not a tar archive: {e}")))?;
-            let raw = String::from_utf8_lossy(&e.path_bytes()).into_owned();
-            let name = normalise(&raw).ok_or_else(|| {
-                bad(format_args!(
-                    "entry {raw:?} points outside the archive (path traversal)"
-                ))
-            })?;
-            let kind = e.header().entry_type();
-            let entry = match kind {
-                tar::EntryType::Regular | tar::EntryType::Continuous => Entry::File {
-                    offset: e.raw_file_position(),
-                    size: e.size(),
-                },
-                tar::EntryType::Symlink | tar::EntryType::Link => {
-                    let target = e
-                        .link_name_bytes()
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default();
-                    // Symlinks are relative to their directory, hard links to the root.
-                    let dir = if kind == tar::EntryType::Symlink {
-                        name.rsplit_once('/').map_or("", |(d, _)| d)
-                    } else {
-                        ""
-                    };
-                    Entry::Link(resolve_link(dir, &target).ok_or_else(|| {
-                        bad(format_args!(
-                            "link {raw:?} → {target:?} points outside the archive (path traversal)"
-                        ))
-                    })?)
-                }
-                tar::EntryType::Directory
-                | tar::EntryType::XGlobalHeader
-                | tar::EntryType::XHeader
-                | tar::EntryType::GNULongName
-                | tar::EntryType::GNULongLink => continue,
-                other => {
-                    return Err(bad(format_args!(
-                        "entry {raw:?} is a {other:?}, not a file"
-                    )));
-                }
-            };
-            entries.insert(name, entry);
-            if entries.len() > MAX_ENTRIES {
-                return Err(bad(format_args!("more than {MAX_ENTRIES} entries")));
-            }
+        let mut name_bytes = 0usize;
+        let mut refused: Option<Error> = None;
+        // The layer unpacker's walk: long names and PAX records are size-checked before they
+        // are read, where the tar crate's own would read any size into memory.
+        let walked = snapshotter::unpack::for_each_entry(f, |e, names| {
+            index_entry(&mut entries, &mut name_bytes, e, names).map_err(|err| {
+                refused = Some(err);
+                snapshotter::Error::ReadLayer(std::io::Error::other("entry refused"))
+            })
+        });
+        if let Some(err) = refused {
+            return Err(err);
         }
+        walked.map_err(|e| {
+            bad(format_args!(
+                "not a tar archive: {}",
+                crate::error::chain(&e)
+            ))
+        })?;
         Ok(Archive {
             path: path.to_owned(),
             entries,
@@ -207,6 +239,36 @@ impl Archive {
             .map_err(|e| Error::internal("read archive", e))?;
         Ok(buf)
     }
+}
+
+/// A compressed archive may expand to this many times its size on disk…
+const EXPAND_RATIO: u64 = 32;
+/// …or to this many bytes, whichever is more.
+const MIN_EXPAND_LIMIT: u64 = 1 << 30;
+
+/// The most bytes a compressed archive of `compressed` bytes may expand to: a decompression
+/// bomb must not fill the root's disk.
+fn expand_limit(compressed: u64) -> u64 {
+    compressed
+        .saturating_mul(EXPAND_RATIO)
+        .max(MIN_EXPAND_LIMIT)
+}
+
+/// Decompresses the (gzip or zstd) archive at `from` into `to`, refusing it once it passes
+/// `limit` bytes.
+fn expand(from: &Path, to: &Path, limit: u64) -> Result<()> {
+    let f = File::open(from).map_err(|e| Error::internal("open archive", e))?;
+    let r =
+        snapshotter::unpack::decompressed(f).map_err(|e| bad(format_args!("decompress: {e}")))?;
+    let mut w = File::create(to).map_err(|e| Error::internal("expand archive", e))?;
+    let n = std::io::copy(&mut r.take(limit.saturating_add(1)), &mut w)
+        .map_err(|e| bad(format_args!("decompress: {e}")))?;
+    if n > limit {
+        return Err(bad(format_args!(
+            "it expands to more than {limit} bytes (at most {EXPAND_RATIO} times its compressed size, or {MIN_EXPAND_LIMIT} bytes)"
+        )));
+    }
+    Ok(())
 }
 
 /// A scratch file, removed when dropped.
@@ -729,11 +791,10 @@ impl ImageManager {
         let path = if compressed {
             let out = path.with_extension("expanded");
             _expanded = RemoveOnDrop(out.clone());
-            let f = File::open(path).map_err(|e| Error::internal("open archive", e))?;
-            let mut r = snapshotter::unpack::decompressed(f)
-                .map_err(|e| bad(format_args!("decompress: {e}")))?;
-            let mut w = File::create(&out).map_err(|e| Error::internal("expand archive", e))?;
-            std::io::copy(&mut r, &mut w).map_err(|e| bad(format_args!("decompress: {e}")))?;
+            let compressed_len = std::fs::metadata(path)
+                .map_err(|e| Error::internal("stat archive", e))?
+                .len();
+            expand(path, &out, expand_limit(compressed_len))?;
             out
         } else {
             path.to_owned()
@@ -1035,6 +1096,74 @@ mod tests {
         let p = write(dir.path(), &tar_of(&[("../evil", b"x")]));
         let err = Archive::open(&p).err().expect("refused").to_string();
         assert!(err.contains("path traversal"), "{err}");
+    }
+
+    #[test]
+    fn giant_extension_records_are_refused_before_they_are_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        // A GNU long name far past the record limit: refused from its header alone.
+        let mut b = tar::Builder::new(Vec::new());
+        let name = vec![b'n'; (snapshotter::unpack::MAX_EXTENSION_RECORD + 10) as usize];
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().expect("gnu").name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(name.len() as u64);
+        h.set_cksum();
+        b.append(&h, &name[..]).expect("append");
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, "short", &b"x"[..]).expect("append");
+        let p = write(dir.path(), &b.into_inner().expect("tar"));
+        let err = Archive::open(&p).err().expect("refused").to_string();
+        assert!(err.contains("gnu long name"), "{err}");
+
+        // The same for a PAX header.
+        let mut b = tar::Builder::new(Vec::new());
+        let big = vec![b'v'; (snapshotter::unpack::MAX_EXTENSION_RECORD + 10) as usize];
+        b.append_pax_extensions([("comment", &big[..])])
+            .expect("pax");
+        let mut h = tar::Header::new_ustar();
+        h.set_size(1);
+        b.append_data(&mut h, "short", &b"x"[..]).expect("append");
+        let p = write(dir.path(), &b.into_inner().expect("tar"));
+        let err = Archive::open(&p).err().expect("refused").to_string();
+        assert!(err.contains("pax"), "{err}");
+
+        // Long names that fit still name their entries.
+        let mut b = tar::Builder::new(Vec::new());
+        let long = format!("{}/manifest.json", "d".repeat(200));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, &long, &b"[]"[..]).expect("append");
+        let p = write(dir.path(), &b.into_inner().expect("tar"));
+        let a = Archive::open(&p).expect("open");
+        assert_eq!(a.small(&long).expect("read"), b"[]");
+    }
+
+    #[test]
+    fn compressed_archives_expand_only_so_far() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().expect("dir");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&vec![0u8; 4 << 20]).expect("gzip");
+        let bomb = dir.path().join("bomb.gz");
+        std::fs::write(&bomb, gz.finish().expect("gzip")).expect("write");
+        let out = dir.path().join("out");
+        let err = expand(&bomb, &out, 1 << 20)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("expands to more than 1048576 bytes"), "{err}");
+        expand(&bomb, &out, 4 << 20).expect("within the limit");
+        assert_eq!(std::fs::metadata(&out).expect("stat").len(), 4 << 20);
+        assert_eq!(expand_limit(1), MIN_EXPAND_LIMIT);
+        assert_eq!(expand_limit(1 << 30), 32 << 30);
+        // Through the load itself: refused as a 400, and no expanded copy is left behind.
+        let m = manager(dir.path());
+        let err = m.load_archive(&bomb).expect_err("not an archive");
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(!bomb.with_extension("expanded").exists());
     }
 
     #[test]
