@@ -410,37 +410,56 @@ pub async fn save(d: &Docker, a: SaveArgs) -> Result<i32> {
     Ok(0)
 }
 
-async fn read_input(path: Option<&str>) -> Result<bytes::Bytes> {
+/// The archive at `path` (a file, or stdin for none or `-`) as a body streamed as it is read:
+/// image archives are as large as the images in them.
+fn input_stream(
+    path: Option<&str>,
+) -> Result<(crate::body::BodyStream, tokio::task::JoinHandle<Result<()>>)> {
     match path {
-        Some(p) if p != "-" => Ok(tokio::fs::read(p)
-            .await
-            .with_context(|| format!("read {p}"))?
-            .into()),
-        _ => {
-            let mut buf = Vec::new();
-            tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut buf)
-                .await
-                .context("read stdin")?;
-            Ok(buf.into())
+        Some(p) if p != "-" => {
+            let f = std::fs::File::open(p).map_err(|e| {
+                let what = match e.kind() {
+                    std::io::ErrorKind::NotFound => "no such file or directory".to_owned(),
+                    std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+                    _ => e.to_string(),
+                };
+                anyhow::anyhow!("open {p}: {what}")
+            })?;
+            Ok(crate::body::read_stream(f))
         }
+        _ => Ok(crate::body::read_stream(std::io::stdin())),
     }
+}
+
+/// The reading side's failure, if it had one: it says more than the request it broke.
+async fn read_failure(reader: tokio::task::JoinHandle<Result<()>>) -> Result<()> {
+    reader
+        .await
+        .context("the reading thread")?
+        .context("read the archive")
 }
 
 pub async fn load(d: &Docker, a: LoadArgs) -> Result<i32> {
     if a.input.is_none() && crate::tty::stdin_is_tty() {
         bail!("requested load from stdin, but stdin is empty");
     }
-    let body = read_input(a.input.as_deref()).await?;
+    let (body, reader) = input_stream(a.input.as_deref())?;
     let mut s = d.import_image(
         ImportImageOptions {
             quiet: a.quiet,
             ..Default::default()
         },
-        bollard::body_full(body),
+        bollard::body_try_stream(body),
         None,
     );
     while let Some(item) = s.next().await {
-        let info = item.context("load images")?;
+        let info = match item {
+            Ok(i) => i,
+            Err(e) => {
+                read_failure(reader).await?;
+                return Err(anyhow::Error::new(e).context("load images"));
+            }
+        };
         if let Some(e) = info.error_detail.as_ref().and_then(|e| e.message.clone()) {
             bail!(e);
         }
@@ -454,7 +473,7 @@ pub async fn load(d: &Docker, a: LoadArgs) -> Result<i32> {
 }
 
 pub async fn import(d: &Docker, a: ImportArgs) -> Result<i32> {
-    let body = read_input(Some(a.file.as_str())).await?;
+    let (body, reader) = input_stream(Some(a.file.as_str()))?;
     let (repo, tag) = match &a.reference {
         Some(r) => {
             let (repo, tag, _) = split_reference(r);
@@ -471,11 +490,17 @@ pub async fn import(d: &Docker, a: ImportArgs) -> Result<i32> {
             changes: a.change.clone(),
             ..Default::default()
         }),
-        Some(bollard::body_full(body)),
+        Some(bollard::body_try_stream(body)),
         None,
     );
     while let Some(item) = s.next().await {
-        let info = item.context("import")?;
+        let info = match item {
+            Ok(i) => i,
+            Err(e) => {
+                read_failure(reader).await?;
+                return Err(anyhow::Error::new(e).context("import"));
+            }
+        };
         if let Some(e) = info.error_detail.as_ref().and_then(|e| e.message.clone()) {
             bail!(e);
         }
