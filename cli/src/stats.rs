@@ -186,6 +186,7 @@ pub async fn stats(d: &Docker, a: StatsArgs) -> Result<i32> {
     let tty = crate::tty::stdout_is_tty();
     let mut order: Vec<String> = Vec::new();
     let mut first = true;
+    let mut cleared = false;
     loop {
         let names = if named {
             a.containers.clone()
@@ -218,7 +219,10 @@ pub async fn stats(d: &Docker, a: StatsArgs) -> Result<i32> {
         if tty {
             // Home, the table, and the rest of the screen cleared: no flicker.
             let drawn: String = table.lines().map(|l| format!("{l}\x1b[K\n")).collect();
-            write!(out, "\x1b[H{drawn}\x1b[J").context("write stdout")?;
+            // The screen is cleared once; after that each table is drawn over the last.
+            let clear = if cleared { "" } else { "\x1b[2J" };
+            cleared = true;
+            write!(out, "{clear}\x1b[H{drawn}\x1b[J").context("write stdout")?;
         } else {
             write!(out, "{table}").context("write stdout")?;
         }

@@ -838,6 +838,47 @@ async fn cp_into_a_container_by_dockers_rules() {
     clean(&env).await;
 }
 
+/// What berth writes on a pty for about three seconds, then stopped.
+async fn stats_on_pty(env: &DockerEnv, args: &[&str]) -> String {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (master, slave) = {
+        let (mut m, mut s) = (0, 0);
+        // SAFETY: openpty writes two fds into the locals; the other pointers may be null.
+        let r = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both fds were just opened by openpty and are owned by nobody else.
+        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
+    };
+    let mut cmd = env.berth_command(args);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(std::process::Stdio::from(slave));
+    let mut child = cmd.spawn().expect("berth on a pty");
+    // Our copies of the pty's slave side go, so the master reads an end once berth does.
+    drop(cmd);
+    let reader = std::thread::spawn(move || {
+        let mut master = master;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    child.kill().await.expect("stop berth stats");
+    reader.join().expect("reader")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stats_stream_and_top() {
     let env = DockerEnv::start("").await;
@@ -909,6 +950,11 @@ async fn stats_stream_and_top() {
         !text.contains('\x1b'),
         "no escapes off a terminal: {text:?}"
     );
+    // On a terminal the screen is cleared once, then each table drawn over the last.
+    let drawn = stats_on_pty(&env, &["stats", "--format", "table {{.Name}}", "idle"]).await;
+    assert_eq!(drawn.matches("\x1b[2J").count(), 1, "{drawn:?}");
+    assert!(drawn.matches("\x1b[H").count() >= 2, "{drawn:?}");
+    assert!(drawn.contains("idle"), "{drawn:?}");
     let missing = env.berth(&["stats", "nosuch"]).await;
     assert_eq!(missing.status.code(), Some(1), "{missing:?}");
     assert_eq!(
