@@ -515,6 +515,86 @@ pub async fn import(d: &Docker, a: ImportArgs) -> Result<i32> {
 mod tests {
     use super::*;
 
+    /// A daemon of one request: reads it (headers, then a chunked body) and answers `answer`.
+    /// Yields the request's head and its body.
+    async fn one_request_daemon(
+        socket: &std::path::Path,
+        answer: &'static str,
+    ) -> tokio::task::JoinHandle<(String, Vec<u8>)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::UnixListener::bind(socket).expect("bind");
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 65536];
+            while !raw.ends_with(b"\r\n0\r\n\r\n") {
+                let n = conn.read(&mut buf).await.expect("read");
+                assert_ne!(n, 0, "the request ended early");
+                raw.extend_from_slice(&buf[..n]);
+            }
+            let split = raw
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .expect("a head");
+            let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+            let mut rest = &raw[split + 4..];
+            let mut body = Vec::new();
+            loop {
+                let eol = rest.windows(2).position(|w| w == b"\r\n").expect("size");
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&rest[..eol]).expect("utf-8"), 16)
+                        .expect("hex");
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+                rest = &rest[eol + 2 + size + 2..];
+            }
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                answer.len()
+            );
+            conn.write_all(resp.as_bytes()).await.expect("answer");
+            (head, body)
+        })
+    }
+
+    #[tokio::test]
+    async fn load_streams_the_file_into_the_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("d.sock");
+        let daemon = one_request_daemon(&socket, "{\"stream\":\"Loaded image: x:1\\n\"}\n").await;
+        let archive = dir.path().join("a.tar");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&archive, &data).expect("write");
+        let d = Docker::connect_with_unix(
+            socket.to_str().expect("utf-8"),
+            30,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .expect("client");
+        let code = load(
+            &d,
+            LoadArgs {
+                input: Some(archive.display().to_string()),
+                quiet: false,
+            },
+        )
+        .await
+        .expect("load");
+        assert_eq!(code, 0);
+        let (head, body) = daemon.await.expect("daemon");
+        assert!(head.starts_with("POST /"), "{head}");
+        assert!(head.contains("/images/load"), "{head}");
+        // Sent as it was read: chunked, no length known up front.
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{head}"
+        );
+        assert_eq!(body, data);
+    }
+
     #[test]
     fn references() {
         assert_eq!(
