@@ -425,6 +425,9 @@ pub struct CpArgs {
     /// Always follow symbol link in SRC_PATH
     #[arg(short = 'L', long = "follow-link")]
     pub follow_link: bool,
+    /// Suppress progress output during copy (always so when stderr is not a terminal)
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
     /// CONTAINER:SRC_PATH or - or a local path
     pub src: String,
     /// CONTAINER:DEST_PATH or - or a local path

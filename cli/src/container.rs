@@ -11,17 +11,16 @@ use bollard::models::{
     ContainerCreateBody, EndpointSettings, ExecConfig, HostConfig, NetworkingConfig, PortBinding,
 };
 use bollard::query_parameters::{
-    AttachContainerOptions, CreateContainerOptions, DownloadFromContainerOptions,
-    KillContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
-    RenameContainerOptions, RestartContainerOptions, StatsOptions, StopContainerOptions,
-    TopOptions, UploadToContainerOptions, WaitContainerOptions,
+    AttachContainerOptions, CreateContainerOptions, KillContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, RenameContainerOptions, RestartContainerOptions,
+    StopContainerOptions, TopOptions, WaitContainerOptions,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::args::{
-    AttachArgs, CpArgs, ExecArgs, KillArgs, LogsArgs, Names, PortArgs, PsArgs, RenameArgs, RmArgs,
-    RunArgs, StartArgs, StatsArgs, StopArgs, TopArgs,
+    AttachArgs, ExecArgs, KillArgs, LogsArgs, Names, PortArgs, PsArgs, RenameArgs, RmArgs, RunArgs,
+    StartArgs, StopArgs, TopArgs,
 };
 use crate::client::{Exit, StatusError, is_not_found, report, start_failure_code};
 use crate::format::{self, short_id};
@@ -789,105 +788,6 @@ pub async fn top(d: &Docker, a: TopArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub async fn stats(d: &Docker, a: StatsArgs) -> Result<i32> {
-    let names = if a.containers.is_empty() {
-        d.list_containers(Some(ListContainersOptions {
-            all: a.all,
-            ..Default::default()
-        }))
-        .await
-        .context("list containers")?
-        .into_iter()
-        .filter_map(|c| c.id)
-        .collect()
-    } else {
-        a.containers.clone()
-    };
-    if !a.no_stream {
-        eprintln!("berth stats: streaming is not supported yet; showing one sample (--no-stream)");
-    }
-    let mut rows = Vec::new();
-    for n in &names {
-        let mut s = d.stats(
-            n,
-            Some(StatsOptions {
-                stream: false,
-                one_shot: false,
-            }),
-        );
-        let st = match s.next().await {
-            Some(r) => r.with_context(|| format!("stats of {n}"))?,
-            None => bail!("no stats for {n}"),
-        };
-        let cpu = st.cpu_stats.as_ref();
-        let pre = st.precpu_stats.as_ref();
-        let total = |c: Option<&bollard::models::ContainerCpuStats>| {
-            c.and_then(|c| c.cpu_usage.as_ref())
-                .and_then(|u| u.total_usage)
-                .unwrap_or(0) as f64
-        };
-        let system = |c: Option<&bollard::models::ContainerCpuStats>| {
-            c.and_then(|c| c.system_cpu_usage).unwrap_or(0) as f64
-        };
-        let cpu_delta = total(cpu) - total(pre);
-        let sys_delta = system(cpu) - system(pre);
-        let ncpu = cpu.and_then(|c| c.online_cpus).unwrap_or(1).max(1) as f64;
-        let cpu_pct = if sys_delta > 0.0 && cpu_delta > 0.0 {
-            cpu_delta / sys_delta * ncpu * 100.0
-        } else {
-            0.0
-        };
-        let mem = st.memory_stats.as_ref();
-        let usage = mem.and_then(|m| m.usage).unwrap_or(0) as f64;
-        let limit = mem.and_then(|m| m.limit).unwrap_or(0) as f64;
-        let mem_pct = if limit > 0.0 {
-            usage / limit * 100.0
-        } else {
-            0.0
-        };
-        let (mut rx, mut tx) = (0u64, 0u64);
-        for net in st.networks.iter().flat_map(|n| n.values()) {
-            rx += net.rx_bytes.unwrap_or(0);
-            tx += net.tx_bytes.unwrap_or(0);
-        }
-        let (mut br, mut bw) = (0u64, 0u64);
-        for e in st
-            .blkio_stats
-            .as_ref()
-            .and_then(|b| b.io_service_bytes_recursive.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            match e.op.as_deref().map(str::to_ascii_lowercase).as_deref() {
-                Some("read") => br += e.value.unwrap_or(0),
-                Some("write") => bw += e.value.unwrap_or(0),
-                _ => {}
-            }
-        }
-        let id = st.id.clone().unwrap_or_else(|| n.clone());
-        rows.push(json!({
-            "ID": if a.no_trunc { id.clone() } else { short_id(&id) },
-            "Container": n,
-            "Name": st.name.clone().unwrap_or_default().trim_start_matches('/'),
-            "CPUPerc": format!("{cpu_pct:.2}%"),
-            "MemUsage": format!("{} / {}", format::binary_size(usage), format::binary_size(limit)),
-            "MemPerc": format!("{mem_pct:.2}%"),
-            "NetIO": format!("{} / {}", format::human_size(rx as i64), format::human_size(tx as i64)),
-            "BlockIO": format!("{} / {}", format::human_size(br as i64), format::human_size(bw as i64)),
-            "PIDs": st.pids_stats.as_ref().and_then(|p| p.current).unwrap_or(0).to_string(),
-        }));
-    }
-    let header = json!({"ID": "CONTAINER ID", "Container": "CONTAINER", "Name": "NAME",
-        "CPUPerc": "CPU %", "MemUsage": "MEM USAGE / LIMIT", "MemPerc": "MEM %",
-        "NetIO": "NET I/O", "BlockIO": "BLOCK I/O", "PIDs": "PIDS"});
-    let default = "table {{.ID}}\t{{.Name}}\t{{.CPUPerc}}\t{{.MemUsage}}\t{{.MemPerc}}\t{{.NetIO}}\t{{.BlockIO}}\t{{.PIDs}}";
-    print!(
-        "{}",
-        render_rows(a.format.as_deref().unwrap_or(default), &header, &rows)?
-    );
-    Ok(0)
-}
-
 pub async fn exec(d: &Docker, a: ExecArgs) -> Result<i32> {
     let (container, cmd) = a
         .container_and_command
@@ -999,172 +899,6 @@ pub async fn attach(d: &Docker, a: AttachArgs) -> Result<i32> {
     }
 }
 
-/// `CONTAINER:PATH` → (container, path); a local path has no colon before its first slash.
-fn split_container_path(s: &str) -> Option<(&str, &str)> {
-    if s.starts_with('/') || s.starts_with('.') {
-        return None;
-    }
-    s.split_once(':')
-}
-
-pub async fn cp(d: &Docker, a: CpArgs) -> Result<i32> {
-    match (split_container_path(&a.src), split_container_path(&a.dest)) {
-        (Some((c, path)), None) => {
-            let mut s = d.download_from_container(
-                c,
-                Some(DownloadFromContainerOptions {
-                    path: path.to_owned(),
-                }),
-            );
-            let mut tar = Vec::new();
-            while let Some(chunk) = s.next().await {
-                tar.extend_from_slice(&chunk.with_context(|| format!("copy from {c}:{path}"))?);
-            }
-            if a.dest == "-" {
-                std::io::stdout()
-                    .lock()
-                    .write_all(&tar)
-                    .context("write stdout")?;
-                return Ok(0);
-            }
-            extract_tar(&tar, std::path::Path::new(&a.dest), path)?;
-            Ok(0)
-        }
-        (None, Some((c, path))) => {
-            let body = if a.src == "-" {
-                let mut buf = Vec::new();
-                tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut buf)
-                    .await
-                    .context("read stdin")?;
-                buf
-            } else {
-                tar_of(std::path::Path::new(&a.src))?
-            };
-            // The API extracts into a directory: the parent, unless the target is one.
-            let (dir, _) = path.rsplit_once('/').unwrap_or((".", path));
-            let target = if a.src == "-" {
-                path
-            } else {
-                if dir.is_empty() { "/" } else { dir }
-            };
-            d.upload_to_container(
-                c,
-                Some(UploadToContainerOptions {
-                    path: target.to_owned(),
-                    ..Default::default()
-                }),
-                bollard::body_full(body.into()),
-            )
-            .await
-            .with_context(|| format!("copy to {c}:{path}"))?;
-            Ok(0)
-        }
-        (Some(_), Some(_)) => bail!("copying between containers is not supported"),
-        (None, None) => bail!("must specify at least one container source"),
-    }
-}
-
-/// A tar of one local file (regular files only; directories need a tar of the tree, which
-/// `cp` leaves to `tar` on the command line for now).
-fn tar_of(path: &std::path::Path) -> Result<Vec<u8>> {
-    let data = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("a file name to copy")?;
-    let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    let mut header = [0u8; 512];
-    let put = |h: &mut [u8; 512], off: usize, len: usize, v: &str| {
-        let b = v.as_bytes();
-        h[off..off + b.len().min(len)].copy_from_slice(&b[..b.len().min(len)]);
-    };
-    if name.len() > 99 {
-        bail!("file name {name:?} is too long");
-    }
-    put(&mut header, 0, 100, name);
-    put(
-        &mut header,
-        100,
-        8,
-        &format!("{:07o}", meta.permissions().mode() & 0o7777),
-    );
-    put(&mut header, 108, 8, "0000000");
-    put(&mut header, 116, 8, "0000000");
-    put(&mut header, 124, 12, &format!("{:011o}", data.len()));
-    put(
-        &mut header,
-        136,
-        12,
-        &format!("{:011o}", format::now_secs()),
-    );
-    header[156] = b'0';
-    put(&mut header, 257, 6, "ustar");
-    put(&mut header, 263, 2, "00");
-    header[148..156].fill(b' ');
-    let sum: u32 = header.iter().map(|b| u32::from(*b)).sum();
-    put(&mut header, 148, 8, &format!("{sum:06o}\0 "));
-    let mut out = header.to_vec();
-    out.extend_from_slice(&data);
-    out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
-    Ok(out)
-}
-
-/// Writes the regular files of `tar` under `dest` (a directory) or, for a single file, to
-/// `dest` itself.
-fn extract_tar(tar: &[u8], dest: &std::path::Path, src: &str) -> Result<()> {
-    let mut off = 0;
-    let single = !dest.is_dir();
-    while off + 512 <= tar.len() {
-        let h = &tar[off..off + 512];
-        if h.iter().all(|b| *b == 0) {
-            break;
-        }
-        let field = |a: usize, b: usize| {
-            String::from_utf8_lossy(&h[a..b])
-                .trim_matches(|c: char| c == '\0' || c == ' ')
-                .to_owned()
-        };
-        let name = field(0, 100);
-        let size = usize::from_str_radix(&field(124, 136), 8).unwrap_or(0);
-        let mode = u32::from_str_radix(&field(100, 108), 8).unwrap_or(0o644);
-        let kind = h[156];
-        let data_start = off + 512;
-        let data_end = data_start + size;
-        if data_end > tar.len() {
-            bail!("truncated archive from the daemon");
-        }
-        if name.split('/').any(|c| c == "..") {
-            bail!("refusing archive entry {name:?}");
-        }
-        let target = if single {
-            dest.to_owned()
-        } else {
-            dest.join(name.trim_start_matches('/'))
-        };
-        match kind {
-            b'0' | 0 => {
-                if let Some(p) = target.parent() {
-                    std::fs::create_dir_all(p)
-                        .with_context(|| format!("create {}", p.display()))?;
-                }
-                std::fs::write(&target, &tar[data_start..data_end])
-                    .with_context(|| format!("write {}", target.display()))?;
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode));
-            }
-            b'5' if !single => {
-                std::fs::create_dir_all(&target)
-                    .with_context(|| format!("create {}", target.display()))?;
-            }
-            _ => {}
-        }
-        off = data_start + size.div_ceil(512) * 512;
-    }
-    let _ = src;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1237,18 +971,5 @@ mod tests {
         assert_eq!(parse_since("1700000000").expect("ts"), 1_700_000_000);
         assert!(parse_since("10").is_ok());
         assert!(parse_since("10x").is_err());
-    }
-
-    #[test]
-    fn tar_round_trip() {
-        let dir = std::env::temp_dir().join(format!("berth-cli-tar-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let src = dir.join("f.txt");
-        std::fs::write(&src, b"hello").expect("write");
-        let tar = tar_of(&src).expect("tar");
-        let out = dir.join("out.txt");
-        extract_tar(&tar, &out, "f.txt").expect("extract");
-        assert_eq!(std::fs::read(&out).expect("read"), b"hello");
-        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -410,37 +410,56 @@ pub async fn save(d: &Docker, a: SaveArgs) -> Result<i32> {
     Ok(0)
 }
 
-async fn read_input(path: Option<&str>) -> Result<bytes::Bytes> {
+/// The archive at `path` (a file, or stdin for none or `-`) as a body streamed as it is read:
+/// image archives are as large as the images in them.
+fn input_stream(
+    path: Option<&str>,
+) -> Result<(crate::body::BodyStream, tokio::task::JoinHandle<Result<()>>)> {
     match path {
-        Some(p) if p != "-" => Ok(tokio::fs::read(p)
-            .await
-            .with_context(|| format!("read {p}"))?
-            .into()),
-        _ => {
-            let mut buf = Vec::new();
-            tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut buf)
-                .await
-                .context("read stdin")?;
-            Ok(buf.into())
+        Some(p) if p != "-" => {
+            let f = std::fs::File::open(p).map_err(|e| {
+                let what = match e.kind() {
+                    std::io::ErrorKind::NotFound => "no such file or directory".to_owned(),
+                    std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+                    _ => e.to_string(),
+                };
+                anyhow::anyhow!("open {p}: {what}")
+            })?;
+            Ok(crate::body::read_stream(f))
         }
+        _ => Ok(crate::body::read_stream(std::io::stdin())),
     }
+}
+
+/// The reading side's failure, if it had one: it says more than the request it broke.
+async fn read_failure(reader: tokio::task::JoinHandle<Result<()>>) -> Result<()> {
+    reader
+        .await
+        .context("the reading thread")?
+        .context("read the archive")
 }
 
 pub async fn load(d: &Docker, a: LoadArgs) -> Result<i32> {
     if a.input.is_none() && crate::tty::stdin_is_tty() {
         bail!("requested load from stdin, but stdin is empty");
     }
-    let body = read_input(a.input.as_deref()).await?;
+    let (body, reader) = input_stream(a.input.as_deref())?;
     let mut s = d.import_image(
         ImportImageOptions {
             quiet: a.quiet,
             ..Default::default()
         },
-        bollard::body_full(body),
+        bollard::body_try_stream(body),
         None,
     );
     while let Some(item) = s.next().await {
-        let info = item.context("load images")?;
+        let info = match item {
+            Ok(i) => i,
+            Err(e) => {
+                read_failure(reader).await?;
+                return Err(anyhow::Error::new(e).context("load images"));
+            }
+        };
         if let Some(e) = info.error_detail.as_ref().and_then(|e| e.message.clone()) {
             bail!(e);
         }
@@ -454,7 +473,7 @@ pub async fn load(d: &Docker, a: LoadArgs) -> Result<i32> {
 }
 
 pub async fn import(d: &Docker, a: ImportArgs) -> Result<i32> {
-    let body = read_input(Some(a.file.as_str())).await?;
+    let (body, reader) = input_stream(Some(a.file.as_str()))?;
     let (repo, tag) = match &a.reference {
         Some(r) => {
             let (repo, tag, _) = split_reference(r);
@@ -471,11 +490,17 @@ pub async fn import(d: &Docker, a: ImportArgs) -> Result<i32> {
             changes: a.change.clone(),
             ..Default::default()
         }),
-        Some(bollard::body_full(body)),
+        Some(bollard::body_try_stream(body)),
         None,
     );
     while let Some(item) = s.next().await {
-        let info = item.context("import")?;
+        let info = match item {
+            Ok(i) => i,
+            Err(e) => {
+                read_failure(reader).await?;
+                return Err(anyhow::Error::new(e).context("import"));
+            }
+        };
         if let Some(e) = info.error_detail.as_ref().and_then(|e| e.message.clone()) {
             bail!(e);
         }
@@ -489,6 +514,86 @@ pub async fn import(d: &Docker, a: ImportArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon of one request: reads it (headers, then a chunked body) and answers `answer`.
+    /// Yields the request's head and its body.
+    async fn one_request_daemon(
+        socket: &std::path::Path,
+        answer: &'static str,
+    ) -> tokio::task::JoinHandle<(String, Vec<u8>)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::UnixListener::bind(socket).expect("bind");
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 65536];
+            while !raw.ends_with(b"\r\n0\r\n\r\n") {
+                let n = conn.read(&mut buf).await.expect("read");
+                assert_ne!(n, 0, "the request ended early");
+                raw.extend_from_slice(&buf[..n]);
+            }
+            let split = raw
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .expect("a head");
+            let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+            let mut rest = &raw[split + 4..];
+            let mut body = Vec::new();
+            loop {
+                let eol = rest.windows(2).position(|w| w == b"\r\n").expect("size");
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&rest[..eol]).expect("utf-8"), 16)
+                        .expect("hex");
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+                rest = &rest[eol + 2 + size + 2..];
+            }
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                answer.len()
+            );
+            conn.write_all(resp.as_bytes()).await.expect("answer");
+            (head, body)
+        })
+    }
+
+    #[tokio::test]
+    async fn load_streams_the_file_into_the_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("d.sock");
+        let daemon = one_request_daemon(&socket, "{\"stream\":\"Loaded image: x:1\\n\"}\n").await;
+        let archive = dir.path().join("a.tar");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&archive, &data).expect("write");
+        let d = Docker::connect_with_unix(
+            socket.to_str().expect("utf-8"),
+            30,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .expect("client");
+        let code = load(
+            &d,
+            LoadArgs {
+                input: Some(archive.display().to_string()),
+                quiet: false,
+            },
+        )
+        .await
+        .expect("load");
+        assert_eq!(code, 0);
+        let (head, body) = daemon.await.expect("daemon");
+        assert!(head.starts_with("POST /"), "{head}");
+        assert!(head.contains("/images/load"), "{head}");
+        // Sent as it was read: chunked, no length known up front.
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{head}"
+        );
+        assert_eq!(body, data);
+    }
 
     #[test]
     fn references() {

@@ -1,14 +1,17 @@
 //! `berth`: the docker-like command line, a client of berthd's Docker Engine API.
 
 mod args;
+mod body;
 mod client;
 mod container;
+mod cp;
 mod format;
 mod image;
 mod inspect;
 mod network;
 mod opts;
 mod raw;
+mod stats;
 mod stream;
 mod system;
 mod template;
@@ -120,10 +123,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Inspect(a) => inspect::inspect(&d()?, a).await,
         Command::Port(a) => container::port(&d()?, a).await,
         Command::Top(a) => container::top(&d()?, a).await,
-        Command::Stats(a) => container::stats(&d()?, a).await,
+        Command::Stats(a) => stats::stats(&d()?, a).await,
         Command::Exec(a) => container::exec(&d()?, a).await,
         Command::Attach(a) => container::attach(&d()?, a).await,
-        Command::Cp(a) => container::cp(&d()?, a).await,
+        Command::Cp(a) => cp::cp(&d()?, a).await,
         Command::Images(a) => image::images(&d()?, a).await,
         Command::Pull(a) => image::pull_cmd(&d()?, a).await,
         Command::Push(a) => image::push(&d()?, a).await,

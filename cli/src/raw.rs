@@ -65,6 +65,52 @@ pub async fn wait_begun(id: &str, condition: &str) -> Result<tokio::task::JoinHa
     }))
 }
 
+/// `HEAD /containers/<id>/archive?path=…`: what the daemon says of a path in the container
+/// (its `X-Docker-Container-Path-Stat` header, base64 JSON). A daemon error comes back as
+/// bollard's error for it.
+pub async fn path_stat(id: &str, path: &str) -> Result<Value> {
+    let resp = request(
+        hyper::Method::HEAD,
+        &format!(
+            "/v1.44/containers/{}/archive?path={}",
+            segment(id),
+            segment(path)
+        ),
+    )
+    .await?;
+    let header = resp
+        .headers()
+        .get("X-Docker-Container-Path-Stat")
+        .context("the daemon sent no path stat")?;
+    let json = base64_decode(header.as_bytes()).context("decode the daemon's path stat")?;
+    serde_json::from_slice(&json).context("decode the daemon's path stat")
+}
+
+/// Standard base64 (padding optional), as Go's encoding/base64 writes it.
+fn base64_decode(s: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in s {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            b'=' => break,
+            _ => anyhow::bail!("invalid base64"),
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Ok(out)
+}
+
 async fn body_of(resp: hyper::Response<hyper::body::Incoming>) -> Result<Bytes> {
     Ok(resp
         .into_body()
@@ -125,5 +171,15 @@ mod tests {
         assert_eq!(segment("busybox:latest"), "busybox:latest");
         assert_eq!(segment("127.0.0.1:5000/a/b"), "127.0.0.1:5000%2Fa%2Fb");
         assert_eq!(segment("a b?#"), "a%20b%3F%23");
+    }
+
+    #[test]
+    fn base64_as_go_writes_it() {
+        assert_eq!(
+            base64_decode(b"eyJhIjoxfQ==").expect("decode"),
+            br#"{"a":1}"#
+        );
+        assert_eq!(base64_decode(b"aGk").expect("decode"), b"hi");
+        assert!(base64_decode(b"a*").is_err());
     }
 }

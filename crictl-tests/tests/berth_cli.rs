@@ -625,3 +625,373 @@ async fn attach_kill_and_chosen_streams() {
     );
     clean(&env).await;
 }
+
+/// The names in a tar, in order.
+fn tar_names(bytes: &[u8]) -> Vec<String> {
+    tar::Archive::new(bytes)
+        .entries()
+        .expect("entries")
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .display()
+                .to_string()
+        })
+        .collect()
+}
+
+fn read(p: &std::path::Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cp_out_of_a_container_by_dockers_rules() {
+    let env = DockerEnv::start("").await;
+    env.berth_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "box",
+        "busybox",
+        "sh",
+        "-c",
+        "mkdir -p /data/sub && echo a > /data/sub/a && echo b > /data/b \
+         && ln -s /data/b /data/l && ln -s / /data/up && sleep 1000",
+    ])
+    .await;
+    for _ in 0..50 {
+        if env
+            .berth(&["exec", "box", "test", "-L", "/data/up"])
+            .await
+            .status
+            .success()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let host = tempfile::tempdir().expect("tempdir");
+    let h = |p: &str| host.path().join(p);
+    let hs = |p: &str| h(p).display().to_string();
+    // A file into an existing directory keeps its name; to a new path it takes that name.
+    std::fs::create_dir(h("into")).expect("mkdir");
+    env.berth_ok(&["cp", "box:/data/b", &hs("into")]).await;
+    assert_eq!(read(&h("into/b")), "b\n");
+    env.berth_ok(&["cp", "box:/data/b", &hs("renamed")]).await;
+    assert_eq!(read(&h("renamed")), "b\n");
+    // Over an existing file.
+    std::fs::write(h("over"), "old").expect("write");
+    env.berth_ok(&["cp", "box:/data/sub/a", &hs("over")]).await;
+    assert_eq!(read(&h("over")), "a\n");
+    // A directory: into an existing one, or created under the new name, or only its
+    // contents with a trailing `/.`.
+    env.berth_ok(&["cp", "box:/data", &hs("into")]).await;
+    assert_eq!(read(&h("into/data/sub/a")), "a\n");
+    assert_eq!(
+        std::fs::read_link(h("into/data/l")).expect("a link stays a link"),
+        std::path::PathBuf::from("/data/b")
+    );
+    env.berth_ok(&["cp", "box:/data", &hs("newdir")]).await;
+    assert_eq!(read(&h("newdir/sub/a")), "a\n");
+    std::fs::create_dir(h("contents")).expect("mkdir");
+    env.berth_ok(&["cp", "box:/data/.", &hs("contents")]).await;
+    assert_eq!(read(&h("contents/sub/a")), "a\n");
+    assert!(!h("contents/data").exists());
+    // -L copies what a link points to, under the link's name.
+    env.berth_ok(&["cp", "-L", "box:/data/l", &hs("followed")])
+        .await;
+    assert_eq!(read(&h("followed")), "b\n");
+    env.berth_ok(&["cp", "box:/data/l", &hs("link")]).await;
+    assert!(
+        std::fs::symlink_metadata(h("link"))
+            .expect("lstat")
+            .file_type()
+            .is_symlink()
+    );
+    // A symlink in the container's path resolves inside the container.
+    env.berth_ok(&["cp", "box:/data/up/data/b", &hs("via-up")])
+        .await;
+    assert_eq!(read(&h("via-up")), "b\n");
+    // `-` is the tar itself.
+    let out = env.berth(&["cp", "box:/data/sub", "-"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(tar_names(&out.stdout), ["sub", "sub/a"]);
+    // docker's refusals.
+    let missing = env.berth(&["cp", "box:/nope", &hs("x")]).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert_eq!(
+        stderr(&missing),
+        "Error response from daemon: Could not find the file /nope in container box\n"
+    );
+    let no_parent = env.berth(&["cp", "box:/data/b", &hs("no/such/x")]).await;
+    assert_eq!(
+        stderr(&no_parent),
+        format!(
+            "invalid output path: directory \"{}\" does not exist\n",
+            hs("no/such")
+        )
+    );
+    let dir_over_file = env.berth(&["cp", "box:/data", &hs("renamed")]).await;
+    assert_eq!(stderr(&dir_over_file), "cannot copy directory\n");
+    let file_as_dir = env
+        .berth(&["cp", "box:/data/b", &format!("{}/", hs("nodir"))])
+        .await;
+    assert_eq!(stderr(&file_as_dir), "no such directory\n");
+    // Works on a stopped container too.
+    env.berth_ok(&["kill", "box"]).await;
+    env.berth_ok(&["wait", "box"]).await;
+    env.berth_ok(&["cp", "box:/data/sub/a", &hs("from-stopped")])
+        .await;
+    assert_eq!(read(&h("from-stopped")), "a\n");
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cp_into_a_container_by_dockers_rules() {
+    let env = DockerEnv::start("").await;
+    env.berth_ok(&["run", "-d", "--name", "box", "busybox", "sleep", "1000"])
+        .await;
+    let host = tempfile::tempdir().expect("tempdir");
+    let h = |p: &str| host.path().join(p);
+    let hs = |p: &str| h(p).display().to_string();
+    std::fs::create_dir_all(h("tree/sub")).expect("mkdir");
+    std::fs::write(h("tree/sub/a"), "a\n").expect("write");
+    std::fs::write(h("tree/b"), "b\n").expect("write");
+    std::os::unix::fs::symlink("b", h("tree/l")).expect("symlink");
+    std::os::unix::fs::chown(h("tree/b"), Some(1234), Some(1234)).expect("chown");
+    let sh = |cmd: &str| {
+        let cmd = cmd.to_owned();
+        let env = &env;
+        async move { env.berth_ok(&["exec", "box", "sh", "-c", &cmd]).await }
+    };
+    // A directory to a new path takes its name; into an existing one it keeps its own.
+    env.berth_ok(&["cp", &hs("tree"), "box:/new"]).await;
+    assert_eq!(
+        sh("cat /new/sub/a /new/b; readlink /new/l").await,
+        "a\nb\nb\n"
+    );
+    env.berth_ok(&["cp", &hs("tree"), "box:/tmp"]).await;
+    assert_eq!(sh("cat /tmp/tree/sub/a").await, "a\n");
+    // Contents only with `/.`.
+    env.berth_ok(&["exec", "box", "mkdir", "/only"]).await;
+    env.berth_ok(&["cp", &format!("{}/.", hs("tree")), "box:/only"])
+        .await;
+    assert_eq!(
+        sh("cat /only/b; test ! -e /only/tree && echo flat").await,
+        "b\nflat\n"
+    );
+    // A file renamed, and over an existing one.
+    env.berth_ok(&["cp", &hs("tree/b"), "box:/etc/renamed"])
+        .await;
+    env.berth_ok(&["cp", &hs("tree/sub/a"), "box:/etc/hostname"])
+        .await;
+    assert_eq!(sh("cat /etc/renamed /etc/hostname").await, "b\na\n");
+    // Owned by root unless -a keeps the host's owners.
+    assert_eq!(sh("stat -c %u:%g /new/b").await, "0:0\n");
+    env.berth_ok(&["cp", "-a", &hs("tree/b"), "box:/kept"])
+        .await;
+    assert_eq!(sh("stat -c %u:%g /kept").await, "1234:1234\n");
+    // -L sends what the link points to.
+    env.berth_ok(&["cp", "-L", &hs("tree/l"), "box:/deref"])
+        .await;
+    assert_eq!(sh("test -L /deref || cat /deref").await, "b\n");
+    // A tar on stdin, extracted into a directory.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut hd = tar::Header::new_gnu();
+    hd.set_size(3);
+    hd.set_mode(0o644);
+    b.append_data(&mut hd, "piped", &b"in\n"[..])
+        .expect("append");
+    let piped = b.into_inner().expect("tar");
+    let out = env
+        .berth_with_input(&["cp", "-", "box:/tmp"], Some(&piped))
+        .await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(sh("cat /tmp/piped").await, "in\n");
+    let not_dir = env
+        .berth_with_input(&["cp", "-", "box:/etc/hostname"], Some(&piped))
+        .await;
+    assert_eq!(
+        stderr(&not_dir),
+        "destination \"box:/etc/hostname\" must be a directory\n"
+    );
+    // docker's refusals.
+    let missing = env.berth(&["cp", &hs("nope"), "box:/tmp"]).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert_eq!(
+        stderr(&missing),
+        format!("lstat {}: no such file or directory\n", hs("nope"))
+    );
+    let no_parent = env.berth(&["cp", &hs("tree/b"), "box:/no/such"]).await;
+    assert_eq!(
+        stderr(&no_parent),
+        "Error response from daemon: Could not find the file /no in container box\n"
+    );
+    let dir_over_file = env.berth(&["cp", &hs("tree"), "box:/etc/hostname"]).await;
+    assert_eq!(stderr(&dir_over_file), "cannot copy directory\n");
+    let both = env.berth(&["cp", "box:/a", "box:/b"]).await;
+    assert_eq!(
+        stderr(&both),
+        "copying between containers is not supported\n"
+    );
+    clean(&env).await;
+}
+
+/// What berth writes on a pty for about three seconds, then stopped.
+async fn stats_on_pty(env: &DockerEnv, args: &[&str]) -> String {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (master, slave) = {
+        let (mut m, mut s) = (0, 0);
+        // SAFETY: openpty writes two fds into the locals; the other pointers may be null.
+        let r = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both fds were just opened by openpty and are owned by nobody else.
+        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
+    };
+    let mut cmd = env.berth_command(args);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(std::process::Stdio::from(slave));
+    let mut child = cmd.spawn().expect("berth on a pty");
+    // Our copies of the pty's slave side go, so the master reads an end once berth does.
+    drop(cmd);
+    let reader = std::thread::spawn(move || {
+        let mut master = master;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    child.kill().await.expect("stop berth stats");
+    reader.join().expect("reader")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_stream_and_top() {
+    let env = DockerEnv::start("").await;
+    env.berth_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "burner",
+        "busybox",
+        "sh",
+        "-c",
+        "while :; do :; done",
+    ])
+    .await;
+    env.berth_ok(&["run", "-d", "--name", "idle", "busybox", "sleep", "1000"])
+        .await;
+    env.berth_ok(&["create", "--name", "stopped", "busybox", "true"])
+        .await;
+    let table = env
+        .berth_ok(&["stats", "--no-stream", "burner", "idle"])
+        .await;
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("CONTAINER ID"), "{table}");
+    assert!(lines[0].contains("MEM USAGE / LIMIT"), "{table}");
+    let cpu = |name: &str, text: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"));
+        line.split_whitespace()
+            .nth(1)
+            .expect("cpu")
+            .trim_end_matches('%')
+            .parse()
+            .expect("a percentage")
+    };
+    let fields = env
+        .berth_ok(&[
+            "stats",
+            "--no-stream",
+            "--format",
+            "{{.Name}} {{.CPUPerc}} {{.MemUsage}} {{.PIDs}}",
+        ])
+        .await;
+    // Only the running ones; the busy one busy, on its share of the host's CPUs.
+    assert_eq!(fields.lines().count(), 2, "{fields}");
+    assert!(cpu("burner", &fields) > 20.0, "{fields}");
+    assert!(cpu("idle", &fields) < 20.0, "{fields}");
+    assert!(!fields.contains(" 0B / "), "memory in use: {fields}");
+    let all = env
+        .berth_ok(&["stats", "-a", "--no-stream", "--format", "{{.Name}}"])
+        .await;
+    assert!(all.lines().any(|l| l == "stopped"), "{all}");
+    // Streamed: a table a second until stopped (plain, stdout not being a terminal).
+    let mut cmd = env.berth_command(&["stats", "--format", "table {{.Name}}\t{{.PIDs}}", "idle"]);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("berth stats");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+    unsafe { libc::kill(child.id().expect("pid") as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().await.expect("stats output");
+    let text = stdout(&out);
+    assert!(text.matches("NAME").count() >= 2, "{text}");
+    assert!(text.matches("idle ").count() >= 2, "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "no escapes off a terminal: {text:?}"
+    );
+    // On a terminal the screen is cleared once, then each table drawn over the last.
+    let drawn = stats_on_pty(&env, &["stats", "--format", "table {{.Name}}", "idle"]).await;
+    assert_eq!(drawn.matches("\x1b[2J").count(), 1, "{drawn:?}");
+    assert!(drawn.matches("\x1b[H").count() >= 2, "{drawn:?}");
+    assert!(drawn.contains("idle"), "{drawn:?}");
+    let missing = env.berth(&["stats", "nosuch"]).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert_eq!(
+        stderr(&missing),
+        "Error response from daemon: No such container: nosuch\n"
+    );
+    // top, with ps's own arguments.
+    let top = env.berth_ok(&["top", "idle"]).await;
+    assert!(top.contains("sleep 1000"), "{top}");
+    let chosen = env.berth_ok(&["top", "idle", "-o", "pid,comm"]).await;
+    assert!(
+        chosen
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("PID") && h.contains("COMMAND")),
+        "{chosen}"
+    );
+    assert!(
+        chosen.lines().any(|l| l.trim_end().ends_with("sleep")),
+        "{chosen}"
+    );
+    clean(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_and_import_open_their_input_as_docker_does() {
+    let env = DockerEnv::start("").await;
+    // The file is opened before anything is sent; its bytes then stream as they are read.
+    let missing = env.berth(&["load", "-i", "/no/such.tar"]).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert_eq!(
+        stderr(&missing),
+        "open /no/such.tar: no such file or directory\n"
+    );
+    let missing = env.berth(&["import", "/no/such.tar", "x:1"]).await;
+    assert_eq!(
+        stderr(&missing),
+        "open /no/such.tar: no such file or directory\n"
+    );
+}

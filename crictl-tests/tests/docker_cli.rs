@@ -345,3 +345,72 @@ async fn raw_request(env: &DockerEnv, method: &str, path: &str, body: &str) -> S
     s.read_to_string(&mut out).await.expect("read");
     out
 }
+
+/// The wait's starting point is taken before its headers go: `docker run` (which waits for
+/// the next exit, then starts the container) must see an exit that comes at once, and a
+/// container already gone is a 404 rather than an error after a 200.
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_starts_before_its_headers() {
+    let env = DockerEnv::start("").await;
+    env.ok(&["pull", "-q", "busybox"]).await;
+    for i in 0..5 {
+        let out = env
+            .docker(&[
+                "run",
+                "--name",
+                &format!("quick{i}"),
+                "busybox",
+                "sh",
+                "-c",
+                "exit 7",
+            ])
+            .await;
+        assert_eq!(out.status.code(), Some(7), "{out:?}");
+    }
+    let out = env
+        .docker(&["run", "--rm", "busybox", "sh", "-c", "exit 4"])
+        .await;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    env.ok(&["run", "-d", "--name", "gone", "busybox", "true"])
+        .await;
+    assert_eq!(env.ok(&["wait", "gone"]).await, "0\n");
+    env.ok(&["rm", "gone"]).await;
+    let raw = raw_request(
+        &env,
+        "POST",
+        "/v1.44/containers/gone/wait?condition=removed",
+        "",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 404"), "{raw}");
+    // next-exit of a container its policy restarts: the exit after the request.
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "again",
+        "--restart",
+        "on-failure:3",
+        "busybox",
+        "sh",
+        "-c",
+        "sleep 1; exit 5",
+    ])
+    .await;
+    let raw = raw_request(
+        &env,
+        "POST",
+        "/v1.44/containers/again/wait?condition=next-exit",
+        "",
+    )
+    .await;
+    assert!(
+        raw.starts_with("HTTP/1.1 200") && raw.contains("\"StatusCode\":5"),
+        "{raw}"
+    );
+    let ids = env.ok(&["ps", "-aq"]).await;
+    for id in ids.split_whitespace() {
+        env.ok(&["rm", "-f", id]).await;
+    }
+    assert_eq!(env.ok(&["ps", "-aq"]).await, "");
+}

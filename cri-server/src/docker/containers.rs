@@ -574,12 +574,13 @@ async fn wait(api: &Arc<Api>, id: &str, req: Req) -> ApiResult {
         "removed" => WaitCondition::Removed,
         other => return Err(ApiError::bad(format!("invalid condition: {other:?}"))),
     };
-    // Checked before the headers go: an unknown container is a 404, not a broken stream.
-    let r = api.engine.get(id)?;
+    // Taken before the headers go: an unknown container is a 404, not a broken stream, and
+    // an exit (or removal) right after them, before the task below runs, still counts.
+    let start = api.engine.wait_start(id, condition)?;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let engine = api.engine.clone();
     tokio::spawn(async move {
-        let body = match engine.wait(&r.id, condition).await {
+        let body = match engine.wait_from(start).await {
             Ok(code) => json!({"StatusCode": code, "Error": null}),
             Err(e) => json!({"StatusCode": -1, "Error": {"Message": e.to_string()}}),
         };

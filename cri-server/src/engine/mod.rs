@@ -205,6 +205,15 @@ pub enum WaitCondition {
     Removed,
 }
 
+/// A wait's starting point (see [`Engine::wait_start`]).
+pub struct WaitStart {
+    id: String,
+    condition: WaitCondition,
+    changed: watch::Receiver<u64>,
+    finished_at: i64,
+    last_code: i32,
+}
+
 /// An attach waiting for its container to start.
 struct PendingAttach {
     opts: StreamOpts,
@@ -1114,11 +1123,36 @@ impl Engine {
 
     /// Waits for `condition` and returns the exit code then.
     pub async fn wait(&self, name_or_id: &str, condition: WaitCondition) -> Result<i32> {
+        let start = self.wait_start(name_or_id, condition)?;
+        self.wait_from(start).await
+    }
+
+    /// Where a wait for `condition` starts from, taken now: a change after this call counts
+    /// even if [`wait_from`](Self::wait_from) runs later (the Docker API sends its headers,
+    /// and the client starts the container, before the waiting task gets to run). NotFound
+    /// when there is no such container now.
+    pub fn wait_start(&self, name_or_id: &str, condition: WaitCondition) -> Result<WaitStart> {
+        // Subscribed first, so no change between the look and the wait goes unseen.
+        let changed = self.changed.subscribe();
         let r = self.get(name_or_id)?;
-        let id = r.id.clone();
-        let mut changed = self.changed.subscribe();
-        let finished_at = r.state.finished_at_ns;
-        let mut last_code = r.state.exit_code;
+        Ok(WaitStart {
+            id: r.id.clone(),
+            condition,
+            changed,
+            finished_at: r.state.finished_at_ns,
+            last_code: r.state.exit_code,
+        })
+    }
+
+    /// Waits from `start` until its condition holds and returns the exit code then.
+    pub async fn wait_from(&self, start: WaitStart) -> Result<i32> {
+        let WaitStart {
+            id,
+            condition,
+            mut changed,
+            finished_at,
+            mut last_code,
+        } = start;
         loop {
             let current = match self.get(&id) {
                 Ok(r) => Some(r),
