@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod image;
 pub mod image_service;
+pub mod inroot;
 pub mod locks;
 pub mod network;
 pub mod quantity;

@@ -150,6 +150,17 @@ async fn exec_takes_its_own_env_user_and_working_dir() {
         String::from_utf8_lossy(&bad.stderr).contains("nosuchuser"),
         "{bad:?}"
     );
+    // The container's /etc/passwd as a symlink to a host path: looked up inside the
+    // container (where it leads nowhere), never on the host.
+    let host_passwd = tempfile::NamedTempFile::new().expect("host file");
+    std::fs::write(host_passwd.path(), "evil:x:4242:4242::/:/bin/sh\n").expect("write");
+    let link = format!("ln -sf {} /etc/passwd", host_passwd.path().display());
+    env.ok(&["exec", "box", "sh", "-c", &link]).await;
+    let evil = env.docker(&["exec", "-u", "evil", "box", "id", "-u"]).await;
+    assert!(
+        !evil.status.success() && !String::from_utf8_lossy(&evil.stdout).contains("4242"),
+        "the host's file was read: {evil:?}"
+    );
     let rel = env.docker(&["exec", "-w", "relative", "box", "true"]).await;
     assert!(!rel.status.success(), "{rel:?}");
     let state = env.ok(&["inspect", "-f", "{{.State.Status}}", "box"]).await;
@@ -257,6 +268,14 @@ async fn cp_copies_both_ways_in_running_and_stopped_containers() {
     std::fs::create_dir_all(h("up/nested")).expect("mkdir");
     std::fs::write(h("up/nested/g"), "from host\n").expect("write");
     env.ok(&["cp", &h("up"), "box:/tmp/"]).await;
+    // A name that looks like a layer whiteout is a file like any other here.
+    std::fs::write(h(".wh.marker"), "not a whiteout\n").expect("write");
+    env.ok(&["cp", &h(".wh.marker"), "box:/"]).await;
+    assert_eq!(env.ok(&["exec", "box", "cat", "/marker"]).await, "inside\n");
+    assert_eq!(
+        env.ok(&["exec", "box", "cat", "/.wh.marker"]).await,
+        "not a whiteout\n"
+    );
     assert_eq!(
         env.ok(&["exec", "box", "cat", "/tmp/up/nested/g"]).await,
         "from host\n"

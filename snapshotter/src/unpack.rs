@@ -152,6 +152,13 @@ pub fn diff_id<R: Read>(reader: R) -> Result<Unpacked> {
     })
 }
 
+/// Extracts a plain tar (what `docker cp` sends, not a layer) onto the existing tree `root`:
+/// [`apply_layer`]'s detection, limits and safety rules, but a `.wh.` name is written as the
+/// file it is, never taken for a whiteout.
+pub fn extract_plain<R: Read>(reader: R, root: &Path) -> Result<Unpacked> {
+    run_layer(reader, root, Form::Plain)
+}
+
 /// Flushes the whole filesystem holding `path` to disk (`syncfs(2)`). [`unpack_layer`] and
 /// [`apply_layer`] do no per-file fsync; call this once after unpacking, before committing the
 /// snapshot.
@@ -822,6 +829,8 @@ enum Form {
     Overlay,
     /// [`apply_layer`]: whiteouts remove.
     Apply,
+    /// [`extract_plain`]: no whiteouts; a `.wh.` name is a file like any other.
+    Plain,
 }
 
 struct Unpacker {
@@ -893,7 +902,7 @@ impl Unpacker {
     fn scope(&self) -> &'static str {
         match self.form {
             Form::Overlay => "the layer",
-            Form::Apply => "the tree",
+            Form::Apply | Form::Plain => "the tree",
         }
     }
 
@@ -925,7 +934,7 @@ impl Unpacker {
             return Ok(());
         }
         let (parent, name) = split_last(&m.rel);
-        if name.starts_with(WHITEOUT_PREFIX) {
+        if name.starts_with(WHITEOUT_PREFIX) && self.form != Form::Plain {
             return self.apply_whiteout(m, parent, name);
         }
         let path = self.path_of(&m.rel);
@@ -1113,7 +1122,7 @@ impl Unpacker {
         let dir = match form {
             Form::Overlay => self.dirs.get(parent, &m.name)?,
             // Nothing to remove below a missing directory, and nothing is created.
-            Form::Apply => match self.dirs.find(parent, &m.name)? {
+            Form::Apply | Form::Plain => match self.dirs.find(parent, &m.name)? {
                 Some(dir) => dir,
                 None => return Ok(()),
             },
@@ -1663,6 +1672,26 @@ mod tests {
         assert!(tmp.path().join("b/kept").exists());
         assert!(!tmp.path().join(".wh..wh.plnk").exists());
         assert_eq!(mtime(&tmp.path().join("a")), 1_600_000_000);
+    }
+
+    #[test]
+    fn plain_extraction_keeps_whiteout_names_as_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("gone"), b"still here").unwrap();
+        fs::create_dir(tmp.path().join("d")).unwrap();
+        fs::write(tmp.path().join("d/old"), b"old").unwrap();
+        let mut b = Builder::new(Vec::new());
+        file(&mut b, ".wh.gone", b"a file named so");
+        file(&mut b, "d/.wh..wh..opq", b"");
+        let tar = finish(b);
+        extract_plain(&tar[..], tmp.path()).unwrap();
+        assert_eq!(fs::read(tmp.path().join("gone")).unwrap(), b"still here");
+        assert_eq!(
+            fs::read(tmp.path().join(".wh.gone")).unwrap(),
+            b"a file named so"
+        );
+        assert!(tmp.path().join("d/old").exists());
+        assert!(tmp.path().join("d/.wh..wh..opq").exists());
     }
 
     #[test]

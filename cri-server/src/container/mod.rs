@@ -386,8 +386,8 @@ impl ContainerManager {
         .await
         .map_err(|e| Error::Internal(format!("rootfs thread: {e}")))??;
 
-        let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).ok();
-        let group = std::fs::read_to_string(rootfs.join("etc/group")).ok();
+        // The image's files: a symlink in it must not make berthd read one of the host's.
+        let (passwd, group) = stream::read_users(rootfs.clone()).await?;
         let files = self.sandboxes.files_dir(&sandbox.id);
         let (hostname, hosts, resolv) = (
             files.join("hostname"),

@@ -491,7 +491,7 @@ impl ContainerManager {
     /// `name:group`, `uid:gid`…) is resolved against the container's own `/etc/passwd` and
     /// `/etc/group` as they are now, as docker does. InvalidArgument for a user or group the
     /// container does not know, or a relative working dir.
-    pub fn exec_overrides(
+    pub async fn exec_overrides(
         &self,
         id: &str,
         env: Vec<String>,
@@ -514,9 +514,7 @@ impl ContainerManager {
         let user = if user.is_empty() {
             None
         } else {
-            let rootfs = self.bundle(id).join("rootfs");
-            let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).ok();
-            let group = std::fs::read_to_string(rootfs.join("etc/group")).ok();
+            let (passwd, group) = read_users(self.bundle(id).join("rootfs")).await?;
             let member = user.split(':').next();
             let r =
                 crate::spec::user::resolve(user, passwd.as_deref(), group.as_deref(), member, &[])
@@ -598,6 +596,25 @@ impl ContainerManager {
         }
         Ok(observed.record)
     }
+}
+
+/// The container's `/etc/passwd` and `/etc/group` under `rootfs` as the container sees them
+/// (symlinks resolved inside it; a FIFO, device or huge file not read), off the async workers.
+pub(crate) async fn read_users(
+    rootfs: std::path::PathBuf,
+) -> Result<(Option<String>, Option<String>)> {
+    /// Far above any real passwd file, far below what would hurt berthd.
+    const MAX: u64 = 4 << 20;
+    tokio::task::spawn_blocking(move || {
+        let root = crate::inroot::open_root(&rootfs)?;
+        let r = std::os::fd::AsFd::as_fd(&root);
+        Ok((
+            crate::inroot::read_small(r, "/etc/passwd", MAX)?,
+            crate::inroot::read_small(r, "/etc/group", MAX)?,
+        ))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("read the container's users: {e}")))?
 }
 
 #[cfg(test)]

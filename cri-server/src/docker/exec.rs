@@ -78,12 +78,15 @@ pub(super) async fn create(api: &Arc<Api>, container: &str, req: Req) -> ApiResu
         status: StatusCode::CONFLICT,
         message: format!("Container {} is not running", r.id),
     })?;
-    api.engine.containers().exec_overrides(
-        &run.container_id,
-        config.env.clone(),
-        &config.user,
-        &config.working_dir,
-    )?;
+    api.engine
+        .containers()
+        .exec_overrides(
+            &run.container_id,
+            config.env.clone(),
+            &config.user,
+            &config.working_dir,
+        )
+        .await?;
     let id = hex::encode(rand::random::<[u8; 32]>());
     let seq = api
         .execs
@@ -226,12 +229,16 @@ async fn start(api: &Arc<Api>, id: &str, mut req: Req) -> ApiResult {
     } else {
         opts
     };
-    let overrides = api.engine.containers().exec_overrides(
-        &run.container_id,
-        e.config.env.clone(),
-        &e.config.user,
-        &e.config.working_dir,
-    )?;
+    let overrides = api
+        .engine
+        .containers()
+        .exec_overrides(
+            &run.container_id,
+            e.config.env.clone(),
+            &e.config.user,
+            &e.config.working_dir,
+        )
+        .await?;
     let mut session = api
         .engine
         .containers()

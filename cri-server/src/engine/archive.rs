@@ -21,11 +21,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2, readlinkat};
+use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
 
 use super::Engine;
 use crate::error::{Error, Result};
+use crate::inroot::{open_in, open_root, os_err, split};
 
 impl Engine {
     /// Runs `f` with the root directory of container `name_or_id`, on a thread of its own (the
@@ -39,20 +40,24 @@ impl Engine {
     ) -> Result<T> {
         let r = self.get(name_or_id)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if r.running() && r.state.pid > 0 {
-            let proc_root = format!("/proc/{}/root", r.state.pid);
+        if let Some(run) = r.run.clone().filter(|_| r.running() && r.state.pid > 0) {
+            let root = open_root(std::path::Path::new(&format!("/proc/{}/root", r.state.pid)))
+                .map_err(|_| {
+                    Error::FailedPrecondition(format!("container {} is not running", r.id))
+                })?;
+            // A pid is only a number: had the container exited and the number been reused, the
+            // root opened would be another process's (the host's /, say). It is the
+            // container's if the container's process still has that pid now, after the open.
+            if self.containers.pid(&run.container_id).await? != r.state.pid {
+                return Err(Error::FailedPrecondition(format!(
+                    "container {} is not running",
+                    r.id
+                )));
+            }
             std::thread::Builder::new()
                 .name("cp-live".into())
                 .spawn(move || {
-                    let root = nix::fcntl::open(
-                        proc_root.as_str(),
-                        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| {
-                        Error::FailedPrecondition(format!("open the container's root: {e}"))
-                    });
-                    let _ = tx.send(root.and_then(|root| f(root.as_fd())));
+                    let _ = tx.send(f(root.as_fd()));
                 })
                 .map_err(|e| Error::internal("start a copy thread", e))?;
         } else {
@@ -100,12 +105,7 @@ fn mounted_privately(mounts: &[api::Mount], at: &Path) -> Result<OwnedFd> {
     .map_err(|e| Error::Internal(format!("make the copy's mounts private: {e}")))?;
     std::fs::create_dir_all(at).map_err(|e| Error::internal("create the copy's mount point", e))?;
     crate::container::mount_all(mounts, at)?;
-    nix::fcntl::open(
-        at,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::Internal(format!("open the container's rootfs: {e}")))
+    open_root(at)
 }
 
 /// What dockerd reports of a path (`X-Docker-Container-Path-Stat`, base64 JSON).
@@ -162,49 +162,6 @@ fn kind(st: &FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
 
-fn not_found(path: &str) -> Error {
-    Error::NotFound(format!("Could not find the file {path} in container"))
-}
-
-fn os_err(what: &str, path: &str, e: Errno) -> Error {
-    match e {
-        Errno::ENOENT | Errno::ENOTDIR => not_found(path),
-        e => Error::Internal(format!("{what} {path}: {e}")),
-    }
-}
-
-/// Opens `path` (the container's, absolute or not) under `root` as the container would see
-/// it, every symlink resolved inside the root. The last component is not followed when
-/// `follow_last` is false.
-fn open_in(root: BorrowedFd<'_>, path: &str, flags: OFlag, follow_last: bool) -> Result<OwnedFd> {
-    let rel = path.trim_start_matches('/');
-    if follow_last || rel.is_empty() {
-        let how = OpenHow::new()
-            .flags(flags | OFlag::O_CLOEXEC)
-            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        return openat2(root, if rel.is_empty() { "." } else { rel }, how)
-            .map_err(|e| os_err("open", path, e));
-    }
-    let (parent, base) = split(rel);
-    let dir = open_in(root, parent, OFlag::O_PATH | OFlag::O_DIRECTORY, true)?;
-    openat(
-        dir,
-        base,
-        flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| os_err("open", path, e))
-}
-
-/// `a/b/c` → (`a/b`, `c`); `c` → (`.`, `c`). Trailing slashes and `.` components go first.
-fn split(rel: &str) -> (&str, &str) {
-    let rel = rel.trim_end_matches('/');
-    match rel.rsplit_once('/') {
-        Some((p, b)) => (if p.is_empty() { "." } else { p }, b),
-        None => (".", rel),
-    }
-}
-
 /// The stat docker shows for `path` in the container (its last component not followed).
 pub fn stat(root: BorrowedFd<'_>, path: &str) -> Result<PathStat> {
     let fd = open_in(root, path, OFlag::O_PATH, false)?;
@@ -228,7 +185,11 @@ pub fn stat(root: BorrowedFd<'_>, path: &str) -> Result<PathStat> {
         name,
         size: st.st_size,
         mode: go_mode(&st),
-        mtime: api::time::rfc3339_nano(st.st_mtime * 1_000_000_000 + st.st_mtime_nsec),
+        mtime: api::time::rfc3339_nano(
+            st.st_mtime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_mtime_nsec),
+        ),
         link_target,
     })
 }
@@ -245,11 +206,11 @@ pub fn write_tar(root: BorrowedFd<'_>, path: &str, out: impl Write) -> Result<()
     let fail = |e: std::io::Error| Error::Internal(format!("write the archive of {path}: {e}"));
     if kind(&st) == SFlag::S_IFDIR {
         let dir = reopen_dir(&fd).map_err(|e| os_err("open", path, e))?;
-        append_dir(&mut tar, &dir, &st, &name).map_err(fail)?;
+        append_dir(&mut tar, &dir, &st, &name, 0).map_err(fail)?;
     } else {
         let (parent, base) = split(path.trim_start_matches('/'));
         let pdir = open_in(root, parent, OFlag::O_DIRECTORY | OFlag::O_RDONLY, true)?;
-        append_entry(&mut tar, pdir.as_fd(), OsStr::new(base), &st, &name).map_err(fail)?;
+        append_entry(&mut tar, pdir.as_fd(), OsStr::new(base), &st, &name, 0).map_err(fail)?;
     }
     tar.into_inner().map_err(fail)?.flush().map_err(fail)
 }
@@ -275,12 +236,23 @@ fn header_for(st: &FileStat, entry_type: tar::EntryType, size: u64) -> tar::Head
     h
 }
 
+/// Directory levels a copy goes down at most: each level holds an fd and a stack frame, and
+/// a container can nest directories as deep as it likes.
+const MAX_DEPTH: usize = 256;
+
 fn append_dir<W: Write>(
     tar: &mut tar::Builder<W>,
     dir: &OwnedFd,
     st: &FileStat,
     name: &Path,
+    depth: usize,
 ) -> std::io::Result<()> {
+    if depth >= MAX_DEPTH {
+        return Err(std::io::Error::other(format!(
+            "{} is more than {MAX_DEPTH} directories deep",
+            name.display()
+        )));
+    }
     let mut h = header_for(st, tar::EntryType::Directory, 0);
     tar.append_data(&mut h, name, std::io::empty())?;
     // Names first, then each one looked at relative to this fd: the listing goes through the
@@ -298,7 +270,7 @@ fn append_dir<W: Write>(
             Err(Errno::ENOENT) => continue,
             Err(e) => return Err(e.into()),
         };
-        append_entry(tar, dir.as_fd(), n, &child_st, &name.join(n))?;
+        append_entry(tar, dir.as_fd(), n, &child_st, &name.join(n), depth + 1)?;
     }
     Ok(())
 }
@@ -309,6 +281,7 @@ fn append_entry<W: Write>(
     base: &OsStr,
     st: &FileStat,
     name: &Path,
+    depth: usize,
 ) -> std::io::Result<()> {
     match kind(st) {
         SFlag::S_IFDIR => {
@@ -318,7 +291,7 @@ fn append_entry<W: Write>(
                 OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )?;
-            append_dir(tar, &fd, st, name)
+            append_dir(tar, &fd, st, name, depth)
         }
         SFlag::S_IFREG => {
             let fd = openat(
@@ -404,7 +377,7 @@ pub fn extract_tar(root: BorrowedFd<'_>, path: &str, input: impl Read) -> Result
     // The unpacker opens its root by path; the fd's magic link is that directory, resolved
     // once, with no component of the container's in between.
     let at = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-    snapshotter::unpack::apply_layer(input, &at).map_err(|e| match e {
+    snapshotter::unpack::extract_plain(input, &at).map_err(|e| match e {
         snapshotter::Error::UnsafeEntry { .. } => {
             Error::InvalidArgument(format!("refused archive: {}", crate::error::chain(&e)))
         }
@@ -498,6 +471,18 @@ mod tests {
             extract_tar(fd.as_fd(), "/etc/hostname", &archive[..]),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn a_tree_too_deep_is_refused_not_followed_to_the_end() {
+        let (t, fd) = root();
+        let mut p = t.path().join("deep");
+        for _ in 0..MAX_DEPTH + 5 {
+            p.push("d");
+        }
+        std::fs::create_dir_all(&p).expect("deep tree");
+        let err = write_tar(fd.as_fd(), "/deep", std::io::sink()).expect_err("too deep");
+        assert!(err.to_string().contains("directories deep"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,187 @@
+//! Docker lifecycle semantics through the stock docker client: restart policies (after the
+//! process dies, and across a berthd restart), the event stream of a run, and a port that is
+//! already taken.
+
+use std::time::{Duration, Instant};
+
+use crictl_tests::docker::DockerEnv;
+
+/// `docker inspect -f <format> <name>`, trimmed.
+async fn inspect(env: &DockerEnv, name: &str, format: &str) -> String {
+    env.ok(&["inspect", "-f", format, name])
+        .await
+        .trim()
+        .to_owned()
+}
+
+/// Waits (10 s at most) until `format` of `name` reads `want`.
+async fn wait_for(env: &DockerEnv, name: &str, format: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = inspect(env, name, format).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: {format} is {got:?}, not {want:?}\n{}",
+            crictl_tests::docker::tail(&env.d.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn kill_pid(pid: &str) {
+    let pid: i32 = pid.parse().expect("a pid");
+    assert!(pid > 0, "no process to kill");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the container's process");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_policies_hold_when_the_process_dies_and_across_berthd_restarts() {
+    let mut env = DockerEnv::start("").await;
+    let sleeper = ["busybox", "sleep", "300"];
+    for (name, policy) in [
+        ("always", "always"),
+        ("unless", "unless-stopped"),
+        ("never", "no"),
+    ] {
+        let mut args = vec!["run", "-d", "--name", name, "--restart", policy];
+        args.extend(sleeper);
+        env.ok(&args).await;
+    }
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "flaky",
+        "--restart",
+        "on-failure:2",
+        "busybox",
+        "sh",
+        "-c",
+        "exit 3",
+    ])
+    .await;
+
+    // The process is killed from outside: `always` comes back, `no` stays down.
+    let first = inspect(&env, "always", "{{.State.Pid}}").await;
+    kill_pid(&first);
+    wait_for(&env, "always", "{{.RestartCount}}", "1").await;
+    wait_for(&env, "always", "{{.State.Status}}", "running").await;
+    assert_ne!(inspect(&env, "always", "{{.State.Pid}}").await, first);
+    kill_pid(&inspect(&env, "never", "{{.State.Pid}}").await);
+    wait_for(&env, "never", "{{.State.Status}}", "exited").await;
+    assert_eq!(inspect(&env, "never", "{{.State.ExitCode}}").await, "137");
+    // on-failure:2 tries twice more, then gives up with the code.
+    wait_for(&env, "flaky", "{{.RestartCount}}", "2").await;
+    wait_for(&env, "flaky", "{{.State.Status}}", "exited").await;
+    assert_eq!(inspect(&env, "flaky", "{{.State.ExitCode}}").await, "3");
+
+    // Stopped by hand: across a berthd restart `always` starts again, `unless-stopped` not.
+    env.ok(&["stop", "-t", "0", "always", "unless"]).await;
+    env.d.restart().await.expect("restart berthd");
+    wait_for(&env, "always", "{{.State.Status}}", "running").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(inspect(&env, "unless", "{{.State.Status}}").await, "exited");
+
+    // Its process dies while berthd is down: berthd finds out when it is back, and restarts it.
+    let pid = inspect(&env, "always", "{{.State.Pid}}").await;
+    env.d.kill9().await.expect("kill berthd");
+    kill_pid(&pid);
+    env.d.restart().await.expect("start berthd again");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = inspect(&env, "always", "{{.State.Status}} {{.State.Pid}}").await;
+        if now.starts_with("running") && !now.ends_with(&format!(" {pid}")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not restarted: {now}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.ok(&["rm", "-f", "always", "unless", "never", "flaky"])
+        .await;
+    assert_eq!(env.ok(&["ps", "-aq"]).await, "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_tell_a_run_from_create_to_destroy() {
+    let env = DockerEnv::start("").await;
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    env.ok(&["run", "--rm", "--name", "ev", "busybox", "true"])
+        .await;
+    // `--until` in the future keeps the stream open until then: a second past the run.
+    let t1 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 1;
+    let out = env
+        .ok(&[
+            "events",
+            "--since",
+            &t0.to_string(),
+            "--until",
+            &t1.to_string(),
+            "--filter",
+            "container=ev",
+            "--format",
+            "{{.Type}} {{.Action}} {{.Actor.Attributes.name}}",
+        ])
+        .await;
+    let actions: Vec<&str> = out.lines().collect();
+    for want in [
+        "container create ev",
+        "container start ev",
+        "container die ev",
+        "container destroy ev",
+    ] {
+        assert!(actions.contains(&want), "{want:?} missing from {actions:?}");
+    }
+    let pos = |a: &str| actions.iter().position(|x| *x == a);
+    assert!(pos("container create ev") < pos("container start ev"));
+    assert!(pos("container die ev") < pos("container destroy ev"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_port_in_use_fails_the_start_and_leaves_the_container_as_created() {
+    let env = DockerEnv::start("").await;
+    // Taken by someone else on the host (berthd runs in the test's own host namespace).
+    let taken = env
+        .d
+        .netns()
+        .run(|| std::net::TcpListener::bind("0.0.0.0:0"))
+        .expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let out = env
+        .docker(&[
+            "run",
+            "-d",
+            "--name",
+            "clash",
+            "-p",
+            &format!("{port}:80"),
+            "busybox",
+            "sleep",
+            "300",
+        ])
+        .await;
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("port is already allocated"), "{err}");
+    // Nothing of the run is left: no pod, no process; the container is there, not running.
+    assert_eq!(
+        inspect(&env, "clash", "{{.State.Status}} {{.State.Running}}").await,
+        "created false"
+    );
+    env.ok(&["rm", "clash"]).await;
+    drop(taken);
+    assert_eq!(env.ok(&["ps", "-aq"]).await, "");
+}
