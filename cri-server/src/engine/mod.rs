@@ -1322,6 +1322,9 @@ impl Engine {
             if wanted {
                 let mut r = r;
                 r.state.status = Status::Restarting;
+                // An `always` container stopped by hand comes back with the daemon, as docker's
+                // does, and from then on it is running as if started: its next exit restarts it.
+                r.manual_stop = false;
                 if self.put(&r).is_ok() {
                     self.schedule_start(&r.id, Duration::ZERO);
                 }
