@@ -4,25 +4,32 @@
 /// `2016-10-06T00:17:09.669794202Z`: UTC, always nine fractional digits (sorts as text, and
 /// parses with Go's `time.RFC3339Nano`).
 pub fn rfc3339_nano(ns: i64) -> String {
-    let secs = ns.div_euclid(1_000_000_000);
+    let (year, month, day, hour, min, sec) = civil(ns.div_euclid(1_000_000_000));
     let nanos = ns.rem_euclid(1_000_000_000);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{min:02}:{sec:02}.{nanos:09}Z")
+}
+
+/// The UTC calendar time of `secs` since the epoch: (year, month, day, hour, minute, second),
+/// by Howard Hinnant's `civil_from_days`.
+pub fn civil(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
+    (
+        year,
+        month,
+        day,
+        (sod / 3600) as u32,
+        (sod % 3600 / 60) as u32,
+        (sod % 60) as u32,
     )
 }
 
