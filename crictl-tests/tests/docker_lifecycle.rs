@@ -185,3 +185,43 @@ async fn a_host_port_in_use_fails_the_start_and_leaves_the_container_as_created(
     drop(taken);
     assert_eq!(env.ok(&["ps", "-aq"]).await, "");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_and_system_prune_keep_what_containers_use() {
+    let env = DockerEnv::start("").await;
+    env.ok(&["run", "-d", "--name", "user", "busybox", "sleep", "300"])
+        .await;
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "hello", &b"hi\n"[..])
+        .expect("append");
+    let rootfs = b.into_inner().expect("tar");
+    let imported = env
+        .docker_with_input(&["import", "-", "unused:1"], Some(&rootfs))
+        .await;
+    assert!(imported.status.success(), "{imported:?}");
+    // Plain prune takes only images without a name: these both have one.
+    let plain = env.ok(&["image", "prune", "-f"]).await;
+    assert!(plain.contains("Total reclaimed space: 0B"), "{plain}");
+    let all = env.ok(&["image", "prune", "-a", "-f"]).await;
+    assert!(all.contains("untagged: unused:1"), "{all}");
+    let left = env
+        .ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .await;
+    assert_eq!(left.trim(), "busybox:latest", "the image in use stays");
+    env.ok(&["rm", "-f", "user"]).await;
+    // With nothing running, system prune clears stopped containers, networks and images alike.
+    env.ok(&["create", "--name", "idle", "busybox"]).await;
+    env.ok(&["network", "create", "spare"]).await;
+    let sys = env.ok(&["system", "prune", "-a", "-f"]).await;
+    assert!(sys.contains("Total reclaimed space"), "{sys}");
+    assert_eq!(env.ok(&["ps", "-aq"]).await, "");
+    assert_eq!(env.ok(&["images", "-q"]).await, "");
+    assert_eq!(
+        env.ok(&["network", "ls", "-q", "--filter", "name=spare"])
+            .await,
+        ""
+    );
+}

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use super::containers::Filters;
 use super::image_archive;
 use super::{Api, ApiError, ApiResult, Req, channel_body, json};
+use crate::error::Error;
 use crate::image::store::NamedImage;
 
 /// `docker.io/library/busybox:latest` → `busybox:latest`, as docker shows names.
@@ -112,10 +113,7 @@ pub(super) async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
         ("POST", "create") => create(api, req).await,
         ("GET", "get") => image_archive::save(api, req.q_all("names")),
         ("POST", "load") => image_archive::load(api, req).await,
-        ("POST", "prune") => Err(ApiError {
-            status: StatusCode::NOT_IMPLEMENTED,
-            message: "image prune is not supported by berth yet".into(),
-        }),
+        ("POST", "prune") => prune(api, req).await,
         _ => {
             let (name, action) = split_name(&rest, &m);
             match (m.as_str(), action.as_str()) {
@@ -147,6 +145,73 @@ fn list(api: &Arc<Api>, req: Req) -> ApiResult {
         }
     }
     json(StatusCode::OK, &out)
+}
+
+/// `POST /images/prune`: images without a name (`dangling`, the default), or with
+/// `dangling=false` (docker's `image prune -a`) every image, that no container uses, docker's
+/// or a CRI pod's.
+async fn prune(api: &Arc<Api>, req: Req) -> ApiResult {
+    let filters = Filters::parse(req.q("filters"))?;
+    for key in filters.keys() {
+        if !matches!(key.as_str(), "dangling" | "label") {
+            return Err(ApiError::bad(format!("invalid filter '{key}'")));
+        }
+    }
+    let only_dangling = filters
+        .get("dangling")
+        .iter()
+        .all(|v| !matches!(v.as_str(), "false" | "0"));
+    let mut used: std::collections::HashSet<String> =
+        api.engine.list()?.into_iter().map(|r| r.image_id).collect();
+    used.extend(
+        api.engine
+            .containers()
+            .list()
+            .await?
+            .into_iter()
+            .map(|o| o.record.image_id),
+    );
+    let mut deleted = Vec::new();
+    let mut reclaimed: u64 = 0;
+    for i in api.engine.images().list()? {
+        let id = i.record.id.to_string();
+        if used.contains(&id) || (only_dangling && !i.tags.is_empty()) {
+            continue;
+        }
+        let config = api.engine.images().config_json(&i).unwrap_or(Value::Null);
+        let image_labels = labels(&config);
+        let labels_ok = filters.all("label", |v| {
+            let (k, want) = v.split_once('=').unwrap_or((v, ""));
+            image_labels
+                .get(k)
+                .and_then(Value::as_str)
+                .is_some_and(|got| want.is_empty() || got == want)
+        });
+        if !labels_ok {
+            continue;
+        }
+        match api.engine.images().remove(&id).await {
+            Ok(()) => {}
+            // Gone meanwhile: nothing to reclaim.
+            Err(Error::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        for t in i.tags.iter().chain(&i.digests) {
+            deleted.push(json!({"Untagged": familiar(t)}));
+        }
+        deleted.push(json!({"Deleted": id}));
+        reclaimed = reclaimed.saturating_add(i.record.size);
+        api.engine.events.emit(
+            "image",
+            "delete",
+            &id,
+            std::collections::BTreeMap::from([("name".to_owned(), id.clone())]),
+        );
+    }
+    json(
+        StatusCode::OK,
+        &json!({"ImagesDeleted": if deleted.is_empty() { Value::Null } else { Value::Array(deleted) }, "SpaceReclaimed": reclaimed}),
+    )
 }
 
 /// The credentials of `X-Registry-Auth` (base64url JSON), as CRI's auth config.
