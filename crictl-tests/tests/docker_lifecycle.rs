@@ -225,3 +225,170 @@ async fn image_and_system_prune_keep_what_containers_use() {
         ""
     );
 }
+
+/// `CapEff` of the process `ctr` runs, as a bit set.
+async fn cap_eff(env: &DockerEnv, ctr: &str) -> u64 {
+    let status = env.ok(&["exec", ctr, "cat", "/proc/1/status"]).await;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff")
+        .trim()
+        .to_owned();
+    u64::from_str_radix(&hex, 16).expect("hex")
+}
+
+/// The host path of `pid`'s cgroup of `controller` (cgroup v1 on this kind of host).
+fn cgroup_file(pid: &str, controller: &str, file: &str) -> String {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    let rel = cg
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            ctrls
+                .split(',')
+                .any(|c| c == controller)
+                .then(|| path.to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup in {cg}"));
+    let dir = std::path::Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join(rel.trim_start_matches('/'));
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.join(file).display()))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_flags_for_dns_hosts_limits_capabilities_and_mounts_reach_the_container() {
+    let env = DockerEnv::start("").await;
+    let files = env
+        .ok(&[
+            "run",
+            "--rm",
+            "--dns",
+            "10.9.9.9",
+            "--add-host",
+            "db.local:10.1.2.3",
+            "busybox",
+            "sh",
+            "-c",
+            "cat /etc/resolv.conf /etc/hosts",
+        ])
+        .await;
+    assert!(files.contains("nameserver 10.9.9.9"), "{files}");
+    assert!(
+        files
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["10.1.2.3", "db.local"]),
+        "{files}"
+    );
+
+    // Limits land in the container's cgroups.
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "limited",
+        "--cpus",
+        "0.5",
+        "--pids-limit",
+        "50",
+        "--memory",
+        "32m",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    let pid = inspect(&env, "limited", "{{.State.Pid}}").await;
+    assert_eq!(cgroup_file(&pid, "pids", "pids.max"), "50");
+    let quota: i64 = cgroup_file(&pid, "cpu", "cpu.cfs_quota_us")
+        .parse()
+        .expect("quota");
+    let period: i64 = cgroup_file(&pid, "cpu", "cpu.cfs_period_us")
+        .parse()
+        .expect("period");
+    assert_eq!(quota * 2, period, "half a CPU");
+    assert_eq!(
+        cgroup_file(&pid, "memory", "memory.limit_in_bytes"),
+        (32u64 << 20).to_string()
+    );
+
+    // Capabilities: docker's default set, changed by --cap-add/--cap-drop; all with --privileged.
+    const NET_RAW: u64 = 1 << 13;
+    const SYS_TIME: u64 = 1 << 25;
+    const SYS_ADMIN: u64 = 1 << 21;
+    let default = cap_eff(&env, "limited").await;
+    assert_ne!(default & NET_RAW, 0, "docker's default set has NET_RAW");
+    assert_eq!(default & (SYS_TIME | SYS_ADMIN), 0);
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "caps",
+        "--cap-add",
+        "SYS_TIME",
+        "--cap-drop",
+        "NET_RAW",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    let changed = cap_eff(&env, "caps").await;
+    assert_eq!(changed & NET_RAW, 0);
+    assert_ne!(changed & SYS_TIME, 0);
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "priv",
+        "--privileged",
+        "busybox",
+        "sleep",
+        "300",
+    ])
+    .await;
+    let all = cap_eff(&env, "priv").await;
+    assert_ne!(all & SYS_ADMIN, 0, "privileged: {all:x}");
+
+    // --mount: a named volume and a read-only bind.
+    let host = tempfile::tempdir().expect("tempdir");
+    std::fs::write(host.path().join("f"), "from host\n").expect("write");
+    let out = env
+        .docker(&[
+            "run", "--rm", "--mount", "type=volume,src=mvol,dst=/m", "--mount",
+            &format!("type=bind,src={},dst=/b,readonly", host.path().display()),
+            "busybox", "sh", "-c",
+            "echo kept > /m/x && cat /b/f && if echo no > /b/f; then echo wrote; else echo refused; fi",
+        ])
+        .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("from host") && text.contains("refused"),
+        "{out:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("f")).expect("read"),
+        "from host\n"
+    );
+    let kept = env
+        .ok(&["run", "--rm", "-v", "mvol:/m", "busybox", "cat", "/m/x"])
+        .await;
+    assert_eq!(kept, "kept\n");
+
+    // -P publishes the exposed ports on ports of the host's choosing.
+    env.ok(&[
+        "run", "-d", "--name", "pub", "--expose", "80", "-P", "busybox", "sleep", "300",
+    ])
+    .await;
+    let port = env.ok(&["port", "pub", "80"]).await;
+    assert!(port.starts_with("0.0.0.0:"), "{port}");
+
+    env.ok(&["rm", "-f", "limited", "caps", "priv", "pub"])
+        .await;
+    env.ok(&["volume", "rm", "mvol"]).await;
+}

@@ -151,6 +151,13 @@ pub fn plan(
                 ..Default::default()
             }),
         }),
+        // docker: 0 and negative mean no limit.
+        annotations: h
+            .pids_limit
+            .filter(|n| *n > 0)
+            .map(|n| (crate::spec::PIDS_LIMIT_ANNOTATION.to_owned(), n.to_string()))
+            .into_iter()
+            .collect(),
         ..Default::default()
     };
     Ok(Plan { pod, container })

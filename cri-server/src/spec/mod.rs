@@ -893,6 +893,9 @@ fn check_sysctl(key: &str, ns: &SandboxNamespaces) -> Result<String, SpecError> 
     }
 }
 
+/// The annotation of a container's pids limit (docker's `--pids-limit`).
+pub const PIDS_LIMIT_ANNOTATION: &str = "io.berth.pids-limit";
+
 /// `linux.resources` (without devices) from the CRI resources.
 fn resources(
     r: &api::cri::LinuxContainerResources,
@@ -1150,6 +1153,16 @@ pub fn generate(input: &SpecInput) -> Result<(Spec, Vec<Clamped>), SpecError> {
         .map(|r| resources(r, input.host, &mut clamped))
         .unwrap_or_default();
     resources_json.insert("devices".into(), Value::Array(rules));
+    // CRI has no pids limit; docker's `--pids-limit` comes as an annotation. A limit only ever
+    // lowers what the pod's cgroup allows, so any pod may set one.
+    if let Some(v) = input.config.annotations.get(PIDS_LIMIT_ANNOTATION) {
+        let limit: i64 = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+            SpecError::InvalidArgument(format!(
+                "annotation {PIDS_LIMIT_ANNOTATION}: {v:?} is not a positive number"
+            ))
+        })?;
+        resources_json.insert("pids".into(), json!({ "limit": limit }));
+    }
 
     // Sysctls.
     let mut sysctl = BTreeMap::new();
