@@ -37,7 +37,8 @@ fn segment(s: &str) -> String {
 /// back as bollard's error for it, so callers treat both clients' errors alike.
 pub async fn inspect(kind: &str, name: &str) -> Result<Value> {
     let path = match kind {
-        "volumes" => format!("/v1.44/volumes/{}", segment(name)),
+        // Networks and volumes are inspected at their own path, without `/json`.
+        "volumes" | "networks" => format!("/v1.44/{kind}/{}", segment(name)),
         _ => format!("/v1.44/{kind}/{}/json", segment(name)),
     };
     get_json(&path).await

@@ -995,3 +995,46 @@ async fn load_and_import_open_their_input_as_docker_does() {
         "open /no/such.tar: no such file or directory\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn network_and_volume_inspect_print_what_exists_and_fail_for_the_rest() {
+    let env = DockerEnv::start("").await;
+    env.berth_ok(&["network", "create", "--label", "k=v", "cli-net"])
+        .await;
+    env.berth_ok(&["volume", "create", "--label", "k=w", "cli-vol"])
+        .await;
+    let net = env
+        .berth_ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{.Name}} {{.Labels.k}}",
+            "cli-net",
+        ])
+        .await;
+    assert_eq!(net, "cli-net v\n");
+    let vol = env
+        .berth_ok(&[
+            "volume",
+            "inspect",
+            "-f",
+            "{{.Name}} {{.Labels.k}}",
+            "cli-vol",
+        ])
+        .await;
+    assert_eq!(vol, "cli-vol w\n");
+    for kind in ["network", "volume"] {
+        let name = format!("cli-{}", &kind[..3]);
+        let out = env
+            .berth(&[kind, "inspect", "-f", "{{.Name}}", &name, "nosuch"])
+            .await;
+        assert_eq!(out.status.code(), Some(1), "{kind}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{name}\n"));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("nosuch"),
+            "{kind}: {out:?}"
+        );
+    }
+    env.berth_ok(&["network", "rm", "cli-net"]).await;
+    env.berth_ok(&["volume", "rm", "cli-vol"]).await;
+}
