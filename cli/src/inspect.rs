@@ -33,6 +33,27 @@ pub fn print_objects(objects: &[Value], format: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// `network inspect` and `volume inspect`: each of `names` under `/<path>/`, printed together;
+/// those not found are reported, and make the exit code 1, as docker's.
+pub async fn inspect_each(path: &str, names: &[String], format: Option<&str>) -> Result<()> {
+    let mut found = Vec::new();
+    let mut failed = false;
+    for n in names {
+        match crate::raw::inspect(path, n).await {
+            Ok(v) => found.push(v),
+            Err(e) => {
+                crate::client::report(&e);
+                failed = true;
+            }
+        }
+    }
+    print_objects(&found, format)?;
+    if failed {
+        return Err(Exit(1).into());
+    }
+    Ok(())
+}
+
 async fn find(d: &Docker, kind: Option<&str>, name: &str) -> Result<Option<Value>> {
     let any = kind.is_none();
     let is = |k: &str| kind == Some(k);

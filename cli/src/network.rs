@@ -15,7 +15,6 @@ use crate::args::NetworkCmd;
 use crate::client::Exit;
 use crate::format::short_id;
 use crate::image::parse_filters;
-use crate::inspect::print_objects;
 use crate::template::render_rows;
 
 fn kv(list: &[String]) -> HashMap<String, String> {
@@ -105,21 +104,7 @@ pub async fn network(d: &Docker, cmd: NetworkCmd) -> Result<i32> {
             }
         }
         NetworkCmd::Inspect(a) => {
-            let mut found = Vec::new();
-            let mut failed = false;
-            for n in &a.names {
-                match crate::raw::inspect("networks", n).await {
-                    Ok(v) => found.push(v),
-                    Err(e) => {
-                        crate::client::report(&e);
-                        failed = true;
-                    }
-                }
-            }
-            print_objects(&found, a.format.as_deref())?;
-            if failed {
-                return Err(Exit(1).into());
-            }
+            crate::inspect::inspect_each("networks", &a.names, a.format.as_deref()).await?;
         }
         NetworkCmd::Connect(a) => {
             d.connect_network(

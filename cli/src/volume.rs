@@ -10,7 +10,6 @@ use crate::args::VolumeCmd;
 use crate::client::Exit;
 use crate::format::human_size;
 use crate::image::parse_filters;
-use crate::inspect::print_objects;
 use crate::template::render_rows;
 
 pub async fn volume(d: &Docker, cmd: VolumeCmd) -> Result<i32> {
@@ -79,21 +78,7 @@ pub async fn volume(d: &Docker, cmd: VolumeCmd) -> Result<i32> {
             }
         }
         VolumeCmd::Inspect(a) => {
-            let mut found = Vec::new();
-            let mut failed = false;
-            for n in &a.names {
-                match crate::raw::inspect("volumes", n).await {
-                    Ok(v) => found.push(v),
-                    Err(e) => {
-                        crate::client::report(&e);
-                        failed = true;
-                    }
-                }
-            }
-            print_objects(&found, a.format.as_deref())?;
-            if failed {
-                return Err(Exit(1).into());
-            }
+            crate::inspect::inspect_each("volumes", &a.names, a.format.as_deref()).await?;
         }
         VolumeCmd::Prune(a) => {
             let mut filters = parse_filters(&a.filter)?.unwrap_or_default();
