@@ -6,6 +6,8 @@
 #![warn(missing_docs)]
 
 pub mod digest;
+pub mod dockerfile;
+pub mod dockerignore;
 pub mod mount;
 pub mod pod_init;
 pub mod shim;
