@@ -268,7 +268,7 @@ pub fn parse_trigger(file: &str, text: &str, escape: char) -> Result<Instruction
     let Some((line, joined)) = parser.next_logical_line() else {
         return Err(parser.error(0, "ONBUILD", "the trigger is empty"));
     };
-    let instruction = parser.trigger(line, &joined)?;
+    let instruction = parser.trigger(line, &joined, false)?;
     if let Some((extra, _)) = parser.next_logical_line() {
         return Err(parser.error(
             extra,
@@ -543,8 +543,14 @@ impl<'a> Parser<'a> {
         Ok(docs)
     }
 
-    /// Parses an `ONBUILD` trigger.
-    fn trigger(&mut self, line: usize, text: &str) -> Result<Instruction, ParseError> {
+    /// Parses an `ONBUILD` trigger; `heredocs` says whether bodies may follow (in a file, not
+    /// in a trigger stored in an image config).
+    fn trigger(
+        &mut self,
+        line: usize,
+        text: &str,
+        heredocs: bool,
+    ) -> Result<Instruction, ParseError> {
         let keyword = first_word(text).to_ascii_uppercase();
         match keyword.as_str() {
             "ONBUILD" => Err(self.error(
@@ -557,7 +563,7 @@ impl<'a> Parser<'a> {
                 "ONBUILD",
                 format!("{keyword} isn't allowed as an ONBUILD trigger"),
             )),
-            _ => match self.line(line, text, false)? {
+            _ => match self.line(line, text, heredocs)? {
                 Parsed::Instruction(instruction) => Ok(instruction),
                 Parsed::From(_) => {
                     Err(self.error(line, "ONBUILD", "FROM isn't allowed as an ONBUILD trigger"))
@@ -663,7 +669,7 @@ impl<'a> Parser<'a> {
                 }));
             }
             "RUN" => {
-                let (command, markers) = match parse_json_array(rest) {
+                let (command, markers) = match json_args(rest).map_err(err)? {
                     Some(args) => (Command::Exec(args), Vec::new()),
                     None => {
                         let markers = if heredocs {
@@ -680,8 +686,8 @@ impl<'a> Parser<'a> {
                 let heredocs = self.heredoc_bodies(line, kw, markers)?;
                 Kind::Run { command, heredocs }
             }
-            "CMD" => Kind::Cmd(maybe_json(rest)),
-            "ENTRYPOINT" => Kind::Entrypoint(maybe_json(rest)),
+            "CMD" => Kind::Cmd(maybe_json(rest).map_err(err)?),
+            "ENTRYPOINT" => Kind::Entrypoint(maybe_json(rest).map_err(err)?),
             "ENV" => Kind::Env(name_values(rest, escape, kw).map_err(err)?),
             "LABEL" => Kind::Label(name_values(rest, escape, kw).map_err(err)?),
             "ARG" => {
@@ -707,7 +713,7 @@ impl<'a> Parser<'a> {
             "USER" => Kind::User(rest.to_string()),
             "STOPSIGNAL" => Kind::StopSignal(rest.to_string()),
             "VOLUME" => {
-                let paths = match parse_json_array(rest) {
+                let paths = match json_args(rest).map_err(err)? {
                     Some(paths) => paths,
                     None => rest.split_whitespace().map(str::to_string).collect(),
                 };
@@ -720,7 +726,7 @@ impl<'a> Parser<'a> {
                 Kind::Volume(paths)
             }
             "COPY" | "ADD" => {
-                let (words, json) = match parse_json_array(rest) {
+                let (words, json) = match json_args(rest).map_err(err)? {
                     Some(words) => (words, true),
                     None => (rest.split_whitespace().map(str::to_string).collect(), false),
                 };
@@ -754,7 +760,7 @@ impl<'a> Parser<'a> {
                 }
             }
             "ONBUILD" => {
-                let mut trigger = self.trigger(line, rest)?;
+                let mut trigger = self.trigger(line, rest, heredocs)?;
                 if let Kind::Onbuild(_) = trigger.kind {
                     return Err(err(
                         "chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".to_string()
@@ -805,7 +811,7 @@ impl<'a> Parser<'a> {
                             },
                         };
                         Kind::Healthcheck(Healthcheck {
-                            test: Some(maybe_json(args)),
+                            test: Some(maybe_json(args).map_err(err)?),
                             interval_ns: flags.duration("interval").map_err(err)?,
                             timeout_ns: flags.duration("timeout").map_err(err)?,
                             start_period_ns: flags.duration("start-period").map_err(err)?,
@@ -820,7 +826,7 @@ impl<'a> Parser<'a> {
                     }
                 }
             }
-            "SHELL" => match parse_json_array(rest) {
+            "SHELL" => match json_args(rest).map_err(err)? {
                 Some(args) if args.is_empty() => {
                     return Err(err("requires at least one argument".to_string()));
                 }
@@ -849,7 +855,7 @@ fn directive(line: &str) -> Option<(String, &str)> {
     let key_len = rest
         .find(|c: char| !c.is_ascii_alphanumeric())
         .unwrap_or(rest.len());
-    if key_len == 0 {
+    if !rest.starts_with(|c: char| c.is_ascii_alphabetic()) {
         return None;
     }
     let (key, rest) = rest.split_at(key_len);
@@ -865,11 +871,13 @@ fn directive(line: &str) -> Option<(String, &str)> {
 
 /// Removes a trailing escape character (and any spaces or tabs after it): the line continues
 /// on the next one.
+///
+/// As in docker, an escape preceded by another escape (`foo \\`) is no continuation.
 fn trim_continuation(line: &str, escape: char) -> (&str, bool) {
     let trimmed = line.trim_end_matches([' ', '\t']);
     match trimmed.strip_suffix(escape) {
-        Some(text) => (text, true),
-        None => (line, false),
+        Some(text) if !text.ends_with(escape) => (text, true),
+        _ => (line, false),
     }
 }
 
@@ -1060,11 +1068,11 @@ fn name_values(rest: &str, escape: char, keyword: &str) -> Result<Vec<(String, S
 }
 
 /// Exec form when `rest` is a JSON array of strings, shell form otherwise.
-fn maybe_json(rest: &str) -> Command {
-    match parse_json_array(rest) {
+fn maybe_json(rest: &str) -> Result<Command, String> {
+    Ok(match json_args(rest)? {
         Some(args) => Command::Exec(args),
         None => Command::Shell(rest.trim().to_string()),
-    }
+    })
 }
 
 /// A heredoc marker found on an instruction line.
@@ -1074,9 +1082,12 @@ struct Marker {
     strip_tabs: bool,
 }
 
-/// Recognises a heredoc marker word (`<<EOF`, `<<-EOF`, `<<'EOF'`, `<<"EOF"`), as written.
+/// Recognises a heredoc marker word (`<<EOF`, `<<-EOF`, `<<'EOF'`, `<<"EOF"`, `3<<EOF`), as
+/// written.
 fn heredoc_marker(word: &str) -> Option<Marker> {
-    let rest = word.strip_prefix("<<")?;
+    // An optional file descriptor comes first: `3<<EOF`.
+    let rest = word.trim_start_matches(|c: char| c.is_ascii_digit());
+    let rest = rest.strip_prefix("<<")?;
     let (strip_tabs, rest) = match rest.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, rest),
@@ -1096,39 +1107,152 @@ fn heredoc_marker(word: &str) -> Option<Marker> {
     })
 }
 
-/// Parses `text` as a JSON array of strings (surrounding whitespace allowed); `None` when it
-/// is anything else.
-fn parse_json_array(text: &str) -> Option<Vec<String>> {
+/// Docker's message for a JSON array that holds something other than strings.
+const NOT_STRINGS: &str =
+    "when using JSON array syntax, the array must hold only strings (quote every element)";
+
+/// The rest of a line read as JSON.
+#[derive(Debug, PartialEq, Eq)]
+enum Json {
+    /// A JSON array of strings: exec form.
+    Strings(Vec<String>),
+    /// A valid JSON array holding something else: docker refuses it rather than falling back
+    /// to shell form.
+    NotStrings,
+    /// Not a JSON array: shell form.
+    No,
+}
+
+/// The exec-form arguments in `rest`, `None` for shell form, or the error for a JSON array
+/// that holds non-strings.
+fn json_args(rest: &str) -> Result<Option<Vec<String>>, String> {
+    match parse_json_array(rest) {
+        Json::Strings(args) => Ok(Some(args)),
+        Json::No => Ok(None),
+        Json::NotStrings => Err(NOT_STRINGS.to_string()),
+    }
+}
+
+type JsonChars<'a> = std::iter::Peekable<std::str::Chars<'a>>;
+
+fn json_ws(chars: &mut JsonChars<'_>) {
+    while chars
+        .next_if(|c| matches!(c, ' ' | '\t' | '\n' | '\r'))
+        .is_some()
+    {}
+}
+
+/// Reads `text` (surrounding whitespace allowed) as a JSON array.
+fn parse_json_array(text: &str) -> Json {
     let mut chars = text.trim().chars().peekable();
-    let skip_ws = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| {
-        while chars
-            .next_if(|c| matches!(c, ' ' | '\t' | '\n' | '\r'))
-            .is_some()
-        {}
-    };
-    if chars.next()? != '[' {
-        return None;
+    if chars.next() != Some('[') {
+        return Json::No;
     }
     let mut items = Vec::new();
-    skip_ws(&mut chars);
+    let mut only_strings = true;
+    json_ws(&mut chars);
     if chars.next_if_eq(&']').is_none() {
         loop {
-            skip_ws(&mut chars);
-            items.push(json_string(&mut chars)?);
-            skip_ws(&mut chars);
-            match chars.next()? {
-                ',' => continue,
-                ']' => break,
-                _ => return None,
+            json_ws(&mut chars);
+            if chars.peek() == Some(&'"') {
+                match json_string(&mut chars) {
+                    Some(item) => items.push(item),
+                    None => return Json::No,
+                }
+            } else {
+                if json_skip_value(&mut chars).is_none() {
+                    return Json::No;
+                }
+                only_strings = false;
+            }
+            json_ws(&mut chars);
+            match chars.next() {
+                Some(',') => continue,
+                Some(']') => break,
+                _ => return Json::No,
             }
         }
     }
-    skip_ws(&mut chars);
-    chars.next().is_none().then_some(items)
+    json_ws(&mut chars);
+    match (chars.next(), only_strings) {
+        (Some(_), _) => Json::No,
+        (None, true) => Json::Strings(items),
+        (None, false) => Json::NotStrings,
+    }
+}
+
+/// Skips one JSON value of any type; `None` when it is malformed.
+fn json_skip_value(chars: &mut JsonChars<'_>) -> Option<()> {
+    match *chars.peek()? {
+        '"' => json_string(chars).map(drop),
+        '[' | '{' => {
+            let close = if chars.next()? == '[' { ']' } else { '}' };
+            json_ws(chars);
+            if chars.next_if_eq(&close).is_some() {
+                return Some(());
+            }
+            loop {
+                json_ws(chars);
+                if close == '}' {
+                    json_string(chars)?;
+                    json_ws(chars);
+                    if chars.next()? != ':' {
+                        return None;
+                    }
+                    json_ws(chars);
+                }
+                json_skip_value(chars)?;
+                json_ws(chars);
+                match chars.next()? {
+                    ',' => continue,
+                    c if c == close => return Some(()),
+                    _ => return None,
+                }
+            }
+        }
+        't' => json_literal(chars, "true"),
+        'f' => json_literal(chars, "false"),
+        'n' => json_literal(chars, "null"),
+        _ => json_number(chars),
+    }
+}
+
+fn json_literal(chars: &mut JsonChars<'_>, word: &str) -> Option<()> {
+    for expected in word.chars() {
+        if chars.next()? != expected {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
+fn json_number(chars: &mut JsonChars<'_>) -> Option<()> {
+    let digits = |chars: &mut JsonChars<'_>| {
+        let mut n = 0;
+        while chars.next_if(char::is_ascii_digit).is_some() {
+            n += 1;
+        }
+        n
+    };
+    chars.next_if_eq(&'-');
+    if chars.next_if_eq(&'0').is_none() && digits(chars) == 0 {
+        return None;
+    }
+    if chars.next_if_eq(&'.').is_some() && digits(chars) == 0 {
+        return None;
+    }
+    if chars.next_if(|c| matches!(c, 'e' | 'E')).is_some() {
+        chars.next_if(|c| matches!(c, '+' | '-'));
+        if digits(chars) == 0 {
+            return None;
+        }
+    }
+    Some(())
 }
 
 /// One JSON string literal, starting at its opening quote.
-fn json_string(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<String> {
+fn json_string(chars: &mut JsonChars<'_>) -> Option<String> {
     if chars.next()? != '"' {
         return None;
     }
@@ -1174,7 +1298,7 @@ fn json_string(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<S
     }
 }
 
-fn json_hex4(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<u32> {
+fn json_hex4(chars: &mut JsonChars<'_>) -> Option<u32> {
     let mut value = 0;
     for _ in 0..4 {
         value = value * 16 + chars.next()?.to_digit(16)?;
@@ -1636,7 +1760,6 @@ mod tests {
     fn run_not_json_falls_back_to_shell_form() {
         for text in [
             "[ -f /etc/x ] && echo yes",
-            r#"["echo", 1]"#,
             r#"["echo" "hi"]"#,
             r#"["echo", "hi"] extra"#,
             r#"["echo", 'hi']"#,
@@ -1737,6 +1860,31 @@ mod tests {
     }
 
     #[test]
+    fn an_escaped_escape_at_end_of_line_is_no_continuation() {
+        let instrs = body("RUN echo a\\\\\nUSER u\n");
+        assert_eq!(instrs.len(), 2);
+        assert_eq!(
+            instrs[0].kind,
+            Kind::Run {
+                command: shell("echo a\\\\"),
+                heredocs: vec![]
+            }
+        );
+        let instrs = body("RUN echo `\nUSER u\n");
+        assert_eq!(instrs.len(), 2, "` is no escape by default");
+        // A line holding only the escape continues.
+        let instrs = body("RUN a \\\n\\\n b\n");
+        assert_eq!(instrs.len(), 1);
+        assert_eq!(
+            instrs[0].kind,
+            Kind::Run {
+                command: shell("a  b"),
+                heredocs: vec![]
+            }
+        );
+    }
+
+    #[test]
     fn continuation_at_end_of_file() {
         assert_eq!(
             kind("RUN a \\"),
@@ -1826,6 +1974,8 @@ mod tests {
             "\n# escape=`\nFROM a\nRUN x \\\n y\n",
             "FROM a\n# escape=`\nRUN x \\\n y\n",
             "# unknown=1\n# escape=`\nFROM a\nRUN x \\\n y\n",
+            "# 1key=x\n# escape=`\nFROM a\nRUN x \\\n y\n",
+            "# escape=\n# escape=`\nFROM a\nRUN x \\\n y\n",
         ] {
             let df = parse_ok(text);
             assert_eq!(df.escape, '\\', "{text}");
@@ -2175,6 +2325,48 @@ mod tests {
     }
 
     #[test]
+    fn heredoc_with_a_file_descriptor() {
+        assert_eq!(
+            kind("RUN cat 3<<EOF\nx\nEOF\n"),
+            Kind::Run {
+                command: shell("cat 3<<EOF"),
+                heredocs: vec![doc("EOF", "x\n", true, false)]
+            }
+        );
+        // `<<` with no word, or a word holding `<`, is not a heredoc.
+        assert_eq!(
+            kind("RUN a << b"),
+            Kind::Run {
+                command: shell("a << b"),
+                heredocs: vec![]
+            }
+        );
+        assert_eq!(
+            kind("RUN a <<b<c"),
+            Kind::Run {
+                command: shell("a <<b<c"),
+                heredocs: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn onbuild_trigger_with_a_heredoc() {
+        let instrs = body("ONBUILD RUN <<EOF\nmake\nEOF\nUSER u\n");
+        assert_eq!(instrs.len(), 2);
+        let Kind::Onbuild(trigger) = &instrs[0].kind else {
+            panic!("{instrs:?}")
+        };
+        assert_eq!(
+            trigger.kind,
+            Kind::Run {
+                command: shell("<<EOF"),
+                heredocs: vec![doc("EOF", "make\n", true, false)]
+            }
+        );
+    }
+
+    #[test]
     fn heredocs_only_for_run_copy_add() {
         assert_eq!(kind("CMD cat <<EOF"), Kind::Cmd(shell("cat <<EOF")));
     }
@@ -2343,26 +2535,62 @@ mod tests {
 
     #[test]
     fn json_array_parser() {
-        assert_eq!(parse_json_array(" [ ] "), Some(vec![]));
+        let strings_of = |text: &str| match parse_json_array(text) {
+            Json::Strings(items) => items,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(strings_of(" [ ] "), Vec::<String>::new());
+        assert_eq!(strings_of("[\"a\",\"b\"]"), strings(&["a", "b"]));
         assert_eq!(
-            parse_json_array("[\"a\",\"b\"]"),
-            Some(strings(&["a", "b"]))
+            strings_of("[\"\\ud83d\\ude00\\u0041\\/\"]"),
+            strings(&["\u{1f600}A/"])
         );
-        assert_eq!(
-            parse_json_array("[\"\\ud83d\\ude00\\u0041\\/\"]"),
-            Some(strings(&["\u{1f600}A/"]))
-        );
-        assert_eq!(
-            parse_json_array("[\"\\ud83d\"]"),
-            Some(strings(&["\u{fffd}"]))
-        );
-        assert_eq!(parse_json_array("[\"a\",]"), None);
-        assert_eq!(parse_json_array("[,]"), None);
-        assert_eq!(parse_json_array("[\"a\"]]"), None);
-        assert_eq!(parse_json_array("[\"a\tb\"]"), None);
-        assert_eq!(parse_json_array("[null]"), None);
-        assert_eq!(parse_json_array("\"a\""), None);
-        assert_eq!(parse_json_array(""), None);
+        assert_eq!(strings_of("[\"\\ud83d\"]"), strings(&["\u{fffd}"]));
+        for text in [
+            "[\"a\",]",
+            "[,]",
+            "[\"a\"]]",
+            "[\"a\tb\"]",
+            "\"a\"",
+            "",
+            "[01]",
+            "[1.]",
+            "[-]",
+            "[1e]",
+            "[tru]",
+            "[{\"a\" 1}]",
+            "[{1: 2}]",
+            "[[1,]]",
+        ] {
+            assert_eq!(parse_json_array(text), Json::No, "{text}");
+        }
+        for text in [
+            "[null]",
+            "[\"a\", 1]",
+            "[true, false]",
+            "[-1.5e+3, 0, 20]",
+            "[[\"a\"], {}]",
+            "[{\"k\": [1, {\"x\": null}]}]",
+            "[\"a\", []]",
+        ] {
+            assert_eq!(parse_json_array(text), Json::NotStrings, "{text}");
+        }
+    }
+
+    #[test]
+    fn json_arrays_of_non_strings_are_refused() {
+        for text in [
+            r#"CMD ["echo", 1]"#,
+            r#"ENTRYPOINT [true]"#,
+            r#"RUN ["a", null]"#,
+            r#"SHELL ["sh", {}]"#,
+            r#"VOLUME [1]"#,
+            r#"COPY ["a", 2]"#,
+            r#"HEALTHCHECK CMD [1]"#,
+        ] {
+            let instruction = text.split(' ').next().expect("keyword");
+            assert_body_err(text, instruction, "must hold only strings");
+        }
     }
 
     #[test]
