@@ -284,6 +284,11 @@ pub fn parse_trigger(file: &str, text: &str, escape: char) -> Result<Instruction
 /// `${VAR:-default}`, `${VAR-default}`, `${VAR:+alt}`, `${VAR+alt}` (and `${VAR:?msg}` as an
 /// error) substituted from `lookup`. An unset variable expands to nothing. Errors (unclosed
 /// quote or brace, bad modifier) are messages for [`ParseError::message`].
+///
+/// Like BuildKit, it also takes `${VAR#pattern}`, `${VAR##pattern}`, `${VAR%pattern}`,
+/// `${VAR%%pattern}` (remove the shortest/longest matching prefix/suffix) and
+/// `${VAR/pattern/replacement}`, `${VAR//pattern/replacement}` (replace the first/every
+/// match), with shell patterns (`*`, `?`, `[…]`).
 pub fn expand(
     word: &str,
     escape: char,
@@ -295,7 +300,7 @@ pub fn expand(
         escape,
         lookup,
     };
-    lexer.word(None)
+    lexer.word(&[], false).map(|(word, _)| word)
 }
 
 /// Parses a duration as docker's flags take it (`30s`, `1m30s`, `500ms`, `1h`): nanoseconds.
@@ -1327,19 +1332,25 @@ impl Lexer<'_> {
         c
     }
 
-    /// Processes up to `stop` (consumed; `}` for a modifier's word) or the end of the word.
-    fn word(&mut self, stop: Option<char>) -> Result<String, String> {
+    /// Processes up to one of `stops` (consumed and returned; `}` ends a modifier's word) or,
+    /// with no stops, the end of the word. `raw_escapes` keeps unquoted escapes (for patterns,
+    /// where `\*` must stay a literal `*`).
+    fn word(
+        &mut self,
+        stops: &[char],
+        raw_escapes: bool,
+    ) -> Result<(String, Option<char>), String> {
         let mut out = String::new();
         loop {
             let Some(c) = self.peek() else {
-                return match stop {
-                    Some(_) => Err("syntax error: missing '}'".to_string()),
-                    None => Ok(out),
+                return match stops {
+                    [] => Ok((out, None)),
+                    _ => Err("syntax error: missing '}'".to_string()),
                 };
             };
-            if Some(c) == stop {
+            if stops.contains(&c) {
                 self.pos += 1;
-                return Ok(out);
+                return Ok((out, Some(c)));
             }
             match c {
                 '\'' => out.push_str(&self.single_quoted()?),
@@ -1350,6 +1361,9 @@ impl Lexer<'_> {
                     if c == self.escape {
                         // An escape at the very end is dropped.
                         if let Some(next) = self.next() {
+                            if raw_escapes {
+                                out.push(c);
+                            }
                             out.push(next);
                         }
                     } else {
@@ -1463,7 +1477,7 @@ impl Lexer<'_> {
                     }
                     None => return Err("syntax error: missing '}'".to_string()),
                 };
-                let word = self.word(Some('}'))?;
+                let (word, _) = self.word(&['}'], false)?;
                 let unset = match &value {
                     None => true,
                     Some(v) => null_is_unset && v.is_empty(),
@@ -1484,12 +1498,200 @@ impl Lexer<'_> {
                     _ => Ok(value.unwrap_or_default()),
                 }
             }
+            Some(op @ ('#' | '%')) if !name.is_empty() => {
+                // `#`/`%` remove the shortest matching prefix/suffix, `##`/`%%` the longest.
+                let longest = self.peek() == Some(op);
+                if longest {
+                    self.pos += 1;
+                }
+                let (pattern, _) = self.word(&['}'], true)?;
+                let pattern = shell_pattern(&pattern, self.escape);
+                let value: Vec<char> = value.unwrap_or_default().chars().collect();
+                let n = value.len();
+                let cut = if op == '#' {
+                    let mut ends: Vec<usize> = (0..=n).collect();
+                    if longest {
+                        ends.reverse();
+                    }
+                    ends.into_iter()
+                        .find(|&end| glob(&pattern, &value[..end]))
+                        .map(|end| value[end..].iter().collect())
+                } else {
+                    let mut starts: Vec<usize> = (0..=n).rev().collect();
+                    if longest {
+                        starts.reverse();
+                    }
+                    starts
+                        .into_iter()
+                        .find(|&start| glob(&pattern, &value[start..]))
+                        .map(|start| value[..start].iter().collect())
+                };
+                Ok(cut.unwrap_or_else(|| value.iter().collect()))
+            }
+            Some('/') if !name.is_empty() => {
+                // `${VAR/pattern/replacement}` replaces the first match, `//` every match.
+                let all = self.peek() == Some('/');
+                if all {
+                    self.pos += 1;
+                }
+                let (pattern, stop) = self.word(&['/', '}'], true)?;
+                let replacement = match stop {
+                    Some('/') => self.word(&['}'], false)?.0,
+                    _ => String::new(),
+                };
+                let pattern = shell_pattern(&pattern, self.escape);
+                let value: Vec<char> = value.unwrap_or_default().chars().collect();
+                Ok(replace(&value, &pattern, &replacement, all))
+            }
             Some(c) if !name.is_empty() => Err(format!(
                 "unsupported modifier ({c}) in substitution of ${{{name}}}"
             )),
             Some(_) => Err("syntax error: bad substitution".to_string()),
         }
     }
+}
+
+/// One piece of a shell pattern (`${VAR#pattern}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Glob {
+    /// A character as is.
+    Literal(char),
+    /// `?`.
+    One,
+    /// `*`: any run of characters, `/` included.
+    Any,
+    /// `[…]`, `[!…]` or `[^…]`.
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
+}
+
+/// Compiles a shell pattern; `escape` makes the next character literal. An unclosed `[` is a
+/// literal `[`, as in the shell.
+fn shell_pattern(pattern: &str, escape: char) -> Vec<Glob> {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        i += 1;
+        match c {
+            _ if c == escape && i < chars.len() => {
+                out.push(Glob::Literal(chars[i]));
+                i += 1;
+            }
+            '*' => out.push(Glob::Any),
+            '?' => out.push(Glob::One),
+            '[' => match shell_class(&chars, i) {
+                Some((class, end)) => {
+                    out.push(class);
+                    i = end;
+                }
+                None => out.push(Glob::Literal('[')),
+            },
+            _ => out.push(Glob::Literal(c)),
+        }
+    }
+    out
+}
+
+/// A `[…]` class whose body starts at `chars[start]`, and the index after its `]`.
+fn shell_class(chars: &[char], start: usize) -> Option<(Glob, usize)> {
+    let mut i = start;
+    let negated = matches!(chars.get(i), Some('!' | '^'));
+    if negated {
+        i += 1;
+    }
+    let mut ranges = Vec::new();
+    let first = i;
+    loop {
+        let c = *chars.get(i)?;
+        // A `]` right after the opening is a member, not the end.
+        if c == ']' && i > first {
+            return Some((Glob::Class { negated, ranges }, i + 1));
+        }
+        i += 1;
+        if chars.get(i) == Some(&'-') && chars.get(i + 1).is_some_and(|c| *c != ']') {
+            ranges.push((c, chars[i + 1]));
+            i += 2;
+        } else {
+            ranges.push((c, c));
+        }
+    }
+}
+
+/// Whether `pattern` matches all of `text`.
+fn glob(pattern: &[Glob], text: &[char]) -> bool {
+    // matches[j]: whether the pattern so far matches text[..j].
+    let mut matches = vec![false; text.len() + 1];
+    matches[0] = true;
+    for token in pattern {
+        let mut next = vec![false; text.len() + 1];
+        match token {
+            Glob::Any => {
+                let mut any = false;
+                for j in 0..=text.len() {
+                    any |= matches[j];
+                    next[j] = any;
+                }
+            }
+            _ => {
+                for j in 0..text.len() {
+                    if !matches[j] {
+                        continue;
+                    }
+                    let c = text[j];
+                    next[j + 1] = match token {
+                        Glob::Literal(l) => *l == c,
+                        Glob::One => true,
+                        Glob::Class { negated, ranges } => {
+                            ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&c)) != *negated
+                        }
+                        Glob::Any => unreachable!("handled above"),
+                    };
+                }
+            }
+        }
+        matches = next;
+    }
+    matches[text.len()]
+}
+
+/// Replaces the first (or, with `all`, every) leftmost-longest match of `pattern` in `value`.
+fn replace(value: &[char], pattern: &[Glob], replacement: &str, all: bool) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    let mut replaced = false;
+    while i <= value.len() {
+        let found = if replaced && !all {
+            None
+        } else {
+            (i..=value.len())
+                .rev()
+                .find(|&end| glob(pattern, &value[i..end]))
+        };
+        match found {
+            Some(end) => {
+                out.push_str(replacement);
+                replaced = true;
+                if end > i {
+                    i = end;
+                    continue;
+                }
+            }
+            None if replaced && !all => {
+                out.extend(&value[i..]);
+                return out;
+            }
+            None => {}
+        }
+        if let Some(c) = value.get(i) {
+            out.push(*c);
+        }
+        i += 1;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -2686,6 +2888,56 @@ mod tests {
     }
 
     #[test]
+    fn expand_prefix_and_suffix_removal() {
+        let vars = [("F", "dir/sub/file.tar.gz"), ("S", "a*b")];
+        assert_eq!(ex("${F#*/}", &vars), "sub/file.tar.gz");
+        assert_eq!(ex("${F##*/}", &vars), "file.tar.gz");
+        assert_eq!(ex("${F%.*}", &vars), "dir/sub/file.tar");
+        assert_eq!(ex("${F%%.*}", &vars), "dir/sub/file");
+        assert_eq!(ex("${F#nomatch}", &vars), "dir/sub/file.tar.gz");
+        assert_eq!(ex("${F#d?r}", &vars), "/sub/file.tar.gz");
+        assert_eq!(ex("${F%[a-z][a-z]}", &vars), "dir/sub/file.tar.");
+        assert_eq!(ex("${F%[!z]z}", &vars), "dir/sub/file.tar.");
+        assert_eq!(ex("${S#a\\*}", &vars), "b");
+        assert_eq!(ex("${S#a*}", &vars), "*b");
+        assert_eq!(ex("${S##a*}", &vars), "");
+        assert_eq!(ex("${UNSET#x}", &vars), "");
+        assert_eq!(ex("${F#$UNSET}", &vars), "dir/sub/file.tar.gz");
+        assert_eq!(ex("${F#[}", &[("F", "[x")]), "x");
+    }
+
+    #[test]
+    fn expand_replacement() {
+        let vars = [("V", "a-b-c"), ("P", "-")];
+        assert_eq!(ex("${V/-/_}", &vars), "a_b-c");
+        assert_eq!(ex("${V//-/_}", &vars), "a_b_c");
+        assert_eq!(ex("${V//$P/}", &vars), "abc");
+        assert_eq!(ex("${V/-}", &vars), "ab-c");
+        assert_eq!(ex("${V/b*/X}", &vars), "a-X");
+        assert_eq!(ex("${V//?/.}", &vars), ".....");
+        assert_eq!(ex("${V/x/y}", &vars), "a-b-c");
+        assert_eq!(ex("${V/a/${P}$P}", &vars), "---b-c");
+        assert_eq!(ex("${UNSET/a/b}", &vars), "");
+        assert!(ex_err("${V/a", &vars).contains("missing '}'"));
+    }
+
+    #[test]
+    fn shell_globs() {
+        let m = |p: &str, t: &str| glob(&shell_pattern(p, '\\'), &t.chars().collect::<Vec<_>>());
+        assert!(m("*", ""));
+        assert!(m("a*c", "abbbc"));
+        assert!(m("a*c", "a/c"));
+        assert!(!m("a*c", "abd"));
+        assert!(m("?", "x"));
+        assert!(!m("?", ""));
+        assert!(m("[]a]", "]"));
+        assert!(m("[^a]", "b"));
+        assert!(!m("[!a]", "a"));
+        assert!(m("\\?", "?"));
+        assert!(!m("\\?", "x"));
+    }
+
+    #[test]
     fn expand_required_errors() {
         let vars = [("EMPTY", "")];
         assert_eq!(ex_err("${UNSET:?need it}", &vars), "UNSET: need it");
@@ -2713,6 +2965,7 @@ mod tests {
         assert!(ex_err("${-x}", &[]).contains("bad substitution"));
         assert!(ex_err("${A:x}", &[]).contains("unsupported modifier (:x)"));
         assert!(ex_err("${A*x}", &[]).contains("unsupported modifier (*)"));
+        assert!(ex_err("${A=x}", &[]).contains("unsupported modifier (=)"));
         assert!(ex_err("'abc", &[]).contains("matching single-quote"));
         assert!(ex_err("\"abc", &[]).contains("matching double-quote"));
         assert!(ex_err("\"${A:-\"}", &[]).contains("matching double-quote"));
