@@ -230,7 +230,22 @@ pub fn parse(file: &str, text: &str) -> Result<Dockerfile, ParseError> {
     let mut stages: Vec<Stage> = Vec::new();
     while let Some((line, joined)) = parser.next_logical_line() {
         match parser.line(line, &joined, true)? {
-            Parsed::From(stage) => stages.push(stage),
+            Parsed::From(stage) => {
+                let earlier = stages
+                    .iter()
+                    .find(|s| s.name.is_some() && s.name == stage.name);
+                if let (Some(earlier), Some(name)) = (earlier, &stage.name) {
+                    return Err(parser.error(
+                        line,
+                        "FROM",
+                        format!(
+                            "the stage name {name:?} is already used by the stage on line {}",
+                            earlier.line
+                        ),
+                    ));
+                }
+                stages.push(stage);
+            }
             Parsed::Instruction(instruction) => match stages.last_mut() {
                 Some(stage) => stage.instructions.push(instruction),
                 None => match instruction.kind {
@@ -1856,6 +1871,18 @@ mod tests {
             e.to_string(),
             "Dockerfile:1: FROM: requires at least one argument"
         );
+    }
+
+    #[test]
+    fn duplicate_stage_names_are_refused() {
+        let e = parse_err("FROM a AS build\nRUN x\nFROM b as BUILD\n");
+        assert_eq!((e.line, e.instruction.as_str()), (3, "FROM"));
+        assert!(
+            e.message
+                .contains("\"build\" is already used by the stage on line 1"),
+            "{e}"
+        );
+        assert_eq!(parse_ok("FROM a\nFROM a\nFROM b AS x\n").stages.len(), 3);
     }
 
     #[test]
