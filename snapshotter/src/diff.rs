@@ -142,6 +142,12 @@ pub struct LayerBlob {
 
 /// [`diff`]s the active snapshot `key`, compressed with `c`, into a new blob of `content`.
 /// Committing a layer that is already there succeeds (same digest). On error nothing is added.
+///
+/// One thread walks, hashes, compresses and writes. Measured on 312 MB of /usr/bin and perl in a
+/// native snapshot (page cache warm, release build, 2-core VM shared with other builds): the
+/// diff alone 650 MB/s; the blob, fsync included, 181 MB/s plain, 41 MB/s gzip (39% of the
+/// size), 50 MB/s zstd (34%). Compression dominates, so a compressor on a second thread is the
+/// next step if commits get slow.
 pub fn layer_blob(
     snapshots: &dyn Snapshotter,
     key: &str,
@@ -792,6 +798,15 @@ fn write_layer(root: &Path, changes: &Changes, mode: DiffMode, out: impl Write) 
             continue;
         }
         let xattrs = xattrs_at(dir, name, &path)?;
+        if let Some((k, _)) = xattrs.iter().find(|(k, _)| k.contains(&b'=')) {
+            return Err(Error::DiffEntry {
+                entry: lossy(&rel),
+                reason: format!(
+                    "xattr name {:?} has a '=', which no PAX record holds",
+                    lossy(k)
+                ),
+            });
+        }
         if mode == DiffMode::Overlay {
             check_overlay_features(dir, name, &rel, &path)?;
         }
@@ -1127,6 +1142,21 @@ mod tests {
         let tar = diff_upper(upper).unwrap();
         assert_eq!(paths(&tar), ["moved/", "moved/f"]);
         assert!(tar_entries(&tar).iter().all(|e| e.xattrs.is_empty()));
+    }
+
+    #[test]
+    fn xattr_names_no_pax_record_holds_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("f"), b"").unwrap();
+        xattr::set(tmp.path().join("f"), "user.a=b", b"v").unwrap();
+        let changes = apply_changes(tmp.path(), None).unwrap();
+        match write_layer(tmp.path(), &changes, DiffMode::Apply, io::sink()) {
+            Err(Error::DiffEntry { entry, reason }) => {
+                assert_eq!(entry, "f");
+                assert!(reason.contains("'='"), "{reason}");
+            }
+            other => panic!("expected DiffEntry, got {other:?}"),
+        }
     }
 
     #[test]
