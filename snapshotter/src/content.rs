@@ -47,6 +47,28 @@ impl std::fmt::Debug for BlobWriter {
     }
 }
 
+/// A blob being written whose digest is not known in advance (a layer being diffed and
+/// compressed): hashes what is written; [`Ingest::commit`] publishes it under that hash.
+/// Dropped without commit, it removes its temp file.
+pub struct Ingest {
+    /// `None` once committed (or failed to commit): nothing left to clean up.
+    file: Option<BufWriter<File>>,
+    temp: PathBuf,
+    /// `content/sha256`, where the blob goes.
+    blobs: PathBuf,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("temp", &self.temp)
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
 fn not_found(digest: &Digest) -> Error {
     Error::NotFound {
         what: "blob",
@@ -109,24 +131,42 @@ impl ContentStore {
         self.path(digest).exists()
     }
 
-    /// Starts writing a blob that must hash to `expected`.
-    pub fn writer(&self, expected: &Digest) -> Result<BlobWriter> {
+    /// Creates a new temp file in the ingest dir, named `<prefix><random>`.
+    fn create_temp(&self, prefix: &str) -> Result<(File, PathBuf)> {
         let ingest = self.ingest_dir();
         // A collision of 64 random bits is next to impossible; create_new makes it harmless.
         let mut attempts = 0;
-        let (file, temp) = loop {
-            let temp = ingest.join(random_name(&format!("{}-", &expected.hex()[..12])));
+        loop {
+            let temp = ingest.join(random_name(prefix));
             match OpenOptions::new().write(true).create_new(true).open(&temp) {
-                Ok(f) => break (f, temp),
+                Ok(f) => return Ok((f, temp)),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => attempts += 1,
                 Err(e) => return Err(Error::io("create ingest file", temp, e)),
             }
-        };
+        }
+    }
+
+    /// Starts writing a blob that must hash to `expected`.
+    pub fn writer(&self, expected: &Digest) -> Result<BlobWriter> {
+        let (file, temp) = self.create_temp(&format!("{}-", &expected.hex()[..12]))?;
         Ok(BlobWriter {
             file: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
             temp,
             target: self.path(expected),
             expected: expected.clone(),
+            hasher: Sha256::new(),
+            written: 0,
+        })
+    }
+
+    /// Starts writing a blob whose digest is whatever its content hashes to, known only at
+    /// [`Ingest::commit`].
+    pub fn ingest(&self) -> Result<Ingest> {
+        let (file, temp) = self.create_temp("unknown-")?;
+        Ok(Ingest {
+            file: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
+            temp,
+            blobs: self.root.join("sha256"),
             hasher: Sha256::new(),
             written: 0,
         })
@@ -264,11 +304,7 @@ impl BlobWriter {
     }
 
     fn remove_temp(&self) {
-        if let Err(e) = fs::remove_file(&self.temp)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %self.temp.display(), error = %e, "remove ingest file");
-        }
+        remove_temp(&self.temp);
     }
 }
 
@@ -297,6 +333,81 @@ impl Drop for BlobWriter {
         if self.file.take().is_some() {
             self.remove_temp();
         }
+    }
+}
+
+impl Ingest {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// fsyncs, and renames into place under the digest of what was written (fsyncing the
+    /// directory); returns that digest and the size. If a blob with that digest already exists
+    /// it is kept and the temp file removed: committing the same content twice succeeds.
+    pub fn commit(mut self) -> Result<(Digest, u64)> {
+        let digest = Digest::from_sha256_bytes(&self.hasher.clone().finalize().into());
+        let Some(buffered) = self.file.take() else {
+            return Err(Error::InvalidState {
+                key: self.temp.display().to_string(),
+                reason: "ingest already failed".into(),
+            });
+        };
+        let synced = buffered
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all());
+        if let Err(e) = synced {
+            remove_temp(&self.temp);
+            return Err(Error::io("fsync ingest file", &self.temp, e));
+        }
+        let target = self.blobs.join(digest.hex());
+        if target.is_file() {
+            remove_temp(&self.temp);
+            return Ok((digest, self.written));
+        }
+        if let Err(e) = fs::rename(&self.temp, &target) {
+            remove_temp(&self.temp);
+            return Err(Error::io("rename blob into place", &target, e));
+        }
+        fsync_dir(&self.blobs)?;
+        Ok((digest, self.written))
+    }
+}
+
+impl Write for Ingest {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("ingest already committed"))?;
+        let n = file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            remove_temp(&self.temp);
+        }
+    }
+}
+
+fn remove_temp(temp: &Path) {
+    if let Err(e) = fs::remove_file(temp)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %temp.display(), error = %e, "remove ingest file");
     }
 }
 
@@ -372,6 +483,48 @@ mod tests {
         drop(w);
         assert_eq!(ingest_count(tmp.path()), 0);
         assert!(!store.exists(&d));
+    }
+
+    #[test]
+    fn ingest_commit_drop_and_twice() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(tmp.path()).unwrap();
+        let data = b"unknown in advance".repeat(50_000);
+        let d = digest_of(&data);
+        let mut w = store.ingest().unwrap();
+        for chunk in data.chunks(4099) {
+            w.write_all(chunk).unwrap();
+        }
+        assert_eq!(w.written(), data.len() as u64);
+        assert_eq!(ingest_count(tmp.path()), 1);
+        assert!(!store.exists(&d), "nothing visible before commit");
+        assert_eq!(w.commit().unwrap(), (d.clone(), data.len() as u64));
+        assert_eq!(store.read(&d).unwrap(), data);
+        assert_eq!(ingest_count(tmp.path()), 0);
+
+        // The same content again: the existing blob stays, the temp file goes.
+        let before = fs::metadata(store.path(&d)).unwrap();
+        let mut w = store.ingest().unwrap();
+        w.write_all(&data).unwrap();
+        assert_eq!(w.commit().unwrap(), (d.clone(), data.len() as u64));
+        let after = fs::metadata(store.path(&d)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(before.ino(), after.ino());
+        assert_eq!(ingest_count(tmp.path()), 0);
+
+        // Dropped uncommitted: gone, nothing published.
+        let mut w = store.ingest().unwrap();
+        w.write_all(b"partial").unwrap();
+        assert_eq!(ingest_count(tmp.path()), 1);
+        drop(w);
+        assert_eq!(ingest_count(tmp.path()), 0);
+        assert!(!store.exists(&digest_of(b"partial")));
+
+        // An empty blob is a blob.
+        let (empty, size) = store.ingest().unwrap().commit().unwrap();
+        assert_eq!((empty.clone(), size), (digest_of(b""), 0));
+        assert_eq!(store.read(&empty).unwrap(), b"");
+        assert_eq!(store.list().unwrap().len(), 2);
     }
 
     #[test]

@@ -43,6 +43,18 @@ pub enum Error {
     /// The layer stream is not a valid (compressed) tar: truncated, corrupt.
     #[error("read layer stream")]
     ReadLayer(#[source] std::io::Error),
+    /// Writing a layer tar (a snapshot's diff) to its output failed.
+    #[error("write layer stream")]
+    WriteLayer(#[source] std::io::Error),
+    /// A snapshot's change cannot go into a layer tar as it is (a file changed while it was
+    /// read, a name or number no tar header holds, an overlay feature the diff cannot follow).
+    #[error("diff entry {entry:?}: {reason}")]
+    DiffEntry {
+        /// The entry's path, relative to the snapshot.
+        entry: String,
+        /// Why.
+        reason: String,
+    },
     /// A filesystem operation failed.
     #[error("{op} {path:?}")]
     Io {

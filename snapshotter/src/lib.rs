@@ -7,6 +7,8 @@
 //!   delete). Both refuse anything that would write outside the directory and return the
 //!   layer's diffID; [`unpack::sync_filesystem`] then flushes it once before the snapshot is
 //!   committed. Which one a store takes is its [`DiffMode`].
+//! - [`diff::diff`]: the reverse, an active snapshot's changes as an uncompressed layer tar;
+//!   [`diff::layer_blob`] compresses it into the content store.
 //! - [`Snapshotter`]: the contract of a snapshot store; [`overlay::OverlaySnapshotter`]
 //!   implements it with overlayfs, [`native::NativeSnapshotter`] with plain copies where
 //!   overlayfs is unavailable. Both keep their metadata in tables named `snapshots.*` of the
@@ -16,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod content;
+pub mod diff;
 pub mod error;
 pub mod native;
 pub mod overlay;
@@ -109,6 +112,13 @@ pub trait Snapshotter: Send + Sync {
     /// parent's contents included), changed by [`unpack::apply_layer`].
     /// [`Error::InvalidState`] for a view or committed snapshot.
     fn diff_dir(&self, key: &str) -> Result<PathBuf>;
+
+    /// Where the committed snapshot `key`'s contents are kept, for reading only (never write
+    /// there): in [`DiffMode::Apply`] its whole tree, its parents' contents included; in
+    /// [`DiffMode::Overlay`] only its own layer, in overlay form (the upper dir it was committed
+    /// from, whiteouts and opaque xattrs included). It exists as long as the snapshot does.
+    /// [`Error::NotFound`] if absent, [`Error::InvalidState`] for an active snapshot or a view.
+    fn committed_dir(&self, key: &str) -> Result<PathBuf>;
 
     /// Turns the active snapshot `key` into the committed snapshot `name`, with the parent given
     /// at prepare. `key` ceases to exist. [`Error::AlreadyExists`] if `name` is taken,

@@ -123,6 +123,10 @@ impl Snapshotter for NativeSnapshotter {
         self.store.active_fs_dir(key)
     }
 
+    fn committed_dir(&self, key: &str) -> Result<PathBuf> {
+        self.store.committed_fs_dir(key)
+    }
+
     fn commit(&self, name: &str, key: &str) -> Result<()> {
         self.store.commit(name, key, None)
     }

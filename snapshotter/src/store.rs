@@ -264,6 +264,19 @@ impl Store {
         Ok(self.fs_dir(s.id))
     }
 
+    /// The `fs` dir of the committed snapshot `key`; [`Error::InvalidState`] for an active
+    /// snapshot or a view.
+    pub fn committed_fs_dir(&self, key: &str) -> Result<PathBuf> {
+        let s = self.resolve(key)?;
+        if s.info.kind != Kind::Committed {
+            return Err(Error::InvalidState {
+                key: key.to_owned(),
+                reason: format!("is {:?}, not a committed snapshot", s.info.kind),
+            });
+        }
+        Ok(self.fs_dir(s.id))
+    }
+
     /// Creates snapshot `key`: `populate` fills its directory (given the parent, resolved),
     /// before any record exists; the record is committed once the directory is in place.
     pub fn create(

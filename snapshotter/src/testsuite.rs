@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::ErrorKind;
+use std::io::{self, ErrorKind};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
@@ -169,6 +169,7 @@ pub fn run<S: Snapshotter>(make: impl Fn(&Path) -> S + Send) {
         ("list", list),
         ("concurrent_prepares", concurrent_prepares),
         ("layer_diffs", layer_diffs),
+        ("diff_round_trip", diff_round_trip),
     ];
     let failures = in_private_mount_ns(move || {
         let mut failures = Vec::new();
@@ -453,6 +454,7 @@ fn not_found<S: Snapshotter>(s: &S, _scratch: &Path) {
     assert_not_found(s.remove("nope"), "remove");
     assert_not_found(s.usage("nope"), "usage");
     assert_not_found(s.diff_dir("nope"), "diff_dir");
+    assert_not_found(s.committed_dir("nope"), "committed_dir");
     assert!(s.list().expect("list").is_empty());
 }
 
@@ -466,7 +468,17 @@ fn invalid_state<S: Snapshotter>(s: &S, _scratch: &Path) {
     assert_invalid(s.view("child", Some("view")), "view on a view");
     assert_invalid(s.commit("c", "view"), "commit a view");
     assert_invalid(s.diff_dir("view"), "diff_dir of a view");
+    assert_invalid(s.committed_dir("view"), "committed_dir of a view");
+    assert_invalid(
+        s.committed_dir("active"),
+        "committed_dir of an active snapshot",
+    );
     s.commit("committed", "active").expect("commit");
+    assert!(
+        s.committed_dir("committed")
+            .expect("committed_dir")
+            .is_dir()
+    );
     assert_invalid(s.commit("c2", "committed"), "commit a committed snapshot");
     assert_invalid(s.diff_dir("committed"), "diff_dir of a committed snapshot");
     assert_not_found(s.stat("child"), "failed prepare left nothing");
@@ -814,4 +826,423 @@ fn layer_diffs<S: Snapshotter>(s: &S, scratch: &Path) {
     .collect();
     assert_eq!(got, want, "{mode:?}");
     assert_eq!(hosts_ino.0, hosts_ino.1, "hardlink kept");
+}
+
+/// Every entry below `root` (not following symlinks) with what a layer carries of it, times
+/// aside: `<type> <mode> <uid>:<gid> <contents | -> target | rdev>` and its xattrs
+/// (`trusted.overlay.*` left out) as ` name=value`. Sockets are left out: no layer holds one.
+pub fn full_listing(root: &Path) -> BTreeMap<String, String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).expect("read dir") {
+            let path = entry.expect("read dir entry").path();
+            let rel = path
+                .strip_prefix(root)
+                .expect("below root")
+                .display()
+                .to_string();
+            let md = fs::symlink_metadata(&path).expect("lstat");
+            let t = md.file_type();
+            let what = if t.is_dir() {
+                stack.push(path.clone());
+                "dir".to_owned()
+            } else if t.is_file() {
+                let data = fs::read(&path).expect("read file");
+                format!("file {}", String::from_utf8_lossy(&data))
+            } else if t.is_symlink() {
+                let target = fs::read_link(&path).expect("readlink");
+                format!("link -> {}", target.display())
+            } else if t.is_char_device() {
+                format!("char {}", md.rdev())
+            } else if t.is_block_device() {
+                format!("block {}", md.rdev())
+            } else if t.is_fifo() {
+                "fifo".to_owned()
+            } else {
+                continue;
+            };
+            let mut line = format!("{what} {:o} {}:{}", md.mode() & 0o7777, md.uid(), md.gid());
+            let mut attrs: Vec<_> = xattr::list(&path)
+                .expect("list xattrs")
+                .filter(|a| !a.as_bytes().starts_with(b"trusted.overlay."))
+                .collect();
+            attrs.sort();
+            for a in attrs {
+                let v = xattr::get(&path, &a)
+                    .expect("get xattr")
+                    .unwrap_or_default();
+                line.push_str(&format!(" {}={v:?}", a.to_string_lossy()));
+            }
+            out.insert(rel, line);
+        }
+    }
+    out
+}
+
+/// One entry of a tar, as [`tar_entries`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TarEntry {
+    /// The path, its PAX record applied.
+    pub path: String,
+    /// The type flag (`'0'` file, `'5'` dir, `'1'` hardlink, `'2'` symlink...).
+    pub kind: char,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+    /// Data size.
+    pub size: u64,
+    /// A link's target.
+    pub link: Option<String>,
+    /// `SCHILY.xattr.*` records, by xattr name.
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+/// The entries of an uncompressed tar, read with the `tar` crate (an independent reader).
+pub fn tar_entries(tar: &[u8]) -> Vec<TarEntry> {
+    let mut archive = tar::Archive::new(tar);
+    let mut out = Vec::new();
+    for entry in archive.entries().expect("read tar") {
+        let mut e = entry.expect("tar entry");
+        let mut xattrs = BTreeMap::new();
+        if let Some(exts) = e.pax_extensions().expect("pax records") {
+            for ext in exts {
+                let ext = ext.expect("pax record");
+                if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                    xattrs.insert(
+                        String::from_utf8_lossy(name).into_owned(),
+                        ext.value_bytes().to_vec(),
+                    );
+                }
+            }
+        }
+        let h = e.header();
+        out.push(TarEntry {
+            path: String::from_utf8_lossy(&e.path_bytes()).into_owned(),
+            kind: char::from(h.entry_type().as_byte()),
+            mode: h.mode().expect("mode"),
+            uid: h.uid().expect("uid"),
+            gid: h.gid().expect("gid"),
+            size: h.size().expect("size"),
+            link: e
+                .link_name_bytes()
+                .map(|l| String::from_utf8_lossy(&l).into_owned()),
+            xattrs,
+        });
+    }
+    out
+}
+
+/// `security.capability` granting cap_net_bind_service (VFS_CAP_REVISION_2, effective).
+const NET_BIND_CAP: [u8; 20] = [
+    0x01, 0, 0, 0x02, 0, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
+/// A parent with files, dirs, symlinks (one to the host's `/etc`), a hardlinked pair and
+/// xattrs; an active snapshot on it changed through its mount in every way a container can
+/// change it; then [`crate::diff::diff`], its tar checked entry by entry, and unpacked the way
+/// this store's [`DiffMode`] says onto the same parent: the result must show what the changed
+/// snapshot showed.
+fn diff_round_trip<S: Snapshotter>(s: &S, scratch: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use sha2::Digest as _;
+
+    use crate::diff::diff;
+    let chown = |p: &Path, uid: u32, gid: u32| {
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid)).expect("chown");
+    };
+    let long_name = "l".repeat(120);
+    let long_target = "t".repeat(150);
+
+    let mounts = s.prepare("base-active", None).expect("prepare base");
+    with_mounted(&mounts, scratch, |root| {
+        for (rel, data) in [
+            ("etc/hosts", "h"),
+            ("etc/gone", "g"),
+            ("etc/passwd", "p"),
+            ("keep", "k"),
+            ("modme", "old"),
+            ("chmodme", "c"),
+            ("chownme", "o"),
+            ("deldir/a", "a"),
+            ("deldir/sub/b", "b"),
+            ("dir2file/x", "x"),
+            ("recreate/old1", "1"),
+            ("recreate/sub/old2", "2"),
+            ("hard1", "hh"),
+            ("xattr-target", "x"),
+        ] {
+            write(root, rel, data.as_bytes());
+        }
+        fs::set_permissions(root.join("chmodme"), fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        std::os::unix::fs::symlink("etc/hosts", root.join("lnk")).expect("symlink");
+        std::os::unix::fs::symlink("/etc", root.join("hostetc")).expect("symlink");
+        fs::hard_link(root.join("hard1"), root.join("hard2")).expect("hardlink");
+        xattr::set(root.join("keep"), "user.base", b"1").expect("xattr");
+    });
+    s.commit("base", "base-active").expect("commit base");
+    assert!(
+        s.committed_dir("base")
+            .expect("committed_dir")
+            .join("keep")
+            .is_file()
+    );
+
+    // An unchanged snapshot has an empty diff: a tar of no entries.
+    s.prepare("untouched", Some("base")).expect("prepare");
+    let mut empty = Vec::new();
+    let d = diff(s, "untouched", &mut empty).expect("diff untouched");
+    assert_eq!(empty, vec![0u8; 1024], "empty diff");
+    assert_eq!(d.uncompressed_size, 1024);
+    assert!(tar_entries(&empty).is_empty());
+
+    let mounts = s.prepare("work", Some("base")).expect("prepare work");
+    let target = tempfile::tempdir_in(scratch).expect("mount point");
+    let guard = mount_all(&mounts, target.path()).expect("mount work");
+    let root = target.path();
+    let p = |rel: &str| root.join(rel);
+    write(root, "etc/newfile", b"n");
+    fs::set_permissions(p("etc/newfile"), fs::Permissions::from_mode(0o600)).expect("chmod");
+    chown(&p("etc/newfile"), 1000, 1000);
+    write(root, "modme", b"new content");
+    fs::set_permissions(p("chmodme"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    chown(&p("chownme"), 1234, 5678);
+    fs::remove_file(p("etc/gone")).expect("rm");
+    fs::remove_dir_all(p("deldir")).expect("rm -r");
+    fs::remove_dir_all(p("dir2file")).expect("rm -r");
+    write(root, "dir2file", b"now a file");
+    fs::remove_dir_all(p("recreate")).expect("rm -r");
+    write(root, "recreate/new", b"fresh");
+    std::os::unix::fs::symlink("../../outside", p("newlink")).expect("symlink");
+    std::os::unix::fs::symlink("hosts", p("etc/rel")).expect("symlink");
+    write(root, "nh1", b"pair");
+    fs::hard_link(p("nh1"), p("nh2")).expect("hardlink");
+    fs::hard_link(p("keep"), p("keep-link")).expect("hardlink");
+    xattr::set(p("xattr-target"), "user.added", b"v").expect("xattr");
+    write(root, "capfile", b"cap");
+    xattr::set(p("capfile"), "security.capability", &NET_BIND_CAP).expect("set capability");
+    nix::unistd::mkfifo(&p("pipe"), nix::sys::stat::Mode::from_bits_truncate(0o640))
+        .expect("mkfifo");
+    nix::sys::stat::mknod(
+        &p("chardev"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .expect("mknod");
+    drop(std::os::unix::net::UnixListener::bind(p("sock")).expect("bind socket"));
+    write(root, &long_name, b"long");
+    std::os::unix::fs::symlink(&long_target, p("longlink")).expect("symlink");
+    write(root, "bigid", b"big");
+    chown(&p("bigid"), 3_000_000, 3_000_001);
+    let want_tree = full_listing(root);
+    assert!(!want_tree.contains_key("sock"), "sockets are not listed");
+
+    // Diffed while mounted and after: the same bytes.
+    let mut mounted = Vec::new();
+    diff(s, "work", &mut mounted).expect("diff while mounted");
+    guard.unmount().expect("unmount work");
+    let mut tar = Vec::new();
+    let d = diff(s, "work", &mut tar).expect("diff");
+    assert!(mounted == tar, "diff differs between mounted and unmounted");
+    let want_id: [u8; 32] = sha2::Sha256::digest(&tar).into();
+    assert_eq!(d.diff_id, api::Digest::from_sha256_bytes(&want_id));
+    assert_eq!(d.uncompressed_size, tar.len() as u64);
+
+    // (a) The entries.
+    let entries = tar_entries(&tar);
+    let names: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+    let mut want: Vec<String> = [
+        "bigid",
+        "capfile",
+        "chardev",
+        "chmodme",
+        "chownme",
+        ".wh.deldir",
+        "dir2file",
+        "etc/",
+        "etc/.wh.gone",
+        "etc/newfile",
+        "etc/rel",
+        "keep",
+        "keep-link",
+        "longlink",
+        "modme",
+        "newlink",
+        "nh1",
+        "nh2",
+        "pipe",
+        "recreate/",
+        "recreate/new",
+        "xattr-target",
+        long_name.as_str(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    match s.diff_mode() {
+        DiffMode::Overlay => want.push("recreate/.wh..wh..opq".into()),
+        DiffMode::Apply => {
+            want.extend(["recreate/.wh.old1".into(), "recreate/.wh.sub".into()]);
+        }
+    }
+    let mut sorted: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    sorted.sort();
+    want.sort();
+    assert_eq!(sorted, want, "{:?}", s.diff_mode());
+    // Parents before children, every path relative.
+    for (i, e) in entries.iter().enumerate() {
+        assert!(
+            !e.path.starts_with('/') && !e.path.starts_with("./"),
+            "{}",
+            e.path
+        );
+        if let Some((parent, _)) = e.path.trim_end_matches('/').rsplit_once('/') {
+            let dir = format!("{parent}/");
+            assert!(
+                names[..i].contains(&dir.as_str()),
+                "{} before {dir}",
+                e.path
+            );
+        }
+    }
+    let by_name = |n: &str| entries.iter().find(|e| e.path == n).expect("entry");
+    for e in &entries {
+        assert!(
+            e.xattrs.keys().all(|k| !k.starts_with("trusted.overlay.")),
+            "{}: {:?}",
+            e.path,
+            e.xattrs
+        );
+        if e.path.contains(".wh.") {
+            assert_eq!((e.kind, e.size, e.mode), ('0', 0, 0), "{}", e.path);
+        }
+    }
+    assert_eq!(by_name("nh2").kind, '1');
+    assert_eq!(by_name("nh2").link.as_deref(), Some("nh1"));
+    assert_eq!(by_name("keep-link").kind, '1');
+    assert_eq!(by_name("keep-link").link.as_deref(), Some("keep"));
+    assert_eq!((by_name("keep").kind, by_name("keep").size), ('0', 1));
+    assert_eq!(
+        by_name("keep").xattrs.get("user.base").map(Vec::as_slice),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        by_name("xattr-target")
+            .xattrs
+            .get("user.added")
+            .map(Vec::as_slice),
+        Some(&b"v"[..])
+    );
+    assert_eq!(
+        by_name("capfile")
+            .xattrs
+            .get("security.capability")
+            .map(Vec::as_slice),
+        Some(&NET_BIND_CAP[..])
+    );
+    assert_eq!(by_name("etc/").kind, '5');
+    assert_eq!(by_name("chardev").kind, '3');
+    assert_eq!(by_name("pipe").kind, '6');
+    assert_eq!(
+        (by_name("pipe").mode, by_name("chmodme").mode),
+        (0o640, 0o755)
+    );
+    assert_eq!(
+        (by_name("chownme").uid, by_name("chownme").gid),
+        (1234, 5678)
+    );
+    assert_eq!(
+        (by_name("bigid").uid, by_name("bigid").gid),
+        (3_000_000, 3_000_001)
+    );
+    assert_eq!(by_name("newlink").link.as_deref(), Some("../../outside"));
+    assert_eq!(
+        by_name("longlink").link.as_deref(),
+        Some(long_target.as_str())
+    );
+    assert_eq!(by_name("dir2file").kind, '0');
+
+    // (b) Round trip: the diff unpacked onto the same parent shows the changed tree.
+    match s.diff_mode() {
+        DiffMode::Overlay => {
+            s.prepare("rt-extract", None).expect("prepare");
+            let dir = s.diff_dir("rt-extract").expect("diff_dir");
+            unpack_layer(&tar[..], &dir).expect("unpack diff");
+            sync_filesystem(&dir).expect("syncfs");
+            s.commit_with_parent("rt", "rt-extract", Some("base"))
+                .expect("commit");
+            // Only its own layer.
+            assert!(
+                !s.committed_dir("rt")
+                    .expect("committed_dir")
+                    .join("hard1")
+                    .exists()
+            );
+        }
+        DiffMode::Apply => {
+            s.prepare("rt-apply", Some("base")).expect("prepare");
+            let dir = s.diff_dir("rt-apply").expect("diff_dir");
+            apply_layer(&tar[..], &dir).expect("apply diff");
+            sync_filesystem(&dir).expect("syncfs");
+            s.commit("rt", "rt-apply").expect("commit");
+            assert!(
+                s.committed_dir("rt")
+                    .expect("committed_dir")
+                    .join("hard1")
+                    .is_file()
+            );
+        }
+    }
+    let m = s.view("rt-view", Some("rt")).expect("view");
+    let (got, inos) = with_mounted(&m, scratch, |root| {
+        let ino = |p: &str| fs::symlink_metadata(root.join(p)).expect("lstat").ino();
+        (
+            full_listing(root),
+            [
+                (ino("nh1"), ino("nh2")),
+                (ino("keep"), ino("keep-link")),
+                (ino("hard1"), ino("hard2")),
+            ],
+        )
+    });
+    let diffs: Vec<_> = want_tree
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: want {v:?}, got {:?}", got.get(k)))
+        .chain(
+            got.keys()
+                .filter(|k| !want_tree.contains_key(*k))
+                .map(|k| format!("{k}: unexpected {:?}", got[k])),
+        )
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{:?}: round trip differs:\n{}",
+        s.diff_mode(),
+        diffs.join("\n")
+    );
+    for (a, b) in inos {
+        assert_eq!(a, b, "hardlinks kept");
+    }
+
+    // A second diff of the same changes is the same bytes; committed and unknown keys are
+    // refused.
+    let mut again = Vec::new();
+    diff(s, "work", &mut again).expect("diff again");
+    assert!(again == tar, "diff is deterministic");
+    s.commit("work-c", "work").expect("commit work");
+    assert_invalid(
+        diff(s, "work-c", io::sink()),
+        "diff of a committed snapshot",
+    );
+    assert_invalid(diff(s, "rt-view", io::sink()), "diff of a view");
+    assert_not_found(diff(s, "nope", io::sink()), "diff of an unknown key");
 }

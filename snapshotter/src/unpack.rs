@@ -67,11 +67,11 @@ pub const MAX_PATH_LEN: usize = 4096;
 /// Largest GNU long-name/long-link or PAX extended header record accepted, in bytes.
 pub const MAX_EXTENSION_RECORD: u64 = 1 << 20;
 /// Read and copy buffer size.
-const BUF_SIZE: usize = 256 * 1024;
+pub(crate) const BUF_SIZE: usize = 256 * 1024;
 
-const WHITEOUT_PREFIX: &[u8] = b".wh.";
+pub(crate) const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
-const OPAQUE_WHITEOUT: &[u8] = b".wh..wh..opq";
+pub(crate) const OPAQUE_WHITEOUT: &[u8] = b".wh..wh..opq";
 
 /// What an unpack found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,7 +298,7 @@ fn corrupt(msg: impl Into<String>) -> Error {
     Error::ReadLayer(io::Error::new(io::ErrorKind::InvalidData, msg.into()))
 }
 
-fn lossy(b: &[u8]) -> String {
+pub(crate) fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
@@ -341,7 +341,7 @@ fn normalize(raw: &[u8]) -> std::result::Result<Vec<u8>, String> {
 }
 
 /// `(parent, name)` of a normalised non-empty path.
-fn split_last(rel: &[u8]) -> (&[u8], &[u8]) {
+pub(crate) fn split_last(rel: &[u8]) -> (&[u8], &[u8]) {
     match rel.iter().rposition(|b| *b == b'/') {
         Some(i) => (&rel[..i], &rel[i + 1..]),
         None => (&[], rel),
@@ -699,7 +699,7 @@ fn entry_names<R: Read>(entry: &tar::Entry<'_, R>, pending: Pending) -> Result<E
 // ---------------------------------------------------------------------------------------------
 // Applying entries.
 
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+pub(crate) const DIR_FLAGS: OFlag = OFlag::O_RDONLY
     .union(OFlag::O_DIRECTORY)
     .union(OFlag::O_NOFOLLOW)
     .union(OFlag::O_CLOEXEC);
@@ -707,7 +707,7 @@ const DIR_FLAGS: OFlag = OFlag::O_RDONLY
 /// Opens `rel` (normalised, possibly empty) below `start`, one component at a time, never
 /// following a symlink. Raw errno: `ELOOP`/`ENOTDIR` when a component is a symlink or not a
 /// directory, `ENOENT` when missing.
-fn open_dir_nofollow(start: BorrowedFd<'_>, rel: &[u8]) -> nix::Result<OwnedFd> {
+pub(crate) fn open_dir_nofollow(start: BorrowedFd<'_>, rel: &[u8]) -> nix::Result<OwnedFd> {
     let mut cur: Option<OwnedFd> = None;
     for comp in rel.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
         let at = cur.as_ref().map_or(start, |f| f.as_fd());
@@ -845,13 +845,13 @@ struct Unpacker {
     buf: Vec<u8>,
 }
 
-fn file_type(st: &nix::sys::stat::FileStat) -> SFlag {
+pub(crate) fn file_type(st: &nix::sys::stat::FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
 }
 
 /// `/proc/self/fd/<dir>/<name>`: a path to `name` in an open directory, for the calls that have
 /// no `*at` form (`lsetxattr`). Only the final component is looked up, without following it.
-fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
+pub(crate) fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
     use std::os::fd::AsRawFd;
     let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
     p.push(OsStr::from_bytes(name));
