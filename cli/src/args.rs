@@ -75,6 +75,10 @@ pub enum Command {
     Load(LoadArgs),
     /// Import the contents from a tarball to create a filesystem image
     Import(ImportArgs),
+    /// Build an image from a Dockerfile
+    Build(BuildArgs),
+    /// Create a new image from a container's changes
+    Commit(CommitArgs),
     /// Display system-wide information
     Info(FormatOnly),
     /// Show the berth version information
@@ -536,6 +540,65 @@ pub struct ImportArgs {
     pub message: Option<String>,
     /// file|URL|- (a local file or - for stdin)
     pub file: String,
+    /// REPOSITORY[:TAG]
+    pub reference: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Name of the Dockerfile (default: PATH/Dockerfile; `-` reads it from stdin)
+    #[arg(short = 'f', long)]
+    pub file: Option<String>,
+    /// Name and optionally a tag in the "name:tag" format
+    #[arg(short = 't', long = "tag")]
+    pub tags: Vec<String>,
+    /// Set build-time variables (`KEY=value`, or `KEY` to take it from the environment)
+    #[arg(long = "build-arg")]
+    pub build_args: Vec<String>,
+    /// Set the target build stage to build
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Do not use cache when building the image
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
+    /// Set metadata for an image
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Suppress the build output and print image ID on success
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Always attempt to pull a newer version of the base images
+    #[arg(long)]
+    pub pull: bool,
+    /// Set the networking mode for the RUN instructions during build
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Write the image ID to the file
+    #[arg(long)]
+    pub iidfile: Option<String>,
+    /// Remove intermediate containers after a successful build (always, with berth)
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub rm: bool,
+    /// PATH (a directory) or `-` (a tar or a Dockerfile on stdin)
+    pub path: String,
+}
+
+#[derive(Args, Debug)]
+pub struct CommitArgs {
+    /// Author (e.g., "John Hannibal Smith <hannibal@a-team.com>")
+    #[arg(short = 'a', long)]
+    pub author: Option<String>,
+    /// Apply Dockerfile instruction to the created image
+    #[arg(short = 'c', long)]
+    pub change: Vec<String>,
+    /// Commit message
+    #[arg(short = 'm', long)]
+    pub message: Option<String>,
+    /// Pause container during commit
+    #[arg(short = 'p', long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub pause: bool,
+    /// The container
+    pub container: String,
     /// REPOSITORY[:TAG]
     pub reference: Option<String>,
 }

@@ -2,6 +2,7 @@
 
 mod args;
 mod body;
+mod build;
 mod client;
 mod container;
 mod cp;
@@ -136,6 +137,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Save(a) => image::save(&d()?, a).await,
         Command::Load(a) => image::load(&d()?, a).await,
         Command::Import(a) => image::import(&d()?, a).await,
+        Command::Build(a) => build::build(&d()?, a).await,
+        Command::Commit(a) => build::commit(&d()?, a).await,
         Command::Info(a) => system::info(&d()?, a).await,
         Command::Version(a) => system::version(&d()?, a).await,
         Command::Network(a) => network::network(&d()?, a).await,

@@ -6,6 +6,7 @@
 
 pub mod authority;
 pub mod bridge;
+pub mod build;
 pub mod config;
 pub mod container;
 pub mod dns;

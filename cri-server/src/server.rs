@@ -93,7 +93,7 @@ pub async fn run(
     }
     let (docker_stop, docker_stopped) = tokio::sync::oneshot::channel::<()>();
     let docker = tokio::spawn(crate::docker::serve(
-        crate::docker::Api::new(engine, &paths.root),
+        crate::docker::Api::new(engine, &paths.root)?,
         docker_listener,
         async move {
             let _ = docker_stopped.await;

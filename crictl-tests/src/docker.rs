@@ -76,9 +76,20 @@ impl DockerEnv {
 
     /// [`docker`](Self::docker) with bytes on its stdin.
     pub async fn docker_with_input(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        self.docker_full(args, &[], stdin).await
+    }
+
+    /// [`docker`](Self::docker) with more environment (`DOCKER_BUILDKIT=0`) and maybe input.
+    pub async fn docker_full(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdin: Option<&[u8]>,
+    ) -> Output {
         use tokio::io::AsyncWriteExt;
         let mut cmd = tokio::process::Command::new(docker_bin());
         cmd.args(args)
+            .envs(env.iter().copied())
             .env(
                 "DOCKER_HOST",
                 format!("unix://{}", self.d.docker_socket.display()),

@@ -17,7 +17,7 @@ use crate::image::archive::ChannelWriter;
 use crate::image::store::NamedImage;
 
 /// An upload on disk, removed when dropped.
-struct Upload(PathBuf);
+pub(super) struct Upload(pub(super) PathBuf);
 
 impl Drop for Upload {
     fn drop(&mut self) {
@@ -26,7 +26,7 @@ impl Drop for Upload {
 }
 
 /// Streams the request body to a file under `<root>/uploads`: archives can be larger than memory.
-async fn body_to_file(api: &Api, req: Req) -> Result<Upload, ApiError> {
+pub(super) async fn body_to_file(api: &Api, req: Req) -> Result<Upload, ApiError> {
     let dir = api.root.join("uploads");
     tokio::fs::create_dir_all(&dir)
         .await

@@ -64,7 +64,7 @@ fn inspect(api: &Api, i: &NamedImage) -> Value {
         "RepoTags": i.tags.iter().map(|t| familiar(t)).collect::<Vec<_>>(),
         "RepoDigests": repo_digests(i),
         "Parent": "",
-        "Comment": "",
+        "Comment": config["comment"].as_str().unwrap_or(""),
         "Created": config["created"].as_str().unwrap_or("0001-01-01T00:00:00Z"),
         "DockerVersion": "",
         "Author": config["author"].as_str().unwrap_or(""),
@@ -130,8 +130,17 @@ pub(super) async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
 
 fn list(api: &Arc<Api>, req: Req) -> ApiResult {
     let filters = Filters::parse(req.q("filters"))?;
+    // Build steps' images stay out of sight unless `-a` asks, as docker's intermediates do.
+    let hidden = if req.flag("all")? {
+        Default::default()
+    } else {
+        api.builder.cache().images()?
+    };
     let mut out = Vec::new();
     for i in api.engine.images().list()? {
+        if i.tags.is_empty() && i.digests.is_empty() && hidden.contains(&i.record.id) {
+            continue;
+        }
         let tags: Vec<String> = i.tags.iter().map(|t| familiar(t)).collect();
         let reference_ok = filters.all("reference", |pattern| {
             tags.iter().any(|t| {
@@ -171,11 +180,15 @@ async fn prune(api: &Arc<Api>, req: Req) -> ApiResult {
             .into_iter()
             .map(|o| o.record.image_id),
     );
+    // The build cache's images are not dangling: `builder prune` is what removes them.
+    let cached = api.builder.cache().images()?;
     let mut deleted = Vec::new();
     let mut reclaimed: u64 = 0;
     for i in api.engine.images().list()? {
         let id = i.record.id.to_string();
-        if used.contains(&id) || (only_dangling && !i.tags.is_empty()) {
+        if used.contains(&id)
+            || (only_dangling && (!i.tags.is_empty() || cached.contains(&i.record.id)))
+        {
             continue;
         }
         let config = api.engine.images().config_json(&i).unwrap_or(Value::Null);

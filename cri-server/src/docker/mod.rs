@@ -4,6 +4,7 @@
 //! container logic lives here.
 
 mod archive;
+mod build;
 mod containers;
 mod exec;
 mod hijack;
@@ -50,18 +51,22 @@ pub struct Api {
     execs: exec::Execs,
     /// berthd's persistent root, for `info`.
     root: std::path::PathBuf,
+    /// Dockerfile builds.
+    builder: Arc<crate::build::Builder>,
 }
 
 impl Api {
     /// The API over `engine`.
-    pub fn new(engine: Arc<Engine>, root: &Path) -> Arc<Api> {
+    pub fn new(engine: Arc<Engine>, root: &Path) -> crate::error::Result<Arc<Api>> {
         // Uploads (load, import) a crash cut short.
         let _ = std::fs::remove_dir_all(root.join("uploads"));
-        Arc::new(Api {
+        let builder = Arc::new(crate::build::Builder::new(engine.clone(), root)?);
+        Ok(Arc::new(Api {
             engine,
             execs: exec::Execs::default(),
             root: root.to_owned(),
-        })
+            builder,
+        }))
     }
 }
 
@@ -380,11 +385,9 @@ async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
         }
         (_, ["images", ..]) => images::route(api, req).await,
         (_, ["volumes", ..]) => volumes::route(api, req).await,
-        // No builder yet, so no build cache: `docker system prune` asks all the same.
-        ("POST", ["build", "prune"]) => json(
-            StatusCode::OK,
-            &serde_json::json!({"CachesDeleted": null, "SpaceReclaimed": 0}),
-        ),
+        ("POST", ["build"]) => build::build(api, req).await,
+        ("POST", ["build", "prune"]) => build::prune(api).await,
+        ("POST", ["commit"]) => build::commit(api, req).await,
         (_, ["networks", ..]) => networks::route(api, req).await,
         _ => Err(ApiError::not_found("page not found")),
     }

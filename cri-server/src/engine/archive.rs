@@ -89,7 +89,7 @@ impl Engine {
 /// Mounts `mounts` at `at` in a mount namespace of the calling thread's own (unshared with
 /// its fs attributes, so the rest of berthd keeps the host's) and opens it. The mount ends
 /// with the thread.
-fn mounted_privately(mounts: &[api::Mount], at: &Path) -> Result<OwnedFd> {
+pub(crate) fn mounted_privately(mounts: &[api::Mount], at: &Path) -> Result<OwnedFd> {
     use nix::mount::{MsFlags, mount};
     use nix::sched::{CloneFlags, unshare};
     unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS)

@@ -15,6 +15,8 @@ pub mod spec;
 pub mod translate;
 pub mod volumes;
 
+pub(crate) use archive::mounted_privately;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
@@ -305,6 +307,11 @@ impl Engine {
     /// The images the engine runs from.
     pub fn images(&self) -> &Arc<ImageManager> {
         &self.images
+    }
+
+    /// The shared metadata database (for the build cache).
+    pub fn db(&self) -> &Arc<Database> {
+        &self.db
     }
 
     /// The core's containers.

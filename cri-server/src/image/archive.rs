@@ -648,7 +648,7 @@ fn familiar(reference: &str) -> String {
 }
 
 impl ImageManager {
-    fn lease_now(&self, lease: &mut Lease, names: Vec<String>) {
+    pub(super) fn lease_now(&self, lease: &mut Lease, names: Vec<String>) {
         let mut map = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         for n in &names {
             *map.entry(n.clone()).or_default() += 1;
