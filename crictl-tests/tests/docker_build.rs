@@ -200,6 +200,55 @@ async fn a_multi_stage_build_with_every_instruction_runs_as_written_and_caches()
     let fourth = docker_build(&env, &["--no-cache", "-t", "app:1.2", dir]).await;
     assert!(!fourth.contains("Using cache"), "{fourth}");
 
+    // app:1.0 as a base: its ONBUILD trigger runs first; SHELL changes what shell-form
+    // commands run with; ${VAR:+alt} and --platform as docker takes them.
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let child = tempfile::tempdir().expect("child context");
+    write(
+        child.path(),
+        "Dockerfile",
+        &format!(
+            "FROM --platform=linux/{arch} app:1.0\nSHELL [\"/bin/sh\", \"-ec\"]\nENV WHO=${{MODE:+mode-is-set}} NONE=${{NOPE:+x}}\nRUN echo \"child $WHO [$NONE]\"\nCMD echo shell-form\n"
+        ),
+    );
+    let out = docker_build(
+        &env,
+        &["-t", "child:1", child.path().to_str().expect("utf-8")],
+    )
+    .await;
+    assert!(out.contains("triggered"), "the base's ONBUILD ran:\n{out}");
+    assert!(out.contains("child mode-is-set []"), "{out}");
+    assert_eq!(
+        env.ok(&[
+            "image",
+            "inspect",
+            "-f",
+            "{{json .Config.Cmd}} {{json .Config.OnBuild}}",
+            "child:1"
+        ])
+        .await
+        .trim(),
+        r#"["/bin/sh","-ec","echo shell-form"] null"#
+    );
+    write(
+        child.path(),
+        "Dockerfile",
+        "FROM --platform=plan9/mips app:1.0\n",
+    );
+    let out = env
+        .docker_full(
+            &["build", child.path().to_str().expect("utf-8")],
+            LEGACY,
+            None,
+        )
+        .await;
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("plan9/mips"), "{}", text(&out).1);
+
     // The steps' images are out of sight, as docker's intermediates are.
     let images = env
         .ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
@@ -472,4 +521,60 @@ async fn the_berth_cli_builds_and_commits() {
         text(&missing).1
     );
     env.berth_ok(&["rm", "-f", "c1"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_cut_short_by_a_berthd_crash_leaves_no_container_behind() {
+    let mut env = DockerEnv::start("").await;
+    let ctx = tempfile::tempdir().expect("context");
+    write(ctx.path(), "f", "x\n");
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox\nCOPY f /f\nRUN sleep 120\n",
+    );
+    let mut build =
+        env.berth_command(&["build", "-t", "cut:1", ctx.path().to_str().expect("utf-8")]);
+    build
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = build.spawn().expect("berth build");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let running = env
+            .ok(&["ps", "-q", "--filter", "label=io.berth.build=true"])
+            .await;
+        if !running.trim().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the RUN step never started:\n{}",
+            tail(&env.d.log(), 30)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    env.d.kill9().await.expect("kill berthd");
+    let _ = child.kill().await;
+    env.d.restart().await.expect("restart berthd");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = env.ok(&["ps", "-aq"]).await;
+        if left.trim().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build's container is still there: {left}\n{}",
+            tail(&env.d.log(), 30)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let missing = env.docker(&["image", "inspect", "cut:1"]).await;
+    assert!(!missing.status.success(), "no image is tagged");
+    let builds = env.d.root().join("builds");
+    let leftovers: Vec<_> = std::fs::read_dir(&builds)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "scratch files left: {leftovers:?}");
 }

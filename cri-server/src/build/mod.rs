@@ -26,6 +26,9 @@ use crate::engine::Engine;
 use crate::error::Error;
 use crate::image::{ImageRecord, NamedImage};
 
+/// The label of the containers RUN steps run in.
+pub const BUILD_LABEL: &str = "io.berth.build";
+
 /// Largest Dockerfile read.
 const MAX_DOCKERFILE: u64 = 4 << 20;
 
@@ -206,6 +209,29 @@ impl Builder {
             engine,
             dir,
         })
+    }
+
+    /// Removes the RUN containers of builds a crash of berthd cut short.
+    pub async fn remove_leftovers(&self) {
+        let Ok(records) = self.engine.list() else {
+            return;
+        };
+        for r in records {
+            if r.config
+                .labels
+                .get(BUILD_LABEL)
+                .is_some_and(|v| v == "true")
+            {
+                match self.engine.remove(&r.id, true).await {
+                    Ok(()) => {
+                        tracing::info!(container_id = %r.id, "removed a cut-short build's container")
+                    }
+                    Err(e) => {
+                        tracing::warn!(container_id = %r.id, error = %e, "remove a cut-short build's container")
+                    }
+                }
+            }
+        }
     }
 
     /// The cache.

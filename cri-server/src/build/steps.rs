@@ -467,7 +467,7 @@ async fn run_step(
         env: build_env,
         attach_stdout: true,
         attach_stderr: true,
-        labels: BTreeMap::from([("io.berth.build".to_owned(), "true".to_owned())]),
+        labels: BTreeMap::from([(super::BUILD_LABEL.to_owned(), "true".to_owned())]),
         ..Default::default()
     };
     let h = HostConfig {

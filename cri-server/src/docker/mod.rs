@@ -77,6 +77,8 @@ pub async fn serve(
     listener: tokio::net::UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let builder = api.builder.clone();
+    tokio::spawn(async move { builder.remove_leftovers().await });
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
