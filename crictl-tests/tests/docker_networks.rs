@@ -227,6 +227,11 @@ async fn containers_on_a_user_network_reach_each_other_by_ip_name_and_alias() {
     ])
     .await;
     let web_ip = ip_on(&env, "web", "appnet").await;
+    // The top-level address is the default bridge's: empty on a user network only, as docker.
+    let top = env
+        .ok(&["inspect", "-f", "[{{.NetworkSettings.IPAddress}}]", "web"])
+        .await;
+    assert_eq!(top.trim(), "[]");
     assert!(web_ip.starts_with("10.201.0."), "{web_ip}");
     let gw = env
         .ok(&[
@@ -312,6 +317,16 @@ async fn containers_on_a_user_network_reach_each_other_by_ip_name_and_alias() {
     env.ok(&["run", "-d", "--name", "b2", "busybox", "sleep", "300"])
         .await;
     let b1_ip = ip_on(&env, "b1", "bridge").await;
+    let top = env
+        .ok(&[
+            "inspect",
+            "-f",
+            "{{.NetworkSettings.IPAddress}}/{{.NetworkSettings.IPPrefixLen}} {{.NetworkSettings.Networks.bridge.IPPrefixLen}}",
+            "b1",
+        ])
+        .await;
+    let (top_ip, bridge_prefix) = top.trim().split_once(' ').expect("two fields");
+    assert_eq!(top_ip, format!("{b1_ip}/{bridge_prefix}"));
     assert!(!b1_ip.is_empty());
     env.ok(&["exec", "b2", "busybox", "ping", "-c1", "-W2", &b1_ip])
         .await;

@@ -351,6 +351,17 @@ async fn tag_history_save_load_round_trip() {
     let out = env.docker(&["save", "busybox"]).await;
     assert!(out.status.success() && out.stdout.len() > 1024, "{out:?}");
 
+    // By id, an image of two repositories goes only when forced, as docker's does.
+    let id = env
+        .ok(&["image", "inspect", "-f", "{{.Id}}", "busybox"])
+        .await;
+    let refused = env.docker(&["rmi", &id.trim()[7..19]]).await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("image is referenced in multiple repositories"),
+        "{refused:?}"
+    );
     env.ok(&["rmi", "busybox", "mine/box:1"]).await;
     assert_eq!(env.ok(&["images", "-q"]).await, "");
     let loaded = env.ok(&["load", "-i", archive_s]).await;

@@ -440,11 +440,32 @@ fn inspect_json(api: &Api, r: &Record) -> Value {
         }
         m
     };
-    let ip = r
+    // The top-level address fields are the default bridge's, as docker's: empty for a
+    // container only on user-defined networks.
+    let bridge_id = crate::engine::networks::predefined_id("bridge");
+    let on_bridge = api
+        .engine
+        .endpoints(r)
+        .iter()
+        .any(|e| e.network_id == bridge_id);
+    let bridge = r
         .run
         .as_ref()
-        .and_then(|run| run.ips.iter().find(|ip| !ip.contains(':')).cloned())
-        .unwrap_or_default();
+        .and_then(|run| run.attachments.iter().find(|a| a.network_id == bridge_id));
+    let (ip, prefix, gateway, mac) = match (on_bridge, bridge) {
+        (false, _) => (String::new(), 0, String::new(), String::new()),
+        (true, Some(a)) => (a.ip.clone(), a.prefix, a.gateway.clone(), a.mac.clone()),
+        // Records from before networks keep only the run's addresses.
+        (true, None) => {
+            let ip = r
+                .run
+                .as_ref()
+                .and_then(|run| run.ips.iter().find(|ip| !ip.contains(':')).cloned())
+                .unwrap_or_default();
+            let prefix = if ip.is_empty() { 0 } else { 16 };
+            (ip, prefix, String::new(), String::new())
+        }
+    };
     let time = |ns: i64| {
         if ns == 0 {
             "0001-01-01T00:00:00Z".to_owned()
@@ -492,9 +513,9 @@ fn inspect_json(api: &Api, r: &Record) -> Value {
             "Ports": ports,
             "SandboxKey": "",
             "IPAddress": ip,
-            "IPPrefixLen": if ip.is_empty() { 0 } else { 16 },
-            "Gateway": "",
-            "MacAddress": "",
+            "IPPrefixLen": prefix,
+            "Gateway": gateway,
+            "MacAddress": mac,
             "Networks": networks_json(api, r, &api.engine.networks().unwrap_or_default()),
         },
     })

@@ -349,6 +349,26 @@ async fn remove(api: &Arc<Api>, name: &str, req: Req) -> ApiResult {
             .emit("image", "untag", &image.record.id.to_string(), attributes);
         return json(StatusCode::OK, &json!([{"Untagged": familiar(&tag)}]));
     }
+    // By id (not by one of its names) an image with several repositories goes only with -f.
+    let by_name = image
+        .tags
+        .iter()
+        .chain(&image.digests)
+        .any(|t| familiar(t) == name || *t == name || familiar(t) == format!("{name}:latest"));
+    let repos: std::collections::BTreeSet<&str> = image
+        .tags
+        .iter()
+        .map(|t| t.rsplit_once(':').map_or(t.as_str(), |(r, _)| r))
+        .collect();
+    if !force && !by_name && repos.len() > 1 {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: format!(
+                "conflict: unable to delete {} (must be forced) - image is referenced in multiple repositories",
+                &image.record.id.hex()[..12]
+            ),
+        });
+    }
     let users: Vec<String> = api
         .engine
         .list()?
