@@ -7,6 +7,7 @@
 //! [`ImageManager::gc`] at start.
 
 pub mod archive;
+pub mod push;
 pub mod reference;
 pub mod registry;
 pub mod store;

@@ -141,7 +141,7 @@ impl Endpoint {
 
     /// `scheme://host/v2/<repository>/`, with the default registry's API host, as the
     /// authentication client addresses it.
-    fn repo_url(&self, r: &Reference) -> String {
+    pub(super) fn repo_url(&self, r: &Reference) -> String {
         let host = match self.host.as_str() {
             "docker.io" => "index.docker.io",
             h => h,
@@ -149,16 +149,19 @@ impl Endpoint {
         format!("{}://{host}/v2/{}/", self.scheme(), r.repository)
     }
 
-    /// The credential for `r`'s repository: the bearer token of the registry's token flow, or
-    /// none; Basic credentials are added when the registry asks for them (see [`Self::get`]).
+    /// The credential for `r`'s repository and `op`: the bearer token of the registry's token
+    /// flow, or none; Basic credentials are added when the registry asks for them (see
+    /// [`Self::send`]).
     async fn credential(
         &self,
         r: &Reference,
         auth: &RegistryAuth,
+        op: RegistryOperation,
         fresh: bool,
     ) -> Result<Credential> {
+        let key = cred_key(r, op);
         let mut creds = self.creds.lock().await;
-        if !fresh && let Some(c) = creds.get(&r.repository) {
+        if !fresh && let Some(c) = creds.get(&key) {
             return Ok(c.clone());
         }
         let oref = oci_client::Reference::with_tag(
@@ -168,20 +171,19 @@ impl Endpoint {
         );
         let c = match self
             .auth_client
-            .auth(&oref, auth, RegistryOperation::Pull)
+            .auth(&oref, auth, op)
             .await
             .map_err(|e| map_err(self, "authentication", e))?
         {
             Some(token) => Credential::Bearer(token),
             None => Credential::Anonymous,
         };
-        creds.insert(r.repository.clone(), c.clone());
+        creds.insert(key, c.clone());
         Ok(c)
     }
 
-    /// `GET <repo_url><path>` with credentials; a `401` is answered once, by sending Basic
-    /// credentials if we have them, or by fetching a fresh token. Errors unless the answer is
-    /// `200 OK`; an error body is read only up to [`MAX_ERROR_BODY_BYTES`].
+    /// `GET <repo_url><path>` with pull credentials (see [`Self::send`]). Errors unless the
+    /// answer is `200 OK`; an error body is read only up to [`MAX_ERROR_BODY_BYTES`].
     async fn get(
         &self,
         r: &Reference,
@@ -191,51 +193,99 @@ impl Endpoint {
         what: &str,
     ) -> Result<reqwest::Response> {
         let url = format!("{}{path}", self.repo_url(r));
-        let mut cred = self.credential(r, auth, false).await?;
+        let resp = self
+            .send(r, auth, RegistryOperation::Pull, what, |http| {
+                let req = http.get(&url);
+                Ok(match accept {
+                    Some(a) => req.header(reqwest::header::ACCEPT, a),
+                    None => req,
+                })
+            })
+            .await?;
+        if resp.status() == StatusCode::OK {
+            return Ok(resp);
+        }
+        Err(error_of(self, what, resp).await)
+    }
+
+    /// Sends the request `build` makes (called again for a retry, so a body is made anew) with
+    /// the credentials for `r`'s repository and `op`, and returns the answer whatever its
+    /// status. A `401` is answered once, by sending Basic credentials if we have them, or by
+    /// fetching a fresh token. Credentials go only to this endpoint's host: an upload URL
+    /// elsewhere (a storage backend's) gets none.
+    pub(super) async fn send(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        op: RegistryOperation,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder>,
+    ) -> Result<reqwest::Response> {
+        let key = cred_key(r, op);
+        let mut cred = self.credential(r, auth, op, false).await?;
         let mut retried = false;
         loop {
-            let mut req = self.http.get(&url);
-            if let Some(a) = accept {
-                req = req.header(reqwest::header::ACCEPT, a);
+            let req = build(&self.http)?
+                .build()
+                .map_err(|e| Error::internal("build registry request", e))?;
+            let ours = req.url().host_str().is_some_and(|h| {
+                let h = match req.url().port() {
+                    Some(p) => format!("{h}:{p}"),
+                    None => h.to_owned(),
+                };
+                h == self.host || self.host == "docker.io"
+            });
+            let mut req = reqwest::RequestBuilder::from_parts(self.http.clone(), req);
+            if ours {
+                req = match &cred {
+                    Credential::Anonymous => req,
+                    Credential::Bearer(t) => req.bearer_auth(t),
+                    Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
+                };
             }
-            req = match &cred {
-                Credential::Anonymous => req,
-                Credential::Bearer(t) => req.bearer_auth(t),
-                Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
-            };
             let resp = req
                 .send()
                 .await
-                .map_err(|e| Error::Unavailable(format!("{what} from {self:?}: {}", chain(&e))))?;
-            let status = resp.status();
-            if status == StatusCode::OK {
-                return Ok(resp);
-            }
-            if status == StatusCode::UNAUTHORIZED && !retried {
+                .map_err(|e| {
+                    let dir = if op == RegistryOperation::Push { "to" } else { "from" };
+                    Error::Unavailable(format!("{what} {dir} {self:?}: {}", chain(&e)))
+                })?;
+            if resp.status() == StatusCode::UNAUTHORIZED && !retried && ours {
                 retried = true;
                 let next = match (&cred, auth) {
                     (Credential::Anonymous, RegistryAuth::Basic(u, p)) => {
                         Some(Credential::Basic(u.clone(), p.clone()))
                     }
-                    // Tokens expire; a long pull may outlive one.
-                    (Credential::Bearer(_), _) => Some(self.credential(r, auth, true).await?),
+                    // Tokens expire; a long pull or push may outlive one.
+                    (Credential::Bearer(_), _) => Some(self.credential(r, auth, op, true).await?),
                     _ => None,
                 };
                 if let Some(next) = next {
-                    self.creds
-                        .lock()
-                        .await
-                        .insert(r.repository.clone(), next.clone());
+                    self.creds.lock().await.insert(key.clone(), next.clone());
                     cred = next;
                     continue;
                 }
             }
-            let body = read_capped(resp, MAX_ERROR_BODY_BYTES)
-                .await
-                .unwrap_or_default();
-            return Err(status_error(self, what, status, &body));
+            return Ok(resp);
         }
     }
+}
+
+/// Credentials are per repository and operation: a push token is not a pull token.
+fn cred_key(r: &Reference, op: RegistryOperation) -> String {
+    match op {
+        RegistryOperation::Pull => r.repository.clone(),
+        RegistryOperation::Push => format!("{} push", r.repository),
+    }
+}
+
+/// The error for a registry's unwanted answer, reading at most [`MAX_ERROR_BODY_BYTES`] of it.
+pub(super) async fn error_of(ep: &Endpoint, what: &str, resp: reqwest::Response) -> Error {
+    let status = resp.status();
+    let body = read_capped(resp, MAX_ERROR_BODY_BYTES)
+        .await
+        .unwrap_or_default();
+    status_error(ep, what, status, &body)
 }
 
 /// The body, cut at `cap` bytes: for error messages, where the rest does not matter.
