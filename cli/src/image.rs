@@ -6,8 +6,7 @@ use std::io::Write;
 use anyhow::{Context, Result, bail};
 use bollard::Docker;
 use bollard::query_parameters::{
-    CreateImageOptions, ImportImageOptions, ListImagesOptions,
-    RemoveImageOptions, TagImageOptions,
+    CreateImageOptions, ImportImageOptions, ListImagesOptions, RemoveImageOptions, TagImageOptions,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};

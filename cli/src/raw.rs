@@ -115,7 +115,10 @@ fn base64_decode(s: &[u8]) -> Result<Vec<u8>> {
 
 /// `POST /images/<repo>/push[?tag=…]`: the daemon's JSON lines, one by one, as they come. A
 /// daemon error before the stream (no such image) comes back as bollard's error for it.
-pub async fn push(repo: &str, tag: Option<&str>) -> Result<tokio::sync::mpsc::Receiver<Result<Value>>> {
+pub async fn push(
+    repo: &str,
+    tag: Option<&str>,
+) -> Result<tokio::sync::mpsc::Receiver<Result<Value>>> {
     let mut path = format!("/v1.44/images/{}/push", segment(repo));
     if let Some(t) = tag {
         path.push_str(&format!("?tag={}", segment(t)));
@@ -130,7 +133,9 @@ pub async fn push(repo: &str, tag: Option<&str>) -> Result<tokio::sync::mpsc::Re
                 None => break,
                 Some(Err(e)) => {
                     let _ = tx
-                        .send(Err(anyhow::Error::new(e).context("read the daemon's answer")))
+                        .send(Err(
+                            anyhow::Error::new(e).context("read the daemon's answer")
+                        ))
                         .await;
                     return;
                 }

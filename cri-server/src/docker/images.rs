@@ -406,7 +406,9 @@ async fn push(api: &Arc<Api>, name: &str, req: Req) -> ApiResult {
     let full_name = format!("{}/{}", repo.registry, repo.repository);
     tokio::spawn(async move {
         let _ = tx
-            .send(line(json!({"status": format!("The push refers to repository [{full_name}]")})))
+            .send(line(
+                json!({"status": format!("The push refers to repository [{full_name}]")}),
+            ))
             .await;
         for target in targets {
             let (etx, mut erx) = tokio::sync::mpsc::unbounded_channel();
@@ -427,7 +429,11 @@ async fn push(api: &Arc<Api>, name: &str, req: Req) -> ApiResult {
                     E::Preparing { digest, .. } => {
                         json!({"status": "Preparing", "progressDetail": {}, "id": short(&digest)})
                     }
-                    E::Progress { digest, sent, total } => json!({
+                    E::Progress {
+                        digest,
+                        sent,
+                        total,
+                    } => json!({
                         "status": "Pushing",
                         "progressDetail": {"current": sent, "total": total},
                         "progress": progress_bar(sent, total),
@@ -453,7 +459,11 @@ async fn push(api: &Arc<Api>, name: &str, req: Req) -> ApiResult {
             match pushed {
                 Ok(p) => {
                     let tag = p.tag.clone().unwrap_or_default();
-                    let shown = if tag.is_empty() { p.digest.to_string() } else { tag.clone() };
+                    let shown = if tag.is_empty() {
+                        p.digest.to_string()
+                    } else {
+                        tag.clone()
+                    };
                     let _ = tx
                         .send(line(json!({"status": format!("{shown}: digest: {} size: {}", p.digest, p.size)})))
                         .await;

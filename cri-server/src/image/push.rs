@@ -112,7 +112,11 @@ fn chunks(size: u64, chunk: u64) -> Vec<(u64, u64)> {
 /// The offset after the last byte a registry says it holds, from its `Range: 0-<last>`
 /// answer to a chunk. `None` if the header is malformed.
 fn received_through(range: &str) -> Option<u64> {
-    let (start, last) = range.trim().strip_prefix("bytes=").unwrap_or(range.trim()).split_once('-')?;
+    let (start, last) = range
+        .trim()
+        .strip_prefix("bytes=")
+        .unwrap_or(range.trim())
+        .split_once('-')?;
     if start.trim() != "0" {
         return None;
     }
@@ -122,8 +126,11 @@ fn received_through(range: &str) -> Option<u64> {
 /// An upload URL (`Location`, absolute or relative) against the repository URL.
 fn upload_url(base: &str, location: &str) -> Result<Url> {
     let base = Url::parse(base).map_err(|e| Error::internal("registry URL", e))?;
-    base.join(location)
-        .map_err(|e| Error::Remote(format!("registry sent a bad upload location {location:?}: {e}")))
+    base.join(location).map_err(|e| {
+        Error::Remote(format!(
+            "registry sent a bad upload location {location:?}: {e}"
+        ))
+    })
 }
 
 /// The URL that completes an upload: the session's, with `digest=` added.
@@ -214,6 +221,19 @@ fn location(base: &str, ep: &Endpoint, what: &str, resp: &reqwest::Response) -> 
     upload_url(base, loc)
 }
 
+/// A registry's error, saying which push it ended.
+fn in_push(e: Error, r: &Reference) -> Error {
+    let ctx = |m: String| format!("push {r}: {m}");
+    match e {
+        Error::Unavailable(m) => Error::Unavailable(ctx(m)),
+        Error::Unauthenticated(m) => Error::Unauthenticated(ctx(m)),
+        Error::Remote(m) => Error::Remote(ctx(m)),
+        Error::NotFound(m) => Error::NotFound(ctx(m)),
+        Error::BadContent(m) => Error::BadContent(ctx(m)),
+        other => other,
+    }
+}
+
 /// One push's fixed parts.
 struct Job<'a> {
     ep: &'a Endpoint,
@@ -248,7 +268,11 @@ impl Job<'_> {
 
     /// Starts an upload, or mounts the blob from `from` when the registry takes the offer.
     /// Returns the upload URL, or the repository it mounted from.
-    async fn start(&self, d: &Descriptor, from: &[String]) -> Result<std::result::Result<Url, String>> {
+    async fn start(
+        &self,
+        d: &Descriptor,
+        from: &[String],
+    ) -> Result<std::result::Result<Url, String>> {
         let what = format!("upload of blob {}", d.digest);
         for repo in from.iter().take(MAX_MOUNT_TRIES) {
             let mut url = upload_url(&self.base, "blobs/uploads/")?;
@@ -263,7 +287,9 @@ impl Job<'_> {
             match resp.status() {
                 StatusCode::CREATED => return Ok(Err(repo.clone())),
                 // Not mounted (not there, or not readable to us): an upload session instead.
-                StatusCode::ACCEPTED => return Ok(Ok(location(&self.base, self.ep, &what, &resp)?)),
+                StatusCode::ACCEPTED => {
+                    return Ok(Ok(location(&self.base, self.ep, &what, &resp)?));
+                }
                 _ => {
                     let e = error_of(self.ep, &what, resp).await;
                     tracing::debug!(blob = %d.digest, from = %repo, error = %e, "cross-repository mount refused");
@@ -283,7 +309,14 @@ impl Job<'_> {
     }
 
     /// Uploads the blob from `path` into the session at `url`.
-    async fn upload(&self, d: &Descriptor, size: u64, path: PathBuf, mut url: Url, meter: Arc<Meter>) -> Result<()> {
+    async fn upload(
+        &self,
+        d: &Descriptor,
+        size: u64,
+        path: PathBuf,
+        mut url: Url,
+        meter: Arc<Meter>,
+    ) -> Result<()> {
         let what = format!("upload of blob {}", d.digest);
         if size > self.chunk {
             let mut offset = 0;
@@ -302,9 +335,16 @@ impl Job<'_> {
                 if resp.status() != StatusCode::ACCEPTED {
                     return Err(error_of(self.ep, &what, resp).await);
                 }
-                let next = match resp.headers().get(header::RANGE).and_then(|v| v.to_str().ok()) {
+                let next = match resp
+                    .headers()
+                    .get(header::RANGE)
+                    .and_then(|v| v.to_str().ok())
+                {
                     Some(range) => received_through(range).ok_or_else(|| {
-                        Error::Remote(format!("{what} to {:?}: bad Range {range:?} after a chunk", self.ep))
+                        Error::Remote(format!(
+                            "{what} to {:?}: bad Range {range:?} after a chunk",
+                            self.ep
+                        ))
                     })?,
                     None => end,
                 };
@@ -321,7 +361,9 @@ impl Job<'_> {
             }
             let done = with_digest(url, &d.digest);
             let resp = self
-                .send(&what, |h| Ok(h.put(done.clone()).header(header::CONTENT_LENGTH, 0)))
+                .send(&what, |h| {
+                    Ok(h.put(done.clone()).header(header::CONTENT_LENGTH, 0))
+                })
                 .await?;
             if !resp.status().is_success() {
                 return Err(error_of(self.ep, &what, resp).await);
@@ -351,8 +393,9 @@ impl Job<'_> {
         from: &[String],
         meter: Arc<Meter>,
     ) -> Result<Outcome> {
-        let size = u64::try_from(d.size)
-            .map_err(|_| Error::BadContent(format!("blob {} has negative size {}", d.digest, d.size)))?;
+        let size = u64::try_from(d.size).map_err(|_| {
+            Error::BadContent(format!("blob {} has negative size {}", d.digest, d.size))
+        })?;
         if self.exists(d).await? {
             return Ok(Outcome::Exists);
         }
@@ -365,8 +408,17 @@ impl Job<'_> {
     }
 
     /// Puts the manifest under `target` (a tag or its digest).
-    async fn manifest(&self, target: &str, media_type: &str, bytes: Bytes, digest: &Digest) -> Result<()> {
-        let what = format!("manifest {}/{}:{target}", self.r.registry, self.r.repository);
+    async fn manifest(
+        &self,
+        target: &str,
+        media_type: &str,
+        bytes: Bytes,
+        digest: &Digest,
+    ) -> Result<()> {
+        let what = format!(
+            "manifest {}/{}:{target}",
+            self.r.registry, self.r.repository
+        );
         let url = format!("{}manifests/{target}", self.base);
         let resp = self
             .send(&what, |h| {
@@ -423,7 +475,10 @@ impl ImageManager {
                             continue;
                         }
                         for b in i.record.blobs() {
-                            sources.entry(b.clone()).or_default().insert(o.repository.clone());
+                            sources
+                                .entry(b.clone())
+                                .or_default()
+                                .insert(o.repository.clone());
                         }
                     }
                 }
@@ -432,7 +487,9 @@ impl ImageManager {
         })
         .await?;
         let found = found.ok_or_else(|| {
-            Error::NotFound(format!("An image does not exist locally with the tag: {image}"))
+            Error::NotFound(format!(
+                "An image does not exist locally with the tag: {image}"
+            ))
         })?;
         let record = found.record.clone();
         let manifest_bytes = {
@@ -474,8 +531,18 @@ impl ImageManager {
             )
             .await?;
         let result = self
-            .push_blobs(&r, &auth, &m, &manifest_bytes, &record, tag.as_deref(), &sources, events)
-            .await;
+            .push_blobs(
+                &r,
+                &auth,
+                &m,
+                &manifest_bytes,
+                &record,
+                tag.as_deref(),
+                &sources,
+                events,
+            )
+            .await
+            .map_err(|e| in_push(e, &r));
         let store = self.store.clone();
         let digest_ref = r.with_digest(&record.manifest_digest).to_string();
         let ok = result.is_ok();
@@ -578,8 +645,13 @@ impl ImageManager {
             reported: AtomicU64::new(0),
             events: None,
         });
-        job.blob(config, self.content.path(&config.digest), &from(&config.digest), meter)
-            .await?;
+        job.blob(
+            config,
+            self.content.path(&config.digest),
+            &from(&config.digest),
+            meter,
+        )
+        .await?;
         let target = tag.map_or_else(|| record.manifest_digest.to_string(), str::to_owned);
         job.manifest(
             &target,
@@ -605,7 +677,11 @@ mod tests {
         assert_eq!(big.len(), 13);
         assert!(big.windows(2).all(|w| w[0].1 == w[1].0));
         assert_eq!(big.last(), Some(&(96 << 20, 100 << 20)));
-        assert_eq!(chunks(2, 0), vec![(0, 1), (1, 2)], "a zero chunk size still progresses");
+        assert_eq!(
+            chunks(2, 0),
+            vec![(0, 1), (1, 2)],
+            "a zero chunk size still progresses"
+        );
         assert_eq!(chunks(u64::MAX, u64::MAX - 1).len(), 2, "no overflow");
     }
 
@@ -623,9 +699,14 @@ mod tests {
     #[test]
     fn upload_locations_resolve_against_the_repository() {
         let base = "http://127.0.0.1:5000/v2/app/";
-        let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().expect("digest");
+        let d: Digest = format!("sha256:{}", "a".repeat(64))
+            .parse()
+            .expect("digest");
         let rel = upload_url(base, "/v2/app/blobs/uploads/u1?_state=x").expect("relative");
-        assert_eq!(rel.as_str(), "http://127.0.0.1:5000/v2/app/blobs/uploads/u1?_state=x");
+        assert_eq!(
+            rel.as_str(),
+            "http://127.0.0.1:5000/v2/app/blobs/uploads/u1?_state=x"
+        );
         let abs = upload_url(base, "https://store.example/up/u2").expect("absolute");
         assert_eq!(abs.as_str(), "https://store.example/up/u2");
         assert_eq!(
@@ -639,8 +720,14 @@ mod tests {
                 .any(|(k, v)| k == "digest" && v == d.as_str()),
             "{done}"
         );
-        let plain = with_digest(upload_url(base, "/v2/app/blobs/uploads/u3").expect("url"), &d);
-        assert_eq!(plain.query(), Some(format!("digest=sha256%3A{}", "a".repeat(64)).as_str()));
+        let plain = with_digest(
+            upload_url(base, "/v2/app/blobs/uploads/u3").expect("url"),
+            &d,
+        );
+        assert_eq!(
+            plain.query(),
+            Some(format!("digest=sha256%3A{}", "a".repeat(64)).as_str())
+        );
     }
 
     #[tokio::test]
@@ -650,7 +737,9 @@ mod tests {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).expect("write");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let d: Digest = format!("sha256:{}", "b".repeat(64)).parse().expect("digest");
+        let d: Digest = format!("sha256:{}", "b".repeat(64))
+            .parse()
+            .expect("digest");
         let meter = Arc::new(Meter {
             digest: d.clone(),
             total: data.len() as u64,

@@ -243,13 +243,14 @@ impl Endpoint {
                     Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
                 };
             }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| {
-                    let dir = if op == RegistryOperation::Push { "to" } else { "from" };
-                    Error::Unavailable(format!("{what} {dir} {self:?}: {}", chain(&e)))
-                })?;
+            let resp = req.send().await.map_err(|e| {
+                let dir = if op == RegistryOperation::Push {
+                    "to"
+                } else {
+                    "from"
+                };
+                Error::Unavailable(format!("{what} {dir} {self:?}: {}", chain(&e)))
+            })?;
             if resp.status() == StatusCode::UNAUTHORIZED && !retried && ours {
                 retried = true;
                 let next = match (&cred, auth) {
@@ -339,7 +340,11 @@ fn status_error(ep: &Endpoint, what: &str, status: StatusCode, body: &[u8]) -> E
             .take(512)
             .collect(),
     };
-    let msg = format!("{what} from {ep:?}: HTTP {status}: {detail}");
+    let msg = if detail.is_empty() {
+        format!("{what} from {ep:?}: HTTP {status}")
+    } else {
+        format!("{what} from {ep:?}: HTTP {status}: {detail}")
+    };
     let has = |f: fn(&OciErrorCode) -> bool| {
         envelope
             .as_ref()
