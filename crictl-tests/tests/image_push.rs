@@ -414,3 +414,45 @@ async fn docker_push_with_basic_auth() {
     assert_eq!(listed, vec!["1".to_owned()]);
     assert!(!digest.is_empty());
 }
+
+/// A token-auth registry: berthd fetches a `pull,push` token with the client's credentials.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_push_through_the_bearer_token_flow() {
+    use crictl_tests::token::{TokenServer, TokenServerConfig};
+    let env = DockerEnv::start("").await;
+    let tokens = TokenServer::start(TokenServerConfig::new("pusher", "t0ken"))
+        .await
+        .expect("token server");
+    let reg = Registry::start_with_token_auth(
+        &tokens.realm(),
+        tokens.service(),
+        tokens.issuer(),
+        tokens.cert_pem(),
+    )
+    .await
+    .expect("token registry");
+    env.ok(&["pull", "busybox"]).await;
+    let auth = base64::engine::general_purpose::STANDARD.encode("pusher:t0ken");
+    std::fs::write(
+        env.config_dir.path().join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.addr()),
+    )
+    .expect("write docker config");
+    let first = reg.image_ref("team/app", "1");
+    env.ok(&["tag", "busybox", &first]).await;
+    let out = env.ok(&["push", &first]).await;
+    assert!(out.contains(": Pushed"), "{out}");
+    let digest = pushed_digest(&out);
+    let again = env.ok(&["push", &first]).await;
+    assert!(again.contains(": Layer already exists"), "{again}");
+    // The mount needs pull access to the source repository as well as push to the target.
+    let second = reg.image_ref("team/other", "1");
+    env.ok(&["tag", "busybox", &second]).await;
+    let out = env.ok(&["push", &second]).await;
+    assert!(
+        out.contains(": Mounted from team/app"),
+        "{out}\n{}",
+        reg.log_tail(60)
+    );
+    assert_eq!(pushed_digest(&out), digest);
+}

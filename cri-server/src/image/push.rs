@@ -280,7 +280,8 @@ impl Job<'_> {
                 .append_pair("mount", d.digest.as_str())
                 .append_pair("from", repo);
             let resp = self
-                .send(&what, |h| {
+                .ep
+                .send_mount(self.r, self.auth, repo, &what, |h| {
                     Ok(h.post(url.clone()).header(header::CONTENT_LENGTH, 0))
                 })
                 .await?;

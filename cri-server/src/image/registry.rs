@@ -221,8 +221,117 @@ impl Endpoint {
         what: &str,
         build: impl Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder>,
     ) -> Result<reqwest::Response> {
-        let key = cred_key(r, op);
-        let mut cred = self.credential(r, auth, op, false).await?;
+        let cred = self.credential(r, auth, op, false).await?;
+        let retry = Some((cred_key(r, op), op));
+        self.send_as(r, auth, retry, cred, what, build).await
+    }
+
+    /// [`Self::send`] for a cross-repository mount from `from`: where the registry hands out
+    /// tokens, with one that may also pull `from` (a push token for `r` alone does not let the
+    /// registry link a blob out of another repository). A `401` is not retried: a mount is
+    /// only an offer, and an upload follows a refused one.
+    pub(super) async fn send_mount(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        from: &str,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder>,
+    ) -> Result<reqwest::Response> {
+        let base = self
+            .credential(r, auth, RegistryOperation::Push, false)
+            .await?;
+        let cred = match (&base, auth) {
+            (Credential::Bearer(_), RegistryAuth::Basic(..) | RegistryAuth::Anonymous) => {
+                let key = format!("{} push {from} pull", r.repository);
+                let cached = self.creds.lock().await.get(&key).cloned();
+                match cached {
+                    Some(c) => c,
+                    None => {
+                        let scopes = [
+                            format!("repository:{}:pull,push", r.repository),
+                            format!("repository:{from}:pull"),
+                        ];
+                        let c = match self.scoped_token(r, auth, &scopes).await {
+                            Ok(Some(t)) => Credential::Bearer(t),
+                            Ok(None) => base,
+                            Err(e) => {
+                                tracing::debug!(endpoint = ?self, error = %e, "no token for a cross-repository mount");
+                                base
+                            }
+                        };
+                        self.creds.lock().await.insert(key, c.clone());
+                        c
+                    }
+                }
+            }
+            _ => base,
+        };
+        self.send_as(r, auth, None, cred, what, build).await
+    }
+
+    /// A token for all of `scopes` from the registry's token server (the realm of its `/v2/`
+    /// challenge), with `auth`'s Basic credentials if any. None if the registry sends no
+    /// Bearer challenge or the token server refuses.
+    async fn scoped_token(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        scopes: &[String],
+    ) -> Result<Option<String>> {
+        let what = "token request";
+        let unavailable =
+            |e: reqwest::Error| Error::Unavailable(format!("{what} for {self:?}: {}", chain(&e)));
+        let base = self.repo_url(r);
+        let v2 = match base.find("/v2/") {
+            Some(i) => &base[..i + 4],
+            None => return Ok(None),
+        };
+        let resp = self.http.get(v2).send().await.map_err(unavailable)?;
+        let Some((realm, service)) = resp
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|h| h.to_str().ok())
+            .and_then(bearer_challenge)
+        else {
+            return Ok(None);
+        };
+        let mut query: Vec<(&str, &str)> = scopes.iter().map(|s| ("scope", s.as_str())).collect();
+        if let Some(svc) = &service {
+            query.push(("service", svc));
+        }
+        let mut req = self.http.get(&realm).query(&query);
+        if let RegistryAuth::Basic(u, p) = auth {
+            req = req.basic_auth(u, Some(p));
+        }
+        let resp = req.send().await.map_err(unavailable)?;
+        if resp.status() != StatusCode::OK {
+            return Ok(None);
+        }
+        #[derive(Deserialize)]
+        struct Token {
+            #[serde(default)]
+            token: Option<String>,
+            #[serde(default)]
+            access_token: Option<String>,
+        }
+        let body = read_bounded(self, what, resp, MAX_ERROR_BODY_BYTES).await?;
+        let t: Token = serde_json::from_slice(&body)
+            .map_err(|e| Error::Remote(format!("{what} for {self:?}: {e}")))?;
+        Ok(t.token.or(t.access_token).filter(|t| !t.is_empty()))
+    }
+
+    /// Sends with `cred`; on a `401` to our host, with `retry` (the credential's cache key and
+    /// operation), tries once more as [`Self::send`] describes.
+    async fn send_as(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        retry: Option<(String, RegistryOperation)>,
+        mut cred: Credential,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder>,
+    ) -> Result<reqwest::Response> {
         let mut retried = false;
         loop {
             let req = build(&self.http)?
@@ -235,6 +344,7 @@ impl Endpoint {
                 };
                 h == self.host || self.host == "docker.io"
             });
+            let pull = req.method() == reqwest::Method::GET;
             let mut req = reqwest::RequestBuilder::from_parts(self.http.clone(), req);
             if ours {
                 req = match &cred {
@@ -244,21 +354,21 @@ impl Endpoint {
                 };
             }
             let resp = req.send().await.map_err(|e| {
-                let dir = if op == RegistryOperation::Push {
-                    "to"
-                } else {
-                    "from"
-                };
+                let dir = if pull { "from" } else { "to" };
                 Error::Unavailable(format!("{what} {dir} {self:?}: {}", chain(&e)))
             })?;
-            if resp.status() == StatusCode::UNAUTHORIZED && !retried && ours {
+            if resp.status() == StatusCode::UNAUTHORIZED
+                && !retried
+                && ours
+                && let Some((key, op)) = &retry
+            {
                 retried = true;
                 let next = match (&cred, auth) {
                     (Credential::Anonymous, RegistryAuth::Basic(u, p)) => {
                         Some(Credential::Basic(u.clone(), p.clone()))
                     }
                     // Tokens expire; a long pull or push may outlive one.
-                    (Credential::Bearer(_), _) => Some(self.credential(r, auth, op, true).await?),
+                    (Credential::Bearer(_), _) => Some(self.credential(r, auth, *op, true).await?),
                     _ => None,
                 };
                 if let Some(next) = next {
@@ -270,6 +380,41 @@ impl Endpoint {
             return Ok(resp);
         }
     }
+}
+
+/// The realm and service of a `WWW-Authenticate: Bearer realm="…",service="…",…` challenge.
+fn bearer_challenge(h: &str) -> Option<(String, Option<String>)> {
+    let (scheme, rest) = h.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = chars.by_ref().take_while(|c| *c != ',').collect();
+        }
+        params.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
+    }
+    let realm = params.remove("realm").filter(|r| !r.is_empty())?;
+    Some((realm, params.remove("service")))
 }
 
 /// Credentials are per repository and operation: a push token is not a pull token.
@@ -585,6 +730,30 @@ pub fn host_platform() -> (&'static str, &'static str) {
 mod tests {
     use super::*;
     use crate::config::RegistryConfig;
+
+    #[test]
+    fn bearer_challenges_give_realm_and_service() {
+        assert_eq!(
+            bearer_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a:pull""#
+            ),
+            Some((
+                "https://auth.example/token".into(),
+                Some("registry.example".into())
+            ))
+        );
+        assert_eq!(
+            bearer_challenge(r#"bearer service="s", realm="http://t/a\"b""#),
+            Some((r#"http://t/a"b"#.into(), Some("s".into())))
+        );
+        assert_eq!(
+            bearer_challenge("Bearer realm=http://t/token"),
+            Some(("http://t/token".into(), None))
+        );
+        assert_eq!(bearer_challenge(r#"Basic realm="x""#), None);
+        assert_eq!(bearer_challenge(r#"Bearer service="s""#), None);
+        assert_eq!(bearer_challenge("Bearer"), None);
+    }
 
     #[test]
     fn classifies_manifests() {
