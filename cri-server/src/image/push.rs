@@ -96,17 +96,9 @@ enum Outcome {
     Uploaded,
 }
 
-/// The byte ranges (start, end exclusive) a chunked upload of `size` bytes sends.
-fn chunks(size: u64, chunk: u64) -> Vec<(u64, u64)> {
-    let chunk = chunk.max(1);
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < size {
-        let end = size.min(start.saturating_add(chunk));
-        out.push((start, end));
-        start = end;
-    }
-    out
+/// Where the chunk of a `size`-byte blob that starts at `offset` ends (exclusive).
+fn chunk_end(offset: u64, size: u64, chunk: u64) -> u64 {
+    size.min(offset.saturating_add(chunk.max(1)))
 }
 
 /// The offset after the last byte a registry says it holds, from its `Range: 0-<last>`
@@ -322,8 +314,7 @@ impl Job<'_> {
         if size > self.chunk {
             let mut offset = 0;
             while offset < size {
-                let (start, end) = chunks(size - offset, self.chunk)[0];
-                let (start, end) = (start + offset, end + offset);
+                let (start, end) = (offset, chunk_end(offset, size, self.chunk));
                 let resp = self
                     .send(&what, |h| {
                         Ok(h.patch(url.clone())
@@ -493,6 +484,59 @@ impl ImageManager {
             ))
         })?;
         let record = found.record.clone();
+        // Leased before anything is read, so that GC cannot take it away mid-push.
+        let mut lease = self.lease();
+        lease
+            .add(
+                record
+                    .blobs()
+                    .map(|d| d.to_string())
+                    .chain(record.chain_ids.iter().map(|c| c.to_string()))
+                    .collect(),
+            )
+            .await?;
+        let result = self
+            .push_leased(image, target, &r, &auth, &record, &sources, events)
+            .await
+            .map_err(|e| in_push(e, &r));
+        let store = self.store.clone();
+        let digest_ref = r.with_digest(&record.manifest_digest).to_string();
+        let ok = result.is_ok();
+        let rec = record.clone();
+        // The lease ends on a blocking thread (GC may hold its lock for a whole sweep).
+        blocking(move || {
+            let named = if ok && store.get(&rec.id)?.is_some() {
+                store.put(&rec, &[digest_ref]).map(drop)
+            } else {
+                Ok(())
+            };
+            drop(lease);
+            named
+        })
+        .await?;
+        let (tag, size) = result?;
+        tracing::info!(image = %r, manifest = %record.manifest_digest, "pushed");
+        Ok(Pushed {
+            reference: r.to_string(),
+            tag,
+            digest: record.manifest_digest.clone(),
+            size,
+        })
+    }
+
+    /// The push itself, under the caller's lease: returns the tag pushed (if by tag) and the
+    /// manifest's size.
+    #[allow(clippy::too_many_arguments)]
+    async fn push_leased(
+        &self,
+        image: &str,
+        target: &str,
+        r: &Reference,
+        auth: &RegistryAuth,
+        record: &super::ImageRecord,
+        sources: &BTreeMap<Digest, BTreeSet<String>>,
+        events: Option<UnboundedSender<PushEvent>>,
+    ) -> Result<(Option<String>, u64)> {
         let manifest_bytes = {
             let content = self.content.clone();
             let d = record.manifest_digest.clone();
@@ -521,52 +565,18 @@ impl ImageManager {
             }
         };
 
-        let mut lease = self.lease();
-        lease
-            .add(
-                record
-                    .blobs()
-                    .map(|d| d.to_string())
-                    .chain(record.chain_ids.iter().map(|c| c.to_string()))
-                    .collect(),
-            )
-            .await?;
-        let result = self
-            .push_blobs(
-                &r,
-                &auth,
-                &m,
-                &manifest_bytes,
-                &record,
-                tag.as_deref(),
-                &sources,
-                events,
-            )
-            .await
-            .map_err(|e| in_push(e, &r));
-        let store = self.store.clone();
-        let digest_ref = r.with_digest(&record.manifest_digest).to_string();
-        let ok = result.is_ok();
-        let rec = record.clone();
-        // The lease ends on a blocking thread (GC may hold its lock for a whole sweep).
-        blocking(move || {
-            let named = if ok && store.get(&rec.id)?.is_some() {
-                store.put(&rec, &[digest_ref]).map(drop)
-            } else {
-                Ok(())
-            };
-            drop(lease);
-            named
-        })
+        self.push_blobs(
+            r,
+            auth,
+            &m,
+            &manifest_bytes,
+            record,
+            tag.as_deref(),
+            sources,
+            events,
+        )
         .await?;
-        result?;
-        tracing::info!(image = %r, manifest = %record.manifest_digest, "pushed");
-        Ok(Pushed {
-            reference: r.to_string(),
-            tag,
-            digest: record.manifest_digest.clone(),
-            size: manifest_bytes.len() as u64,
-        })
+        Ok((tag, manifest_bytes.len() as u64))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -668,6 +678,18 @@ impl ImageManager {
 mod tests {
     use super::*;
 
+    /// The chunks a registry that keeps everything is sent.
+    fn chunks(size: u64, chunk: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while offset < size {
+            let end = chunk_end(offset, size, chunk);
+            out.push((offset, end));
+            offset = end;
+        }
+        out
+    }
+
     #[test]
     fn chunks_cover_the_blob_once_in_order() {
         assert_eq!(chunks(0, 4), vec![]);
@@ -683,7 +705,11 @@ mod tests {
             vec![(0, 1), (1, 2)],
             "a zero chunk size still progresses"
         );
-        assert_eq!(chunks(u64::MAX, u64::MAX - 1).len(), 2, "no overflow");
+        assert_eq!(
+            chunk_end(u64::MAX - 1, u64::MAX, u64::MAX),
+            u64::MAX,
+            "no overflow"
+        );
     }
 
     #[test]
