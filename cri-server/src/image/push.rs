@@ -804,4 +804,223 @@ mod tests {
         }
         assert!(failed);
     }
+
+    /// A registry that keeps only half of the first chunk it is sent, answers with relative
+    /// locations, and wants Basic credentials on every request.
+    mod fake {
+        use std::collections::HashMap;
+        use std::sync::Mutex;
+
+        use http_body_util::{BodyExt, Full};
+        use hyper::{Request, Response};
+        use sha2::Digest as _;
+
+        #[derive(Default)]
+        pub struct State {
+            pub uploads: HashMap<String, Vec<u8>>,
+            pub blobs: HashMap<String, Vec<u8>>,
+            pub manifests: HashMap<String, (String, Vec<u8>)>,
+            pub patches: Vec<String>,
+            pub unauthorized: usize,
+            truncated: bool,
+            next: usize,
+        }
+
+        pub type Shared = std::sync::Arc<Mutex<State>>;
+
+        fn answer(status: u16, headers: &[(&str, String)]) -> Response<Full<bytes::Bytes>> {
+            let mut b = Response::builder().status(status);
+            for (k, v) in headers {
+                b = b.header(*k, v);
+            }
+            b.body(Full::new(bytes::Bytes::new())).expect("response")
+        }
+
+        pub async fn serve(state: Shared) -> String {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr").to_string();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req| {
+                            let state = state.clone();
+                            async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+            addr
+        }
+
+        async fn handle(
+            state: &Shared,
+            req: Request<hyper::body::Incoming>,
+        ) -> Response<Full<bytes::Bytes>> {
+            let authorized = req
+                .headers()
+                .get("authorization")
+                .is_some_and(|v| v == "Basic dTpw");
+            let method = req.method().clone();
+            let path = req.uri().path().to_owned();
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            let range = req
+                .headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let ctype = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            if !authorized {
+                state.lock().expect("state").unauthorized += 1;
+                return answer(401, &[("WWW-Authenticate", r#"Basic realm="fake""#.into())]);
+            }
+            let mut st = state.lock().expect("state");
+            let upload = path
+                .strip_prefix("/v2/app/blobs/uploads/")
+                .map(str::to_owned);
+            match (method.as_str(), path.as_str(), upload) {
+                ("GET", "/v2/", _) => answer(200, &[]),
+                ("HEAD", p, _) if p.starts_with("/v2/app/blobs/") => {
+                    let d = p.trim_start_matches("/v2/app/blobs/");
+                    answer(if st.blobs.contains_key(d) { 200 } else { 404 }, &[])
+                }
+                ("POST", _, Some(id)) if id.is_empty() => {
+                    st.next += 1;
+                    let id = format!("u{}", st.next);
+                    st.uploads.insert(id.clone(), Vec::new());
+                    answer(202, &[("Location", format!("/v2/app/blobs/uploads/{id}"))])
+                }
+                ("PATCH", _, Some(id)) => {
+                    st.patches.push(range.clone().unwrap_or_default());
+                    let keep = if st.truncated {
+                        body.len()
+                    } else {
+                        st.truncated = true;
+                        body.len() / 2
+                    };
+                    let Some(have) = st.uploads.get_mut(&id) else {
+                        return answer(404, &[]);
+                    };
+                    let start: usize = range
+                        .as_deref()
+                        .and_then(|r| r.split('-').next())
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(usize::MAX);
+                    if start != have.len() {
+                        return answer(416, &[]);
+                    }
+                    have.extend_from_slice(&body[..keep]);
+                    let last = have.len() - 1;
+                    answer(
+                        202,
+                        &[
+                            ("Location", format!("/v2/app/blobs/uploads/{id}")),
+                            ("Range", format!("0-{last}")),
+                        ],
+                    )
+                }
+                ("PUT", _, Some(id)) => {
+                    let Some(mut have) = st.uploads.remove(&id) else {
+                        return answer(404, &[]);
+                    };
+                    have.extend_from_slice(&body);
+                    let digest = query.trim_start_matches("digest=").replace("%3A", ":");
+                    let got = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&have)));
+                    if got != digest {
+                        return answer(400, &[]);
+                    }
+                    st.blobs.insert(digest, have);
+                    answer(201, &[])
+                }
+                ("PUT", p, _) if p.starts_with("/v2/app/manifests/") => {
+                    let tag = p.trim_start_matches("/v2/app/manifests/").to_owned();
+                    st.manifests.insert(tag, (ctype, body.to_vec()));
+                    answer(201, &[])
+                }
+                _ => answer(404, &[]),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn uploads_resume_where_the_registry_stands_and_authenticate_every_request() {
+        let state = fake::Shared::default();
+        let addr = fake::serve(state.clone()).await;
+        let config = crate::config::Config::default();
+        let ep = registry::endpoints(&config, &addr)
+            .expect("endpoints")
+            .pop()
+            .expect("endpoint");
+        let r = Reference::parse(&format!("{addr}/app:1")).expect("reference");
+        let auth = RegistryAuth::Basic("u".into(), "p".into());
+        let job = Job {
+            base: ep.repo_url(&r),
+            ep: &ep,
+            r: &r,
+            auth: &auth,
+            chunk: 1000,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut blobs = Vec::new();
+        for (i, len) in [2500usize, 700].into_iter().enumerate() {
+            let data: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
+            let digest = super::super::sha256(&data);
+            let path = dir.path().join(format!("b{i}"));
+            std::fs::write(&path, &data).expect("write");
+            blobs.push((data, digest, path));
+        }
+        for (data, digest, path) in &blobs {
+            let d = Descriptor {
+                media_type: "application/octet-stream".into(),
+                digest: digest.clone(),
+                size: data.len() as i64,
+                platform: None,
+            };
+            let meter = Arc::new(Meter {
+                digest: digest.clone(),
+                total: data.len() as u64,
+                sent: AtomicU64::new(0),
+                reported: AtomicU64::new(0),
+                events: None,
+            });
+            let got = job.blob(&d, path.clone(), &[], meter.clone()).await;
+            assert_eq!(got.expect("push"), Outcome::Uploaded);
+            let again = job.blob(&d, path.clone(), &[], meter).await;
+            assert_eq!(again.expect("again"), Outcome::Exists);
+        }
+        job.manifest(
+            "1",
+            "application/x-test",
+            Bytes::from_static(b"{}"),
+            &blobs[1].1,
+        )
+        .await
+        .expect("manifest");
+        let st = state.lock().expect("state");
+        for (data, digest, _) in &blobs {
+            assert_eq!(st.blobs.get(digest.as_str()), Some(data), "{digest}");
+        }
+        // 2500 bytes in 1000-byte chunks, the first kept only half: 0-999 (500 kept),
+        // 500-1499, 1500-2499. The 700-byte blob went in one PUT.
+        assert_eq!(st.patches, ["0-999", "500-1499", "1500-2499"]);
+        assert_eq!(
+            st.manifests.get("1"),
+            Some(&("application/x-test".to_owned(), b"{}".to_vec()))
+        );
+        assert!(st.unauthorized >= 1, "the registry asked for credentials");
+    }
 }
