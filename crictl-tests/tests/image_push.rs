@@ -8,7 +8,7 @@ use std::process::Output;
 use base64::Engine as _;
 use crictl_tests::daemon::Daemon;
 use crictl_tests::docker::{DockerEnv, docker_busybox};
-use crictl_tests::image::{ManifestFormat, generated_layer, push_image};
+use crictl_tests::image::{ManifestFormat, busybox_base_layer, generated_layer, push_image};
 use crictl_tests::registry::{Registry, unused_addr};
 use serde_json::Value;
 
@@ -455,4 +455,29 @@ async fn docker_push_through_the_bearer_token_flow() {
         reg.log_tail(60)
     );
     assert_eq!(pushed_digest(&out), digest);
+}
+
+/// An image made here (`import` of a rootfs tar: an uncompressed layer and a manifest berthd
+/// wrote) pushes like a pulled one and runs elsewhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_imported_image_pushes_and_runs_on_a_fresh_root() {
+    let env = DockerEnv::start("").await;
+    let rootfs = busybox_base_layer().tar().expect("rootfs tar");
+    let target = env.reg.image_ref("imported", "1");
+    let out = env
+        .berth_with_input(
+            &["import", "--change", "CMD [\"sh\"]", "-", &target],
+            Some(&rootfs),
+        )
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.berth_ok(&["push", &target]).await;
+    assert!(
+        layer_lines(&out).iter().any(|(_, s)| s == "Pushed"),
+        "{out}"
+    );
+    let digest = pushed_digest(&out);
+    assert_eq!(skopeo_inspect(&target).await["Digest"], digest.as_str());
+    let ran = pull_and_run_fresh(&target, &["echo", "imported"]).await;
+    assert_eq!(ran, "imported\n");
 }

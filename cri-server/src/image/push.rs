@@ -40,7 +40,8 @@ const PROGRESS_STEP: u64 = 512 << 10;
 /// layer; the config blob is pushed without any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PushEvent {
-    /// A layer is to be pushed (sent for every layer, bottom first, before any request).
+    /// A layer is to be pushed (sent for every layer, top first as docker lists them, before
+    /// any request).
     Preparing {
         /// The layer blob.
         digest: Digest,
@@ -601,7 +602,8 @@ impl ImageManager {
             auth,
             chunk: self.config.push.chunk_bytes.max(1),
         };
-        for l in &m.layers {
+        // Top first, as docker lists them.
+        for l in m.layers.iter().rev() {
             if let Some(tx) = &events {
                 let _ = tx.send(PushEvent::Preparing {
                     digest: l.digest.clone(),
