@@ -337,13 +337,7 @@ impl Endpoint {
             let req = build(&self.http)?
                 .build()
                 .map_err(|e| Error::internal("build registry request", e))?;
-            let ours = req.url().host_str().is_some_and(|h| {
-                let h = match req.url().port() {
-                    Some(p) => format!("{h}:{p}"),
-                    None => h.to_owned(),
-                };
-                h == self.host || self.host == "docker.io"
-            });
+            let ours = same_origin(&self.repo_url(r), req.url());
             let pull = req.method() == reqwest::Method::GET;
             let mut req = reqwest::RequestBuilder::from_parts(self.http.clone(), req);
             if ours {
@@ -380,6 +374,12 @@ impl Endpoint {
             return Ok(resp);
         }
     }
+}
+
+/// Whether `url` is on the registry whose repository URL is `home` (scheme, host and port,
+/// default ports included): only there do credentials go.
+fn same_origin(home: &str, url: &reqwest::Url) -> bool {
+    reqwest::Url::parse(home).is_ok_and(|h| h.origin() == url.origin())
 }
 
 /// The realm and service of a `WWW-Authenticate: Bearer realm="…",service="…",…` challenge.
@@ -730,6 +730,30 @@ pub fn host_platform() -> (&'static str, &'static str) {
 mod tests {
     use super::*;
     use crate::config::RegistryConfig;
+
+    #[test]
+    fn credentials_stay_on_the_registry() {
+        let url = |s: &str| reqwest::Url::parse(s).expect("url");
+        let home = "https://registry.example/v2/app/";
+        assert!(same_origin(
+            home,
+            &url("https://registry.example/v2/app/blobs/uploads/u")
+        ));
+        assert!(same_origin(
+            home,
+            &url("https://registry.example:443/v2/other/")
+        ));
+        assert!(!same_origin(home, &url("https://storage.example/upload/u")));
+        assert!(!same_origin(home, &url("http://registry.example/v2/app/")));
+        assert!(!same_origin(
+            home,
+            &url("https://registry.example:5000/v2/app/")
+        ));
+        assert!(same_origin(
+            "http://[::1]:5000/v2/a/",
+            &url("http://[::1]:5000/v2/a/blobs/x")
+        ));
+    }
 
     #[test]
     fn bearer_challenges_give_realm_and_service() {
