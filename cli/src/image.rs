@@ -210,8 +210,10 @@ pub async fn push(_d: &Docker, a: PullArgs) -> Result<i32> {
             progress.update(v["id"].as_str(), status, bar(Some(&detail)).as_deref());
         }
     }
-    if a.quiet {
+    if a.quiet && !a.all_tags {
         println!("{}", canonical(&repo, &tag));
+    } else if a.quiet {
+        println!("{repo}");
     }
     Ok(0)
 }

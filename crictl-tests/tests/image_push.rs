@@ -175,6 +175,10 @@ async fn berth_push_uploads_then_finds_every_layer_there_and_a_fresh_root_runs_i
         "{again}"
     );
     assert_eq!(pushed_digest(&again), digest);
+    assert_eq!(
+        env.berth_ok(&["push", "-q", &target]).await,
+        format!("{target}\n")
+    );
 
     let ran = pull_and_run_fresh(&target, &["echo", "pushed and pulled"]).await;
     assert_eq!(ran, "pushed and pulled\n");
