@@ -255,7 +255,7 @@ async fn blobs_above_the_chunk_size_go_up_in_chunks() {
     );
     let img = docker_busybox()
         .layer(big)
-        .build(ManifestFormat::Oci)
+        .build(ManifestFormat::Docker2)
         .expect("build");
     push_image(&env.reg.addr(), "library/big", "latest", &img)
         .await
@@ -289,10 +289,19 @@ async fn blobs_above_the_chunk_size_go_up_in_chunks() {
         .count();
     assert_eq!(patches, want, "PATCH chunks the registry saw:\n{log}");
     assert_eq!(pushed_digest(&out), img.manifest_digest);
-    assert_eq!(
-        skopeo_inspect(&target).await["Digest"],
-        img.manifest_digest.as_str()
-    );
+    // A Docker schema 2 manifest stays one: same bytes, same media type.
+    let inspected = skopeo_inspect(&target).await;
+    assert_eq!(inspected["Digest"], img.manifest_digest.as_str());
+    let raw = env
+        .reg
+        .client()
+        .expect("client")
+        .get_manifest("chunky", "1")
+        .await
+        .expect("manifest")
+        .expect("the registry has it");
+    assert_eq!(raw.content_type, img.manifest_media_type);
+    assert_eq!(raw.bytes.as_ref(), img.manifest.as_slice());
 
     // The raw stream, as docker clients read it: per-layer progress with byte counts.
     let other = Registry::start().await.expect("second registry");
