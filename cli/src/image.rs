@@ -6,8 +6,7 @@ use std::io::Write;
 use anyhow::{Context, Result, bail};
 use bollard::Docker;
 use bollard::query_parameters::{
-    CreateImageOptions, ImportImageOptions, ListImagesOptions, PushImageOptions,
-    RemoveImageOptions, TagImageOptions,
+    CreateImageOptions, ImportImageOptions, ListImagesOptions, RemoveImageOptions, TagImageOptions,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -182,29 +181,39 @@ pub async fn pull_cmd(d: &Docker, a: PullArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub async fn push(d: &Docker, a: PullArgs) -> Result<i32> {
+/// `berth push NAME[:TAG]` (or `-a NAME`: every tag of the repository), with docker's
+/// per-layer progress.
+pub async fn push(_d: &Docker, a: PullArgs) -> Result<i32> {
     check_reference(&a.name)?;
     let (repo, tag, defaulted) = split_reference(&a.name);
-    if defaulted && !a.quiet {
+    if a.all_tags && !defaulted {
+        bail!("tag can't be used with --all-tags/-a");
+    }
+    if defaulted && !a.all_tags && !a.quiet {
         println!("Using default tag: latest");
     }
-    let mut s = d.push_image(
-        &repo,
-        Some(PushImageOptions {
-            tag: Some(tag),
-            platform: None,
-        }),
-        None,
-    );
+    let mut lines = crate::raw::push(&repo, (!a.all_tags).then_some(tag.as_str())).await?;
     let mut progress = Progress::new();
-    while let Some(item) = s.next().await {
-        let info = item.with_context(|| format!("push {}", a.name))?;
-        if let Some(e) = info.error_detail.as_ref().and_then(|e| e.message.clone()) {
-            bail!(e);
+    while let Some(item) = lines.recv().await {
+        let v = item.with_context(|| format!("push {}", a.name))?;
+        if let Some(e) = v["errorDetail"]["message"].as_str().or(v["error"].as_str()) {
+            bail!("{e}");
         }
-        if let (Some(status), false) = (&info.status, a.quiet) {
-            progress.update(None, status, bar(info.progress_detail.as_ref()).as_deref());
+        if a.quiet {
+            continue;
         }
+        if let Some(status) = v["status"].as_str() {
+            let detail = bollard::models::ProgressDetail {
+                current: v["progressDetail"]["current"].as_i64(),
+                total: v["progressDetail"]["total"].as_i64(),
+            };
+            progress.update(v["id"].as_str(), status, bar(Some(&detail)).as_deref());
+        }
+    }
+    if a.quiet && !a.all_tags {
+        println!("{}", canonical(&repo, &tag));
+    } else if a.quiet {
+        println!("{repo}");
     }
     Ok(0)
 }

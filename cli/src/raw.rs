@@ -2,7 +2,8 @@
 //! fields they do not know (`NetworkSettings.IPAddress` among them), and `--format` templates
 //! must see every field the daemon sends, as docker's do. `wait`: bollard sends nothing until
 //! its stream is polled and tells nothing of the headers, while `run --rm` must know its wait is
-//! in place before it starts the container.
+//! in place before it starts the container. `push`: bollard's push model drops each line's
+//! layer `id`, which the per-layer progress needs.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -110,6 +111,58 @@ fn base64_decode(s: &[u8]) -> Result<Vec<u8>> {
         }
     }
     Ok(out)
+}
+
+/// `POST /images/<repo>/push[?tag=…]`: the daemon's JSON lines, one by one, as they come. A
+/// daemon error before the stream (no such image) comes back as bollard's error for it.
+pub async fn push(
+    repo: &str,
+    tag: Option<&str>,
+) -> Result<tokio::sync::mpsc::Receiver<Result<Value>>> {
+    let mut path = format!("/v1.44/images/{}/push", segment(repo));
+    if let Some(t) = tag {
+        path.push_str(&format!("?tag={}", segment(t)));
+    }
+    let resp = request(hyper::Method::POST, &path).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let frame = match body.frame().await {
+                None => break,
+                Some(Err(e)) => {
+                    let _ = tx
+                        .send(Err(
+                            anyhow::Error::new(e).context("read the daemon's answer")
+                        ))
+                        .await;
+                    return;
+                }
+                Some(Ok(f)) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let v = serde_json::from_slice(&line).context("decode the daemon's progress");
+                if tx.send(v).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if !buf.iter().all(u8::is_ascii_whitespace) {
+            let _ = tx
+                .send(serde_json::from_slice(&buf).context("decode the daemon's progress"))
+                .await;
+        }
+    });
+    Ok(rx)
 }
 
 async fn body_of(resp: hyper::Response<hyper::body::Incoming>) -> Result<Bytes> {

@@ -11,6 +11,9 @@
 //! [registry."10.0.0.5:5000"]
 //! insecure = true                  # plain HTTP
 //!
+//! [push]
+//! chunk_bytes = 8388608            # blobs larger than this go up in chunks of this size
+//!
 //! [streaming]
 //! address = "127.0.0.1:0"          # exec/attach/port-forward URLs lead here; port 0 = any
 //! idle_timeout_secs = 14400
@@ -46,6 +49,25 @@ pub struct Config {
     /// How many sets of pod namespaces (network, IPC, UTS) berthd keeps made ahead of time,
     /// so pod starts do not wait for them. 0 makes them on demand.
     pub pod_namespace_pool: usize,
+    /// Image pushes.
+    pub push: PushSection,
+}
+
+/// How images are pushed to registries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushSection {
+    /// A blob larger than this is pushed in chunks of this size (`PATCH` with
+    /// `Content-Range`); smaller ones in one `PUT`.
+    pub chunk_bytes: u64,
+}
+
+impl Default for PushSection {
+    fn default() -> Self {
+        PushSection {
+            chunk_bytes: 8 << 20,
+        }
+    }
 }
 
 /// Where CNI network configs and plugins are found, and berth's own default network.
@@ -132,6 +154,7 @@ impl Default for Config {
             cni: CniSection::default(),
             streaming: StreamingSection::default(),
             pod_namespace_pool: 4,
+            push: PushSection::default(),
         }
     }
 }
@@ -155,6 +178,12 @@ impl Config {
         if config.cni.plugin_timeout_secs == 0 {
             anyhow::bail!(
                 "config {}: cni.plugin_timeout_secs must be at least 1",
+                path.display()
+            );
+        }
+        if config.push.chunk_bytes < 1024 {
+            anyhow::bail!(
+                "config {}: push.chunk_bytes must be at least 1024",
                 path.display()
             );
         }
@@ -187,6 +216,9 @@ mod tests {
         assert_eq!(c.registry["docker.io"].mirrors, ["http://127.0.0.1:5000"]);
         assert!(c.registry["10.0.0.5:5000"].insecure);
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
+        assert_eq!(c.push.chunk_bytes, 8 << 20);
+        let c: Config = toml::from_str("[push]\nchunk_bytes = 1048576").expect("parse");
+        assert_eq!(c.push.chunk_bytes, 1 << 20);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `/images/…`: list, pull (`create?fromImage=`), inspect, remove; the archive side (tag,
+//! `/images/…`: list, pull (`create?fromImage=`), push, inspect, remove; the archive side (tag,
 //! history, save, load, import) is in `image_archive`.
 
 use std::sync::Arc;
@@ -122,6 +122,7 @@ pub(super) async fn route(api: &Arc<Api>, req: Req) -> ApiResult {
                 ("POST", "tag") => image_archive::tag(api, &name, &req),
                 ("GET", "history") => image_archive::history(api, &find(api, &name)?),
                 ("GET", "get") => image_archive::save(api, vec![name]),
+                ("POST", "push") => push(api, &name, req).await,
                 _ => Err(ApiError::not_found("page not found")),
             }
         }
@@ -318,6 +319,195 @@ async fn create(api: &Arc<Api>, req: Req) -> ApiResult {
         .expect("static response parts"))
 }
 
+/// docker's progress bar: `[=====>     ]  1.2MB/4.3MB`.
+fn progress_bar(current: u64, total: u64) -> String {
+    const WIDTH: usize = 50;
+    let filled = if total == 0 {
+        WIDTH
+    } else {
+        ((current.min(total) as f64 / total as f64) * WIDTH as f64) as usize
+    };
+    let arrow = if filled < WIDTH { ">" } else { "" };
+    format!(
+        "[{}{arrow}{}]  {}/{}",
+        "=".repeat(filled),
+        " ".repeat(WIDTH - filled - arrow.len()),
+        human_size(current),
+        human_size(total)
+    )
+}
+
+/// go-units' HumanSize: decimal units, 3 significant digits, as docker's progress shows.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < UNITS.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    let digits = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else {
+        2
+    };
+    let s = format!("{v:.digits$}");
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &s
+    };
+    format!("{s}{}", UNITS[i])
+}
+
+/// The references `POST /images/{name}/push` means: `name:tag` (or `name@tag` for a digest),
+/// the reference in `name` itself, or, with neither, every tag of the repository here
+/// (docker's `push --all-tags`).
+fn push_targets(api: &Api, name: &str, tag: &str) -> Result<Vec<String>, ApiError> {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if !tag.is_empty() {
+        let sep = if tag.starts_with("sha256:") { '@' } else { ':' };
+        return Ok(vec![format!("{name}{sep}{tag}")]);
+    }
+    if last.contains([':', '@']) {
+        return Ok(vec![name.to_owned()]);
+    }
+    let repo = crate::image::reference::Reference::parse(name)
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    let mut out = Vec::new();
+    for i in api.engine.images().list()? {
+        for t in &i.tags {
+            if let Ok(r) = crate::image::reference::Reference::parse(t)
+                && r.registry == repo.registry
+                && r.repository == repo.repository
+            {
+                out.push(t.clone());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `POST /images/{name}/push?tag=`: docker's JSON progress lines, per layer by the first 12
+/// hex digits of its digest, then the digest line and an `aux` record per pushed tag.
+async fn push(api: &Arc<Api>, name: &str, req: Req) -> ApiResult {
+    let auth = registry_auth(&req)?;
+    let targets = push_targets(api, name, req.q("tag"))?;
+    let repo = crate::image::reference::Reference::parse(name)
+        .map_err(|e| ApiError::bad(format!("invalid reference format: {e}")))?;
+    let missing = || {
+        let shown = familiar(&format!("{}/{}", repo.registry, repo.repository));
+        ApiError::not_found(format!(
+            "An image does not exist locally with the tag: {shown}"
+        ))
+    };
+    if targets.is_empty() {
+        return Err(missing());
+    }
+    for t in &targets {
+        if api.engine.images().resolve(t)?.is_none() {
+            return Err(missing());
+        }
+    }
+    let images = api.engine.images().clone();
+    let engine = api.engine.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let line = |v: Value| Ok::<_, std::io::Error>(Bytes::from(format!("{v}\n")));
+    let full_name = format!("{}/{}", repo.registry, repo.repository);
+    tokio::spawn(async move {
+        let _ = tx
+            .send(line(
+                json!({"status": format!("The push refers to repository [{full_name}]")}),
+            ))
+            .await;
+        for target in targets {
+            let (etx, mut erx) = tokio::sync::mpsc::unbounded_channel();
+            let pushing = {
+                let images = images.clone();
+                let target = target.clone();
+                let auth = auth.clone();
+                tokio::spawn(async move {
+                    images
+                        .push(&target, &target, auth.as_ref(), Some(etx))
+                        .await
+                })
+            };
+            let short = |d: &api::Digest| d.hex()[..12].to_owned();
+            while let Some(ev) = erx.recv().await {
+                use crate::image::push::PushEvent as E;
+                let v = match ev {
+                    E::Preparing { digest, .. } => {
+                        json!({"status": "Preparing", "progressDetail": {}, "id": short(&digest)})
+                    }
+                    E::Progress {
+                        digest,
+                        sent,
+                        total,
+                    } => json!({
+                        "status": "Pushing",
+                        "progressDetail": {"current": sent, "total": total},
+                        "progress": progress_bar(sent, total),
+                        "id": short(&digest),
+                    }),
+                    E::Pushed { digest } => {
+                        json!({"status": "Pushed", "progressDetail": {}, "id": short(&digest)})
+                    }
+                    E::Exists { digest } => json!({
+                        "status": "Layer already exists", "progressDetail": {}, "id": short(&digest)
+                    }),
+                    E::Mounted { digest, from } => json!({
+                        "status": format!("Mounted from {from}"),
+                        "progressDetail": {},
+                        "id": short(&digest),
+                    }),
+                };
+                let _ = tx.send(line(v)).await;
+            }
+            let pushed = pushing
+                .await
+                .unwrap_or_else(|e| Err(Error::Internal(format!("push task failed: {e}"))));
+            match pushed {
+                Ok(p) => {
+                    let tag = p.tag.clone().unwrap_or_default();
+                    let shown = if tag.is_empty() {
+                        p.digest.to_string()
+                    } else {
+                        tag.clone()
+                    };
+                    let _ = tx
+                        .send(line(json!({"status": format!("{shown}: digest: {} size: {}", p.digest, p.size)})))
+                        .await;
+                    let _ = tx
+                        .send(line(json!({"progressDetail": {}, "aux": {"Tag": tag, "Digest": p.digest.to_string(), "Size": p.size}})))
+                        .await;
+                    let attributes = std::collections::BTreeMap::from([(
+                        "name".to_owned(),
+                        familiar(&p.reference),
+                    )]);
+                    engine
+                        .events
+                        .emit("image", "push", &familiar(&p.reference), attributes);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let _ = tx
+                        .send(line(json!({"errorDetail": {"message": msg}, "error": msg})))
+                        .await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(channel_body(rx))
+        .expect("static response parts"))
+}
+
 fn normalized(reference: &str) -> String {
     crate::image::reference::Reference::parse(reference)
         .map(|r| r.to_string())
@@ -427,8 +617,31 @@ mod tests {
             ("127.0.0.1:5000/a/b:1".to_owned(), "json".to_owned())
         );
         assert_eq!(
+            split_name("127.0.0.1:5000/app/push", &Method::POST),
+            ("127.0.0.1:5000/app".to_owned(), "push".to_owned())
+        );
+        assert_eq!(
             split_name("busybox:latest", &Method::DELETE),
             ("busybox:latest".to_owned(), String::new())
+        );
+    }
+
+    #[test]
+    fn push_progress_looks_like_dockers() {
+        assert_eq!(human_size(0), "0B");
+        assert_eq!(human_size(999), "999B");
+        assert_eq!(human_size(1_000), "1kB");
+        assert_eq!(human_size(1_234_567), "1.23MB");
+        assert_eq!(human_size(12_345_678), "12.3MB");
+        assert_eq!(human_size(123_456_789), "123MB");
+        let half = progress_bar(50, 100);
+        assert_eq!(
+            half,
+            format!("[{}>{}]  50B/100B", "=".repeat(25), " ".repeat(24))
+        );
+        assert_eq!(
+            progress_bar(100, 100),
+            format!("[{}]  100B/100B", "=".repeat(50))
         );
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod compose;
+pub mod push;
 pub mod reference;
 pub mod registry;
 pub mod store;

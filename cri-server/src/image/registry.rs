@@ -141,7 +141,7 @@ impl Endpoint {
 
     /// `scheme://host/v2/<repository>/`, with the default registry's API host, as the
     /// authentication client addresses it.
-    fn repo_url(&self, r: &Reference) -> String {
+    pub(super) fn repo_url(&self, r: &Reference) -> String {
         let host = match self.host.as_str() {
             "docker.io" => "index.docker.io",
             h => h,
@@ -149,16 +149,19 @@ impl Endpoint {
         format!("{}://{host}/v2/{}/", self.scheme(), r.repository)
     }
 
-    /// The credential for `r`'s repository: the bearer token of the registry's token flow, or
-    /// none; Basic credentials are added when the registry asks for them (see [`Self::get`]).
+    /// The credential for `r`'s repository and `op`: the bearer token of the registry's token
+    /// flow, or none; Basic credentials are added when the registry asks for them (see
+    /// [`Self::send`]).
     async fn credential(
         &self,
         r: &Reference,
         auth: &RegistryAuth,
+        op: RegistryOperation,
         fresh: bool,
     ) -> Result<Credential> {
+        let key = cred_key(r, op);
         let mut creds = self.creds.lock().await;
-        if !fresh && let Some(c) = creds.get(&r.repository) {
+        if !fresh && let Some(c) = creds.get(&key) {
             return Ok(c.clone());
         }
         let oref = oci_client::Reference::with_tag(
@@ -168,20 +171,19 @@ impl Endpoint {
         );
         let c = match self
             .auth_client
-            .auth(&oref, auth, RegistryOperation::Pull)
+            .auth(&oref, auth, op)
             .await
             .map_err(|e| map_err(self, "authentication", e))?
         {
             Some(token) => Credential::Bearer(token),
             None => Credential::Anonymous,
         };
-        creds.insert(r.repository.clone(), c.clone());
+        creds.insert(key, c.clone());
         Ok(c)
     }
 
-    /// `GET <repo_url><path>` with credentials; a `401` is answered once, by sending Basic
-    /// credentials if we have them, or by fetching a fresh token. Errors unless the answer is
-    /// `200 OK`; an error body is read only up to [`MAX_ERROR_BODY_BYTES`].
+    /// `GET <repo_url><path>` with pull credentials (see [`Self::send`]). Errors unless the
+    /// answer is `200 OK`; an error body is read only up to [`MAX_ERROR_BODY_BYTES`].
     async fn get(
         &self,
         r: &Reference,
@@ -191,51 +193,245 @@ impl Endpoint {
         what: &str,
     ) -> Result<reqwest::Response> {
         let url = format!("{}{path}", self.repo_url(r));
-        let mut cred = self.credential(r, auth, false).await?;
+        let resp = self
+            .send(r, auth, RegistryOperation::Pull, what, |http| {
+                let req = http.get(&url);
+                Ok(match accept {
+                    Some(a) => req.header(reqwest::header::ACCEPT, a),
+                    None => req,
+                })
+            })
+            .await?;
+        if resp.status() == StatusCode::OK {
+            return Ok(resp);
+        }
+        Err(error_of(self, what, resp).await)
+    }
+
+    /// Sends the request `build` makes (called again for a retry, so a body is made anew) with
+    /// the credentials for `r`'s repository and `op`, and returns the answer whatever its
+    /// status. A `401` is answered once, by sending Basic credentials if we have them, or by
+    /// fetching a fresh token. Credentials go only to this endpoint's host: an upload URL
+    /// elsewhere (a storage backend's) gets none.
+    pub(super) async fn send(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        op: RegistryOperation,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder>,
+    ) -> Result<reqwest::Response> {
+        let cred = self.credential(r, auth, op, false).await?;
+        let retry = Some((cred_key(r, op), op));
+        self.send_as(r, auth, retry, cred, what, build).await
+    }
+
+    /// [`Self::send`] for a cross-repository mount from `from`: where the registry hands out
+    /// tokens, with one that may also pull `from` (a push token for `r` alone does not let the
+    /// registry link a blob out of another repository). A `401` is not retried: a mount is
+    /// only an offer, and an upload follows a refused one.
+    pub(super) async fn send_mount(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        from: &str,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder>,
+    ) -> Result<reqwest::Response> {
+        let base = self
+            .credential(r, auth, RegistryOperation::Push, false)
+            .await?;
+        let cred = match (&base, auth) {
+            (Credential::Bearer(_), RegistryAuth::Basic(..) | RegistryAuth::Anonymous) => {
+                let key = format!("{} push {from} pull", r.repository);
+                let cached = self.creds.lock().await.get(&key).cloned();
+                match cached {
+                    Some(c) => c,
+                    None => {
+                        let scopes = [
+                            format!("repository:{}:pull,push", r.repository),
+                            format!("repository:{from}:pull"),
+                        ];
+                        let c = match self.scoped_token(r, auth, &scopes).await {
+                            Ok(Some(t)) => Credential::Bearer(t),
+                            Ok(None) => base,
+                            Err(e) => {
+                                tracing::debug!(endpoint = ?self, error = %e, "no token for a cross-repository mount");
+                                base
+                            }
+                        };
+                        self.creds.lock().await.insert(key, c.clone());
+                        c
+                    }
+                }
+            }
+            _ => base,
+        };
+        self.send_as(r, auth, None, cred, what, build).await
+    }
+
+    /// A token for all of `scopes` from the registry's token server (the realm of its `/v2/`
+    /// challenge), with `auth`'s Basic credentials if any. None if the registry sends no
+    /// Bearer challenge or the token server refuses.
+    async fn scoped_token(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        scopes: &[String],
+    ) -> Result<Option<String>> {
+        let what = "token request";
+        let unavailable =
+            |e: reqwest::Error| Error::Unavailable(format!("{what} for {self:?}: {}", chain(&e)));
+        let base = self.repo_url(r);
+        let v2 = match base.find("/v2/") {
+            Some(i) => &base[..i + 4],
+            None => return Ok(None),
+        };
+        let resp = self.http.get(v2).send().await.map_err(unavailable)?;
+        let Some((realm, service)) = resp
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|h| h.to_str().ok())
+            .and_then(bearer_challenge)
+        else {
+            return Ok(None);
+        };
+        let mut query: Vec<(&str, &str)> = scopes.iter().map(|s| ("scope", s.as_str())).collect();
+        if let Some(svc) = &service {
+            query.push(("service", svc));
+        }
+        let mut req = self.http.get(&realm).query(&query);
+        if let RegistryAuth::Basic(u, p) = auth {
+            req = req.basic_auth(u, Some(p));
+        }
+        let resp = req.send().await.map_err(unavailable)?;
+        if resp.status() != StatusCode::OK {
+            return Ok(None);
+        }
+        #[derive(Deserialize)]
+        struct Token {
+            #[serde(default)]
+            token: Option<String>,
+            #[serde(default)]
+            access_token: Option<String>,
+        }
+        let body = read_bounded(self, what, resp, MAX_ERROR_BODY_BYTES).await?;
+        let t: Token = serde_json::from_slice(&body)
+            .map_err(|e| Error::Remote(format!("{what} for {self:?}: {e}")))?;
+        Ok(t.token.or(t.access_token).filter(|t| !t.is_empty()))
+    }
+
+    /// Sends with `cred`; on a `401` to our host, with `retry` (the credential's cache key and
+    /// operation), tries once more as [`Self::send`] describes.
+    async fn send_as(
+        &self,
+        r: &Reference,
+        auth: &RegistryAuth,
+        retry: Option<(String, RegistryOperation)>,
+        mut cred: Credential,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> Result<reqwest::RequestBuilder>,
+    ) -> Result<reqwest::Response> {
         let mut retried = false;
         loop {
-            let mut req = self.http.get(&url);
-            if let Some(a) = accept {
-                req = req.header(reqwest::header::ACCEPT, a);
+            let req = build(&self.http)?
+                .build()
+                .map_err(|e| Error::internal("build registry request", e))?;
+            let ours = same_origin(&self.repo_url(r), req.url());
+            let pull = req.method() == reqwest::Method::GET;
+            let mut req = reqwest::RequestBuilder::from_parts(self.http.clone(), req);
+            if ours {
+                req = match &cred {
+                    Credential::Anonymous => req,
+                    Credential::Bearer(t) => req.bearer_auth(t),
+                    Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
+                };
             }
-            req = match &cred {
-                Credential::Anonymous => req,
-                Credential::Bearer(t) => req.bearer_auth(t),
-                Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
-            };
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| Error::Unavailable(format!("{what} from {self:?}: {}", chain(&e))))?;
-            let status = resp.status();
-            if status == StatusCode::OK {
-                return Ok(resp);
-            }
-            if status == StatusCode::UNAUTHORIZED && !retried {
+            let resp = req.send().await.map_err(|e| {
+                let dir = if pull { "from" } else { "to" };
+                Error::Unavailable(format!("{what} {dir} {self:?}: {}", chain(&e)))
+            })?;
+            if resp.status() == StatusCode::UNAUTHORIZED
+                && !retried
+                && ours
+                && let Some((key, op)) = &retry
+            {
                 retried = true;
                 let next = match (&cred, auth) {
                     (Credential::Anonymous, RegistryAuth::Basic(u, p)) => {
                         Some(Credential::Basic(u.clone(), p.clone()))
                     }
-                    // Tokens expire; a long pull may outlive one.
-                    (Credential::Bearer(_), _) => Some(self.credential(r, auth, true).await?),
+                    // Tokens expire; a long pull or push may outlive one.
+                    (Credential::Bearer(_), _) => Some(self.credential(r, auth, *op, true).await?),
                     _ => None,
                 };
                 if let Some(next) = next {
-                    self.creds
-                        .lock()
-                        .await
-                        .insert(r.repository.clone(), next.clone());
+                    self.creds.lock().await.insert(key.clone(), next.clone());
                     cred = next;
                     continue;
                 }
             }
-            let body = read_capped(resp, MAX_ERROR_BODY_BYTES)
-                .await
-                .unwrap_or_default();
-            return Err(status_error(self, what, status, &body));
+            return Ok(resp);
         }
     }
+}
+
+/// Whether `url` is on the registry whose repository URL is `home` (scheme, host and port,
+/// default ports included): only there do credentials go.
+fn same_origin(home: &str, url: &reqwest::Url) -> bool {
+    reqwest::Url::parse(home).is_ok_and(|h| h.origin() == url.origin())
+}
+
+/// The realm and service of a `WWW-Authenticate: Bearer realm="…",service="…",…` challenge.
+fn bearer_challenge(h: &str) -> Option<(String, Option<String>)> {
+    let (scheme, rest) = h.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = chars.by_ref().take_while(|c| *c != ',').collect();
+        }
+        params.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
+    }
+    let realm = params.remove("realm").filter(|r| !r.is_empty())?;
+    Some((realm, params.remove("service")))
+}
+
+/// Credentials are per repository and operation: a push token is not a pull token.
+fn cred_key(r: &Reference, op: RegistryOperation) -> String {
+    match op {
+        RegistryOperation::Pull => r.repository.clone(),
+        RegistryOperation::Push => format!("{} push", r.repository),
+    }
+}
+
+/// The error for a registry's unwanted answer, reading at most [`MAX_ERROR_BODY_BYTES`] of it.
+pub(super) async fn error_of(ep: &Endpoint, what: &str, resp: reqwest::Response) -> Error {
+    let status = resp.status();
+    let body = read_capped(resp, MAX_ERROR_BODY_BYTES)
+        .await
+        .unwrap_or_default();
+    status_error(ep, what, status, &body)
 }
 
 /// The body, cut at `cap` bytes: for error messages, where the rest does not matter.
@@ -289,7 +485,11 @@ fn status_error(ep: &Endpoint, what: &str, status: StatusCode, body: &[u8]) -> E
             .take(512)
             .collect(),
     };
-    let msg = format!("{what} from {ep:?}: HTTP {status}: {detail}");
+    let msg = if detail.is_empty() {
+        format!("{what} from {ep:?}: HTTP {status}")
+    } else {
+        format!("{what} from {ep:?}: HTTP {status}: {detail}")
+    };
     let has = |f: fn(&OciErrorCode) -> bool| {
         envelope
             .as_ref()
@@ -530,6 +730,54 @@ pub fn host_platform() -> (&'static str, &'static str) {
 mod tests {
     use super::*;
     use crate::config::RegistryConfig;
+
+    #[test]
+    fn credentials_stay_on_the_registry() {
+        let url = |s: &str| reqwest::Url::parse(s).expect("url");
+        let home = "https://registry.example/v2/app/";
+        assert!(same_origin(
+            home,
+            &url("https://registry.example/v2/app/blobs/uploads/u")
+        ));
+        assert!(same_origin(
+            home,
+            &url("https://registry.example:443/v2/other/")
+        ));
+        assert!(!same_origin(home, &url("https://storage.example/upload/u")));
+        assert!(!same_origin(home, &url("http://registry.example/v2/app/")));
+        assert!(!same_origin(
+            home,
+            &url("https://registry.example:5000/v2/app/")
+        ));
+        assert!(same_origin(
+            "http://[::1]:5000/v2/a/",
+            &url("http://[::1]:5000/v2/a/blobs/x")
+        ));
+    }
+
+    #[test]
+    fn bearer_challenges_give_realm_and_service() {
+        assert_eq!(
+            bearer_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a:pull""#
+            ),
+            Some((
+                "https://auth.example/token".into(),
+                Some("registry.example".into())
+            ))
+        );
+        assert_eq!(
+            bearer_challenge(r#"bearer service="s", realm="http://t/a\"b""#),
+            Some((r#"http://t/a"b"#.into(), Some("s".into())))
+        );
+        assert_eq!(
+            bearer_challenge("Bearer realm=http://t/token"),
+            Some(("http://t/token".into(), None))
+        );
+        assert_eq!(bearer_challenge(r#"Basic realm="x""#), None);
+        assert_eq!(bearer_challenge(r#"Bearer service="s""#), None);
+        assert_eq!(bearer_challenge("Bearer"), None);
+    }
 
     #[test]
     fn classifies_manifests() {
