@@ -203,6 +203,47 @@ impl DockerEnv {
     }
 }
 
+/// Runs our `berth` CLI against `d`'s docker socket.
+pub async fn berth_at(d: &crate::daemon::Daemon, args: &[&str]) -> Output {
+    let bin = crate::daemon::bin_dir().join("berth");
+    let out = tokio::process::Command::new(bin)
+        .arg("--host")
+        .arg(format!("unix://{}", d.docker_socket.display()))
+        .args(args)
+        .env_remove("BERTH_HOST")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(std::time::Duration::from_secs(120), out)
+        .await
+        .unwrap_or_else(|_| panic!("berth {args:?} did not finish within 120 s"))
+        .expect("run berth")
+}
+
+/// Pulls `reference` on a fresh berthd root (no config: a loopback registry is plain HTTP)
+/// and runs `args` in it, returning the output.
+pub async fn pull_and_run_fresh(reference: &str, args: &[&str]) -> String {
+    let fresh = crate::daemon::Daemon::start().await.expect("fresh daemon");
+    let pulled = berth_at(&fresh, &["pull", reference]).await;
+    assert!(
+        pulled.status.success(),
+        "pull {reference} on a fresh root: {}\n{}\nlog:\n{}",
+        String::from_utf8_lossy(&pulled.stdout),
+        String::from_utf8_lossy(&pulled.stderr),
+        tail(&fresh.log(), 30)
+    );
+    let mut run = vec!["run", "--rm", reference];
+    run.extend_from_slice(args);
+    let out = berth_at(&fresh, &run).await;
+    assert!(
+        out.status.success(),
+        "run {reference}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The last `n` lines of `s`.
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use crictl_tests::docker::{DockerEnv, tail};
+use crictl_tests::docker::{DockerEnv, pull_and_run_fresh, tail};
 
 const LEGACY: &[(&str, &str)] = &[("DOCKER_BUILDKIT", "0")];
 
@@ -407,6 +407,18 @@ async fn from_scratch_add_urls_and_commit() {
         "tester|snapshot of changing|COMMITTED=yes\n"
     );
     env.ok(&["rm", "-f", "changing"]).await;
+
+    // The built and the committed image push to a registry and run from a fresh root.
+    for (local, remote) in [("mini:1", "built/mini:1"), ("snap:1", "built/snap:1")] {
+        let remote = format!("{}/{remote}", env.reg.addr());
+        env.ok(&["tag", local, &remote]).await;
+        let pushed = env.ok(&["push", &remote]).await;
+        assert!(pushed.contains("digest: sha256:"), "{pushed}");
+    }
+    let mini = pull_and_run_fresh(&format!("{}/built/mini:1", env.reg.addr()), &[]).await;
+    assert!(mini.starts_with("scratch-ok\n"), "{mini}");
+    let snap = pull_and_run_fresh(&format!("{}/built/snap:1", env.reg.addr()), &[]).await;
+    assert_eq!(snap, "changed\ngone\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]

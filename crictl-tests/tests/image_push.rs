@@ -6,8 +6,7 @@
 use std::process::Output;
 
 use base64::Engine as _;
-use crictl_tests::daemon::Daemon;
-use crictl_tests::docker::{DockerEnv, docker_busybox};
+use crictl_tests::docker::{DockerEnv, docker_busybox, pull_and_run_fresh};
 use crictl_tests::image::{ManifestFormat, busybox_base_layer, generated_layer, push_image};
 use crictl_tests::registry::{Registry, unused_addr};
 use serde_json::Value;
@@ -52,47 +51,6 @@ fn layer_lines(out: &str) -> Vec<(String, String)> {
         .filter(|(id, _)| id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()))
         .map(|(id, s)| (id.to_owned(), s.to_owned()))
         .collect()
-}
-
-/// Runs our `berth` CLI against `d`'s docker socket.
-async fn berth_at(d: &Daemon, args: &[&str]) -> Output {
-    let bin = crictl_tests::daemon::bin_dir().join("berth");
-    let out = tokio::process::Command::new(bin)
-        .arg("--host")
-        .arg(format!("unix://{}", d.docker_socket.display()))
-        .args(args)
-        .env_remove("BERTH_HOST")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(std::time::Duration::from_secs(120), out)
-        .await
-        .unwrap_or_else(|_| panic!("berth {args:?} did not finish within 120 s"))
-        .expect("run berth")
-}
-
-/// Pulls `reference` on a fresh berthd root (no config: a loopback registry is plain HTTP)
-/// and runs `args` in it, returning the output.
-async fn pull_and_run_fresh(reference: &str, args: &[&str]) -> String {
-    let fresh = Daemon::start().await.expect("fresh daemon");
-    let pulled = berth_at(&fresh, &["pull", reference]).await;
-    assert!(
-        pulled.status.success(),
-        "pull {reference} on a fresh root: {}\n{}\nlog:\n{}",
-        stdout(&pulled),
-        stderr(&pulled),
-        crictl_tests::docker::tail(&fresh.log(), 30)
-    );
-    let mut run = vec!["run", "--rm", reference];
-    run.extend_from_slice(args);
-    let out = berth_at(&fresh, &run).await;
-    assert!(
-        out.status.success(),
-        "run {reference}: {}\n{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
 }
 
 /// `POST /images/<repo>/push?tag=` straight to the API: its JSON lines.
