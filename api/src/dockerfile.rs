@@ -1522,6 +1522,7 @@ impl Lexer<'_> {
                 let (pattern, _) = self.word(&['}'], true)?;
                 let pattern = shell_pattern(&pattern, self.escape);
                 let value: Vec<char> = value.unwrap_or_default().chars().collect();
+                check_pattern_work(&name, value.len(), pattern.len())?;
                 let n = value.len();
                 let cut = if op == '#' {
                     let mut ends: Vec<usize> = (0..=n).collect();
@@ -1556,6 +1557,7 @@ impl Lexer<'_> {
                 };
                 let pattern = shell_pattern(&pattern, self.escape);
                 let value: Vec<char> = value.unwrap_or_default().chars().collect();
+                check_pattern_work(&name, value.len(), pattern.len())?;
                 Ok(replace(&value, &pattern, &replacement, all))
             }
             Some(c) if !name.is_empty() => Err(format!(
@@ -1674,6 +1676,20 @@ fn glob(pattern: &[Glob], text: &[char]) -> bool {
 }
 
 /// Replaces the first (or, with `all`, every) leftmost-longest match of `pattern` in `value`.
+/// Longest value a `#`, `%` or `/` substitution works on: their matching is polynomial in it,
+/// and a builder must not spend minutes on one word.
+pub const MAX_PATTERN_VALUE: usize = 4096;
+
+/// Refuses a pattern substitution on a value or pattern too long to match in reasonable time.
+fn check_pattern_work(name: &str, value: usize, pattern: usize) -> Result<(), String> {
+    if value > MAX_PATTERN_VALUE || pattern > MAX_PATTERN_VALUE {
+        return Err(format!(
+            "${{{name}}}: pattern substitution on more than {MAX_PATTERN_VALUE} characters is refused"
+        ));
+    }
+    Ok(())
+}
+
 fn replace(value: &[char], pattern: &[Glob], replacement: &str, all: bool) -> String {
     let mut out = String::new();
     let mut i = 0;
@@ -2860,6 +2876,17 @@ mod tests {
     }
 
     // ---- expand ----
+
+    #[test]
+    fn pattern_substitutions_on_huge_values_are_refused() {
+        let big = "a".repeat(MAX_PATTERN_VALUE + 1);
+        let lookup = |n: &str| (n == "V").then(|| big.clone());
+        let e = expand("${V//a/b}", '\\', &lookup).expect_err("refused");
+        assert!(e.contains("pattern substitution"), "{e}");
+        assert!(expand("${V#a}", '\\', &lookup).is_err());
+        // A plain use of the same value is fine.
+        assert_eq!(expand("$V", '\\', &lookup).expect("plain").len(), big.len());
+    }
 
     #[test]
     fn expand_plain_and_braced() {

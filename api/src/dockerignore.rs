@@ -4,6 +4,9 @@
 //! that matches a directory excludes everything under it unless an exception brings a path
 //! back).
 
+/// Longest pattern taken: matching costs grow with (pattern × path).
+pub const MAX_PATTERN: usize = 4096;
+
 /// A parsed `.dockerignore`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DockerIgnore {
@@ -37,6 +40,12 @@ impl DockerIgnore {
             let line = line.trim();
             if line.is_empty() {
                 continue;
+            }
+            if line.len() > MAX_PATTERN {
+                return Err(format!(
+                    "line {}: a pattern of over {MAX_PATTERN} bytes is refused",
+                    i + 1
+                ));
             }
             let (exception, raw) = match line.strip_prefix('!') {
                 Some(rest) => (true, rest.trim()),
@@ -199,6 +208,13 @@ fn run(tokens: &[Token], input: &str) -> Vec<State> {
 
 /// Adds the states reachable without consuming a character (`*` and `**` matching nothing).
 fn closure(tokens: &[Token], mut states: Vec<State>) -> Vec<State> {
+    // Which fresh (not `inside`) states are in: a linear walk, whatever the pattern.
+    let mut fresh = vec![false; tokens.len() + 2];
+    for s in &states {
+        if *s == State::at(s.token) {
+            fresh[s.token] = true;
+        }
+    }
     let mut i = 0;
     while i < states.len() {
         let state = states[i];
@@ -208,7 +224,8 @@ fn closure(tokens: &[Token], mut states: Vec<State>) -> Vec<State> {
             _ => false,
         };
         let skipped = State::at(state.token + 1);
-        if skippable && !states.contains(&skipped) {
+        if skippable && !fresh[skipped.token] {
+            fresh[skipped.token] = true;
             states.push(skipped);
         }
         i += 1;
@@ -522,6 +539,18 @@ mod tests {
         assert!(ignore.may_include_under("x"));
         assert!(ignore.may_include_under("x/abc"));
         assert!(!ignore.may_include_under("x/cde"));
+    }
+
+    #[test]
+    fn a_pattern_of_many_stars_matches_in_linear_time() {
+        // Quadratic work per character would take minutes here.
+        let pattern = format!("{}b", "*a".repeat(300));
+        let ig = DockerIgnore::parse(&pattern).expect("parse");
+        assert!(!ig.excluded(&"a".repeat(500)));
+        assert!(ig.excluded(&format!("{}b", "a".repeat(500))));
+        let too_long = "*".repeat(MAX_PATTERN + 1);
+        let e = DockerIgnore::parse(&too_long).expect_err("refused");
+        assert!(e.contains("line 1"), "{e}");
     }
 
     #[test]

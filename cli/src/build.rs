@@ -139,7 +139,8 @@ fn write_context(ctx: &BuildContext, out: impl Write) -> Result<()> {
         let keep = |rel: &str| {
             rel == ctx.dockerfile || rel == ".dockerignore" || !ctx.ignore.excluded(rel)
         };
-        walk(&mut tar, dir, "", &ctx.ignore, &keep)?;
+        let keep_under = |dir: &str| ctx.dockerfile.starts_with(&format!("{dir}/"));
+        walk(&mut tar, dir, "", &ctx.ignore, &keep, &keep_under)?;
     }
     if let Some((name, text)) = &ctx.extra {
         let mut h = tar::Header::new_gnu();
@@ -159,6 +160,7 @@ fn walk<W: Write>(
     rel: &str,
     ignore: &DockerIgnore,
     keep: &dyn Fn(&str) -> bool,
+    keep_under: &dyn Fn(&str) -> bool,
 ) -> Result<()> {
     let mut names: Vec<_> = fs::read_dir(dir)
         .with_context(|| format!("read {}", dir.display()))?
@@ -194,8 +196,10 @@ fn walk<W: Write>(
                 tar.append_data(&mut h, &child_rel, f.take(meta.len()))?;
             }
         }
-        if meta.is_dir() && (kept || ignore.may_include_under(&child_rel)) {
-            walk(tar, &path, &child_rel, ignore, keep)?;
+        // The Dockerfile always goes, even from inside an excluded directory.
+        if meta.is_dir() && (kept || ignore.may_include_under(&child_rel) || keep_under(&child_rel))
+        {
+            walk(tar, &path, &child_rel, ignore, keep, keep_under)?;
         }
     }
     Ok(())

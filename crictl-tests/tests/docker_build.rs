@@ -590,3 +590,50 @@ async fn a_build_cut_short_by_a_berthd_crash_leaves_no_container_behind() {
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "scratch files left: {leftovers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_goes_away_cancels_its_build() {
+    let env = DockerEnv::start("").await;
+    let ctx = tempfile::tempdir().expect("context");
+    write(
+        ctx.path(),
+        "Dockerfile",
+        "FROM busybox\nRUN sleep 120\nRUN echo never\n",
+    );
+    let mut build =
+        env.berth_command(&["build", "-t", "gone:1", ctx.path().to_str().expect("utf-8")]);
+    build
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = build.spawn().expect("berth build");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while env
+        .ok(&["ps", "-q", "--filter", "label=io.berth.build=true"])
+        .await
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the RUN step never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    child.kill().await.expect("kill the client");
+    // The RUN is killed and its container removed, well before its 120 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = env.ok(&["ps", "-aq"]).await;
+        if left.trim().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled build's container is still there: {left}\n{}",
+            tail(&env.d.log(), 30)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let missing = env.docker(&["image", "inspect", "gone:1"]).await;
+    assert!(!missing.status.success(), "no image is tagged");
+}

@@ -215,6 +215,12 @@ pub async fn commit(engine: &Engine, name_or_id: &str, opts: CommitOptions) -> R
         .resolve(&r.image_id)?
         .ok_or_else(|| Error::NotFound(format!("No such image: {}", r.image_id)))?;
     let mut config = images.config_json(&image)?;
+    if !config.is_object() {
+        return Err(Error::InvalidArgument(format!(
+            "the config of image {} is not a JSON object",
+            r.image_id
+        )));
+    }
     let mut cfg = merged_config(&config["config"], &r.config);
     apply_changes(&mut cfg, &opts.changes)?;
     config["config"] = Value::Object(cfg);
@@ -256,18 +262,31 @@ pub async fn commit(engine: &Engine, name_or_id: &str, opts: CommitOptions) -> R
         None
     };
     let key = r.snapshot_key();
-    let layer = {
+    let mut hold = images.new_hold();
+    let diffed = {
         let images = images.clone();
-        tokio::task::spawn_blocking(move || images.layer_from_snapshot(&key, false))
-            .await
-            .map_err(|e| Error::Internal(format!("diff thread: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let layer = images.layer_from_snapshot(&key, false, &mut hold);
+            (layer, hold)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("diff thread: {e}")))?
     };
     drop(frozen);
-    let layer = layer?;
+    let (layer, hold) = diffed;
     let NamedImage { record, .. } = image;
     let refs = opts.refs.clone();
+    // The hold keeps the new blob (and the parent's content) until the record names them; it
+    // goes on the blocking thread.
     let made = tokio::task::spawn_blocking(move || {
-        images.compose(Some(&record), Some(layer), config, &refs)
+        let made = layer.and_then(|layer| {
+            let mut hold = hold;
+            images.hold_image(&mut hold, &record);
+            let made = images.compose(Some(&record), Some(layer), config, &refs);
+            drop(hold);
+            made
+        });
+        made
     })
     .await
     .map_err(|e| Error::Internal(format!("commit thread: {e}")))??;

@@ -3,9 +3,9 @@
 //! `.dockerignore`, hashed for the cache and written as the tar the step extracts.
 
 use std::fs::{self, File, Metadata};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use api::dockerignore::DockerIgnore;
@@ -54,63 +54,134 @@ fn has_glob(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// Go's `filepath.Match` on one path component: `*`, `?`, `[…]` (ranges, `^` negation) and
-/// `\` escapes.
-pub fn component_matches(pattern: &str, name: &str) -> bool {
-    fn class(p: &[char], c: char) -> Option<(bool, usize)> {
-        // p starts after '['; returns (matched, length consumed including ']').
-        let mut i = 0;
-        let negate = p.first() == Some(&'^');
-        if negate {
-            i += 1;
-        }
-        let mut matched = false;
-        let mut first = true;
-        while i < p.len() {
-            if p[i] == ']' && !first {
-                return Some((matched != negate, i + 1));
-            }
-            first = false;
-            let mut lo = p[i];
-            if lo == '\\' {
-                i += 1;
-                lo = *p.get(i)?;
-            }
-            i += 1;
-            let mut hi = lo;
-            if p.get(i) == Some(&'-') && p.get(i + 1).is_some_and(|c| *c != ']') {
-                hi = p[i + 1];
-                if hi == '\\' {
-                    hi = *p.get(i + 2)?;
-                    i += 1;
+/// Longest source pattern taken: matching costs grow with it.
+pub const MAX_PATTERN: usize = 4096;
+
+/// One unit of a compiled component pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Unit {
+    /// `*`.
+    Star,
+    /// `?`.
+    Any,
+    /// A literal character.
+    Char(char),
+    /// `[…]`: ranges, negated or not.
+    Class(bool, Vec<(char, char)>),
+}
+
+/// Compiles a component pattern; None when it is malformed (an unclosed `[`).
+fn compile(pattern: &str) -> Option<Vec<Unit>> {
+    let p: Vec<char> = pattern.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < p.len() {
+        match p[i] {
+            '*' => {
+                if out.last() != Some(&Unit::Star) {
+                    out.push(Unit::Star);
                 }
+                i += 1;
+            }
+            '?' => {
+                out.push(Unit::Any);
+                i += 1;
+            }
+            '\\' => {
+                out.push(Unit::Char(*p.get(i + 1)?));
                 i += 2;
             }
-            if lo <= c && c <= hi {
-                matched = true;
+            '[' => {
+                i += 1;
+                let negate = p.get(i) == Some(&'^');
+                if negate {
+                    i += 1;
+                }
+                let mut ranges = Vec::new();
+                let mut first = true;
+                loop {
+                    let c = *p.get(i)?;
+                    if c == ']' && !first {
+                        i += 1;
+                        break;
+                    }
+                    first = false;
+                    let lo = if c == '\\' {
+                        i += 1;
+                        *p.get(i)?
+                    } else {
+                        c
+                    };
+                    i += 1;
+                    let mut hi = lo;
+                    if p.get(i) == Some(&'-') && p.get(i + 1).is_some_and(|c| *c != ']') {
+                        i += 1;
+                        hi = if p[i] == '\\' {
+                            i += 1;
+                            *p.get(i)?
+                        } else {
+                            p[i]
+                        };
+                        i += 1;
+                    }
+                    ranges.push((lo, hi));
+                }
+                out.push(Unit::Class(negate, ranges));
+            }
+            c => {
+                out.push(Unit::Char(c));
+                i += 1;
             }
         }
-        None
     }
-    fn go(p: &[char], n: &[char]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some('*') => (0..=n.len()).any(|k| go(&p[1..], &n[k..])),
-            Some('?') => !n.is_empty() && go(&p[1..], &n[1..]),
-            Some('[') => match (
-                n.first(),
-                class(&p[1..], n.first().copied().unwrap_or('\0')),
-            ) {
-                (Some(_), Some((true, len))) => go(&p[1 + len..], &n[1..]),
-                _ => false,
-            },
-            Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && go(&p[2..], &n[1..]),
-            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
+    Some(out)
+}
+
+fn unit_matches(u: &Unit, c: char) -> bool {
+    match u {
+        Unit::Star => true,
+        Unit::Any => true,
+        Unit::Char(x) => *x == c,
+        Unit::Class(negate, ranges) => {
+            ranges.iter().any(|(lo, hi)| *lo <= c && c <= *hi) != *negate
         }
     }
-    let p: Vec<char> = pattern.chars().collect();
+}
+
+/// Go's `filepath.Match` on one path component: `*`, `?`, `[…]` (ranges, `^` negation) and
+/// `\` escapes. Linear backtracking to the last star only, so no pattern costs more than
+/// (pattern × name) steps.
+pub fn component_matches(pattern: &str, name: &str) -> bool {
+    if pattern.len() > MAX_PATTERN {
+        return false;
+    }
+    let Some(p) = compile(pattern) else {
+        return false;
+    };
     let n: Vec<char> = name.chars().collect();
-    go(&p, &n)
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some(Unit::Star) => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(u) if unit_matches(u, n[ni]) => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|u| *u == Unit::Star)
 }
 
 fn excluded(ignore: Option<&DockerIgnore>, rel: &str) -> bool {
@@ -159,6 +230,9 @@ pub fn resolve(
     pattern: &str,
     ignore: Option<&DockerIgnore>,
 ) -> Result<Vec<Source>, String> {
+    if pattern.len() > MAX_PATTERN {
+        return Err(format!("a source pattern is over {MAX_PATTERN} bytes"));
+    }
     let rel = clean(pattern)?;
     let not_found = || {
         format!(
@@ -352,65 +426,6 @@ pub struct Owner {
     pub mode: Option<u32>,
 }
 
-/// Writes `src` into `tar`: a file as the entry `name`; a directory's contents under `name`
-/// (empty: at the top), the directory itself not included.
-pub fn append_source<W: Write>(
-    tar: &mut tar::Builder<W>,
-    root: BorrowedFd<'_>,
-    src: &Source,
-    name: &str,
-    owner: Owner,
-    ignore: Option<&DockerIgnore>,
-) -> io::Result<()> {
-    walk(root, src, ignore, &mut |e| {
-        let tar_name = match (e.sub.is_empty(), name.is_empty()) {
-            (true, _) if e.meta.is_dir() => return Ok(()),
-            (true, _) => name.to_owned(),
-            (false, true) => e.sub.to_owned(),
-            (false, false) => format!("{name}/{}", e.sub),
-        };
-        append_entry(tar, &tar_name, e.path, e.meta, owner)
-    })
-}
-
-fn append_entry<W: Write>(
-    tar: &mut tar::Builder<W>,
-    name: &str,
-    path: &Path,
-    meta: &Metadata,
-    owner: Owner,
-) -> io::Result<()> {
-    let mut h = tar::Header::new_gnu();
-    h.set_uid(owner.uid);
-    h.set_gid(owner.gid);
-    h.set_mtime(u64::try_from(meta.mtime()).unwrap_or(0));
-    let perm = owner.mode.unwrap_or(meta.mode() & 0o7777);
-    h.set_mode(perm);
-    let ft = meta.file_type();
-    if ft.is_dir() {
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_size(0);
-        tar.append_data(&mut h, format!("{name}/"), io::empty())
-    } else if ft.is_symlink() {
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        let target = fs::read_link(path)?;
-        tar.append_link(&mut h, name, target)
-    } else if ft.is_file() {
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(meta.len());
-        let f = File::open(path)?;
-        tar.append_data(&mut h, name, f.take(meta.len()))
-    } else if ft.is_fifo() {
-        h.set_entry_type(tar::EntryType::Fifo);
-        h.set_size(0);
-        tar.append_data(&mut h, name, io::empty())
-    } else {
-        // Sockets and devices do not travel in a build.
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
@@ -442,6 +457,14 @@ mod tests {
         assert!(component_matches("[^a]*", "bc"));
         assert!(component_matches("\\*", "*"));
         assert!(!component_matches("[", "["));
+        assert!(component_matches("a*b*c", "axxbyyc"));
+        assert!(!component_matches("a*b*c", "axxbyy"));
+        assert!(component_matches("*", ""));
+        // No exponential blow-up, no deep recursion.
+        let hostile = format!("{}b", "*a".repeat(40));
+        assert!(!component_matches(&hostile, &"a".repeat(200)));
+        assert!(!component_matches(&"*".repeat(MAX_PATTERN + 1), "x"));
+        assert!(component_matches(&"*".repeat(MAX_PATTERN), "x"));
     }
 
     #[test]
@@ -460,30 +483,6 @@ mod tests {
         assert!(up.contains("outside the build context"), "{up}");
         let none = resolve(fd.as_fd(), "*.nope", None).expect_err("empty glob");
         assert!(none.contains("no source files"), "{none}");
-    }
-
-    #[test]
-    fn a_directory_source_writes_its_contents_with_the_owner_asked_for() {
-        let (_t, fd) = root();
-        let src = &resolve(fd.as_fd(), "src", None).expect("src")[0];
-        let mut tar = tar::Builder::new(Vec::new());
-        let owner = Owner {
-            uid: 1000,
-            gid: 1001,
-            mode: Some(0o600),
-        };
-        append_source(&mut tar, fd.as_fd(), src, "", owner, None).expect("append");
-        let bytes = tar.into_inner().expect("tar");
-        let mut a = tar::Archive::new(bytes.as_slice());
-        let mut names = Vec::new();
-        for e in a.entries().expect("entries") {
-            let e = e.expect("entry");
-            assert_eq!(e.header().uid().expect("uid"), 1000);
-            assert_eq!(e.header().gid().expect("gid"), 1001);
-            assert_eq!(e.header().mode().expect("mode"), 0o600);
-            names.push(e.path().expect("path").display().to_string());
-        }
-        assert_eq!(names, vec!["a.txt", "b.txt", "sub/", "sub/c.md"]);
     }
 
     #[test]

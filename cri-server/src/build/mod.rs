@@ -145,9 +145,34 @@ struct Run<'a> {
     scratch: PathBuf,
     /// The COPY/ADD the current step planned while working out its cache key.
     pending_copy: Option<steps::CopyPlan>,
+    /// What the build relies on (every image it stands on or made, its scratch snapshots and
+    /// new blobs), kept from the collector until the build ends. Locked on blocking threads
+    /// only.
+    hold: Arc<std::sync::Mutex<crate::image::compose::Hold>>,
+    /// Turns true when the client has gone: the build stops at the next step, and a running
+    /// RUN is killed.
+    cancel: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Resolves once `rx` says the build is cancelled (never, if its sender is gone without).
+pub(crate) async fn cancelled(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl Run<'_> {
+    fn check_cancelled(&self) -> Outcome<()> {
+        if *self.cancel.borrow() {
+            return Err(Failure::new(
+                "the build was cancelled: its client went away",
+            ));
+        }
+        Ok(())
+    }
+
     async fn say(&self, text: impl Into<String>) {
         let _ = self.out.send(Progress::Stream(text.into())).await;
     }
@@ -192,7 +217,10 @@ fn cache_key(parent: &str, what: &str, args: &BTreeMap<String, String>, inputs: 
         h.update(part);
     }
     for (k, v) in args {
-        h.update(format!("{}={k}={v}\n", k.len()).as_bytes());
+        for part in [k, v] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
     }
     h.update(inputs);
     hex::encode(h.finalize())
@@ -234,6 +262,15 @@ impl Builder {
         }
     }
 
+    /// Those of `ids` no docker container is made from (they stay, as docker keeps an image
+    /// a container uses).
+    fn unused(&self, mut ids: BTreeSet<Digest>) -> crate::error::Result<BTreeSet<Digest>> {
+        for r in self.engine.list()? {
+            ids.retain(|id| id.as_str() != r.image_id);
+        }
+        Ok(ids)
+    }
+
     /// The cache.
     pub fn cache(&self) -> &BuildCache {
         &self.cache
@@ -242,7 +279,7 @@ impl Builder {
     /// Forgets the cache and removes the untagged images only it kept. Returns (images
     /// removed, bytes their records held).
     pub async fn prune(&self) -> crate::error::Result<(Vec<Digest>, u64)> {
-        let ids = self.cache.clear()?;
+        let ids = self.unused(self.cache.clear()?)?;
         let images = self.engine.images().clone();
         tokio::task::spawn_blocking(move || images.remove_untagged(&ids))
             .await
@@ -256,14 +293,21 @@ impl Builder {
         context: PathBuf,
         opts: Options,
         out: mpsc::Sender<Progress>,
+        cancel: tokio::sync::watch::Receiver<bool>,
     ) -> Outcome<Digest> {
         let scratch = self
             .dir
             .join(format!("build-{}", hex::encode(rand::random::<[u8; 8]>())));
         std::fs::create_dir_all(&scratch)
             .map_err(|e| Failure::new(format!("create the build's scratch directory: {e}")))?;
-        let result = self.build_in(context, &opts, &out, scratch.clone()).await;
+        let hold = Arc::new(std::sync::Mutex::new(self.engine.images().new_hold()));
+        let hold_for_run = hold.clone();
+        let result = self
+            .build_in(context, &opts, &out, scratch.clone(), hold_for_run, cancel)
+            .await;
         let _ = tokio::fs::remove_dir_all(&scratch).await;
+        // The last reference: its lease goes on a blocking thread.
+        let _ = tokio::task::spawn_blocking(move || drop(hold)).await;
         result
     }
 
@@ -273,6 +317,8 @@ impl Builder {
         opts: &Options,
         out: &mpsc::Sender<Progress>,
         scratch: PathBuf,
+        hold: Arc<std::sync::Mutex<crate::image::compose::Hold>>,
+        cancel: tokio::sync::watch::Receiver<bool>,
     ) -> Outcome<Digest> {
         let file_name = if opts.dockerfile.is_empty() {
             "Dockerfile".to_owned()
@@ -307,6 +353,8 @@ impl Builder {
             stages: Vec::new(),
             scratch,
             pending_copy: None,
+            hold,
+            cancel,
         };
         for note in &file.notes {
             run.say(format!("{note}\n")).await;
@@ -473,6 +521,8 @@ impl Builder {
             if let Some(img) = &st.image {
                 run.say(format!(" ---> {}\n", short(&img.id))).await;
             }
+            // A stage's ONBUILD runs where it is built on, as an image's does.
+            self.triggers(run, &mut st, meta).await?;
             return Ok(st);
         }
         if lower == "scratch" {
@@ -487,16 +537,24 @@ impl Builder {
         let named = self.base_image(run, &base).await?;
         run.say(format!(" ---> {}\n", short(&named.record.id)))
             .await;
-        let mut config = self.engine.images().config_json(&named)?;
-        if !config["history"].is_array() {
-            config["history"] = json!([]);
-        }
+        let config = object_config(self.engine.images().config_json(&named)?, &base)?;
         let mut st = State {
             image: Some(named.record),
             config,
             args: BTreeMap::new(),
             cmd_set: false,
         };
+        self.triggers(run, &mut st, meta).await?;
+        Ok(st)
+    }
+
+    /// Runs the base's ONBUILD triggers on `st` (and clears them, as docker does).
+    async fn triggers(
+        &self,
+        run: &mut Run<'_>,
+        st: &mut State,
+        meta: &BTreeMap<String, String>,
+    ) -> Outcome<()> {
         let triggers: Vec<String> = st
             .cfg()
             .get("OnBuild")
@@ -516,10 +574,10 @@ impl Builder {
                     .map_err(|e| Failure::new(format!("ONBUILD trigger {t:?}: {e}")))?;
                 run.say(format!(" ---> Running trigger: {}\n", ins.original))
                     .await;
-                self.step(run, &mut st, &ins, meta).await?;
+                self.step(run, st, &ins, meta).await?;
             }
         }
-        Ok(st)
+        Ok(())
     }
 
     /// The base image `name`: here already (unless `--pull`), else pulled.
@@ -528,6 +586,7 @@ impl Builder {
         if !run.opts.pull
             && let Some(i) = images.resolve(name)?
         {
+            self.hold(run, &i.record).await?;
             return Ok(i);
         }
         run.say(format!("Pulling {name}\n")).await;
@@ -536,9 +595,24 @@ impl Builder {
                 "pull access denied or image not found for {name}: {e}"
             ))
         })?;
-        images
+        let i = images
             .resolve(id.as_str())?
-            .ok_or_else(|| Failure::new(format!("{name} vanished after its pull")))
+            .ok_or_else(|| Failure::new(format!("{name} vanished after its pull")))?;
+        self.hold(run, &i.record).await?;
+        Ok(i)
+    }
+
+    /// Keeps `image`'s content for the rest of the build.
+    async fn hold(&self, run: &Run<'_>, image: &ImageRecord) -> Outcome<()> {
+        let images = self.engine.images().clone();
+        let hold = run.hold.clone();
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut h = hold.lock().unwrap_or_else(|p| p.into_inner());
+            images.hold_image(&mut h, &image);
+        })
+        .await
+        .map_err(|e| Failure::new(format!("hold thread: {e}")))
     }
 
     /// Stores a config-only image on `parent`.
@@ -559,6 +633,7 @@ impl Builder {
         ins: &Instruction,
         meta: &BTreeMap<String, String>,
     ) -> Outcome<()> {
+        run.check_cancelled()?;
         if let Kind::Arg(decls) = &ins.kind {
             for a in decls {
                 let vars = config::Vars {
@@ -586,12 +661,15 @@ impl Builder {
         // The inputs a step reads beyond its text (COPY sources), for its cache key; the
         // steps module works them out.
         let inputs = steps::inputs(self, run, st, ins).await?;
-        let key = cache_key(&st.cache_parent(), &ins.original, &st.args, &inputs);
+        // Whether CMD was set matters to what ENTRYPOINT leaves of it.
+        let what = format!("{}\n{}", u8::from(st.cmd_set), ins.original);
+        let key = cache_key(&st.cache_parent(), &what, &st.args, &inputs);
         if !run.opts.no_cache
             && let Some(id) = self.cache.get(&key)?
             && let Some(found) = self.engine.images().resolve(id.as_str())?
         {
-            st.config = self.engine.images().config_json(&found)?;
+            self.hold(run, &found.record).await?;
+            st.config = object_config(self.engine.images().config_json(&found)?, id.as_str())?;
             st.image = Some(found.record);
             if matches!(ins.kind, Kind::Cmd(_)) {
                 st.cmd_set = true;
@@ -601,12 +679,13 @@ impl Builder {
             return Ok(());
         }
         let record = steps::execute(self, run, st, ins).await?;
+        self.hold(run, &record).await?;
         let replaced = self.cache.get(&key)?.filter(|old| *old != record.id);
         self.cache.put(&key, &record.id)?;
         if let Some(old) = replaced {
             // A `--no-cache` step's predecessor: nothing finds it any more; gone unless tagged.
             let images = self.engine.images().clone();
-            let ids = BTreeSet::from([old]);
+            let ids = self.unused(BTreeSet::from([old]))?;
             tokio::task::spawn_blocking(move || images.remove_untagged(&ids))
                 .await
                 .map_err(|e| Failure::new(format!("prune thread: {e}")))??;
@@ -625,8 +704,24 @@ impl Builder {
     }
 }
 
+/// An image config as the builder changes it: a JSON object (a hostile one is refused).
+fn object_config(mut config: Value, name: &str) -> Outcome<Value> {
+    if !config.is_object() {
+        return Err(Failure::new(format!(
+            "the config of {name} is not a JSON object"
+        )));
+    }
+    if !config["history"].is_array() {
+        config["history"] = json!([]);
+    }
+    if !config["config"].is_object() {
+        config["config"] = json!({});
+    }
+    Ok(config)
+}
+
 /// Build args docker lets through without an ARG (proxies).
-fn is_predefined_arg(k: &str) -> bool {
+pub(crate) fn is_predefined_arg(k: &str) -> bool {
     matches!(
         k.to_ascii_lowercase().as_str(),
         "http_proxy" | "https_proxy" | "ftp_proxy" | "no_proxy" | "all_proxy"

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use api::dockerfile::{Command, CopyArgs, Instruction, Kind};
@@ -193,19 +194,29 @@ async fn plan_copy(
     let downloads = run.scratch.join(format!("step-{}", run.step));
     fs::create_dir_all(&downloads)
         .map_err(|e| Failure::new(format!("create a scratch directory: {e}")))?;
+    // Each source in a directory of its own: two with the same name never overwrite each
+    // other. The names are paths relative to `downloads`.
     let mut urls = Vec::new();
-    for u in url_sources {
-        urls.push(download(run, ins, &u, &downloads).await?);
+    for (i, u) in url_sources.iter().enumerate() {
+        let sub = format!("url-{i}");
+        let dir = downloads.join(&sub);
+        fs::create_dir_all(&dir)
+            .map_err(|e| Failure::new(format!("create a scratch directory: {e}")))?;
+        let name = download(run, ins, u, &dir).await?;
+        urls.push(format!("{sub}/{name}"));
     }
     let mut inline = Vec::new();
-    for (name, body) in inline_bodies {
+    for (i, (name, body)) in inline_bodies.into_iter().enumerate() {
         let clean = context::clean(&name).map_err(|e| run.fail_at(ins, e))?;
         if clean.is_empty() || clean.contains('/') {
             return Err(run.fail_at(ins, format!("bad heredoc name {name:?}")));
         }
-        fs::write(downloads.join(&clean), body)
+        let sub = format!("inline-{i}");
+        fs::create_dir_all(downloads.join(&sub))
+            .map_err(|e| Failure::new(format!("create a scratch directory: {e}")))?;
+        fs::write(downloads.join(&sub).join(&clean), body)
             .map_err(|e| Failure::new(format!("write a heredoc: {e}")))?;
-        inline.push(clean);
+        inline.push(format!("{sub}/{clean}"));
     }
     if patterns.is_empty() && urls.is_empty() && inline.is_empty() {
         return Err(run.fail_at(ins, "no source files were specified"));
@@ -260,8 +271,10 @@ async fn download(run: &Run<'_>, ins: &Instruction, url: &str, dir: &Path) -> Ou
         .ok_or_else(|| run.fail_at(ins, format!("cannot determine a file name from {url}")))?
         .to_owned();
     run.say(format!("Downloading {url}\n")).await;
+    // No deadline for the whole download (big files are fine), but a stalled server is given
+    // up on.
     let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(120))
+        .read_timeout(std::time::Duration::from_secs(60))
         .connect_timeout(std::time::Duration::from_secs(10))
         .build()
         .map_err(|e| Failure::new(format!("http client: {e}")))?;
@@ -454,6 +467,15 @@ async fn run_step(
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let shown = argv.join(" ");
+    // Proxy args reach RUN without an ARG, and stay out of the history (and the cache key),
+    // as docker's predefined args do.
+    let proxies: Vec<String> = run
+        .opts
+        .build_args
+        .iter()
+        .filter(|(k, _)| super::is_predefined_arg(k) && !st.args.contains_key(*k))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     let created_by = if build_env.is_empty() {
         shown.clone()
     } else {
@@ -464,7 +486,7 @@ async fn run_step(
         image: parent.id.to_string(),
         entrypoint: Some(argv),
         cmd: Some(Vec::new()),
-        env: build_env,
+        env: build_env.iter().chain(&proxies).cloned().collect(),
         attach_stdout: true,
         attach_stderr: true,
         labels: BTreeMap::from([(super::BUILD_LABEL.to_owned(), "true".to_owned())]),
@@ -479,14 +501,21 @@ async fn run_step(
     run.say(format!(" ---> Running in {}\n", &id[..12])).await;
     let outcome = run_container(b, run, &id).await;
     let layer = match outcome {
-        Ok(0) => {
-            let key = engine.get(&id)?.snapshot_key();
-            let images = engine.images().clone();
-            tokio::task::spawn_blocking(move || images.layer_from_snapshot(&key, false))
+        Ok(0) => match engine.get(&id) {
+            Ok(r) => {
+                let key = r.snapshot_key();
+                let images = engine.images().clone();
+                let hold = run.hold.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut h = hold.lock().unwrap_or_else(|p| p.into_inner());
+                    images.layer_from_snapshot(&key, false, &mut h)
+                })
                 .await
-                .map_err(|e| Failure::new(format!("diff thread: {e}")))?
-                .map_err(Failure::from)
-        }
+                .map_err(|e| Failure::new(format!("diff thread: {e}")))
+                .and_then(|r| r.map_err(Failure::from))
+            }
+            Err(e) => Err(Failure::from(e)),
+        },
         Ok(code) => Err(Failure {
             message: format!("The command '{shown}' returned a non-zero code: {code}"),
             code,
@@ -543,10 +572,27 @@ async fn run_container(b: &Builder, run: &Run<'_>, id: &str) -> Outcome<i32> {
             }
         }));
     }
-    for r in readers {
-        let _ = r.await;
+    let drained = async {
+        for r in readers {
+            let _ = r.await;
+        }
+    };
+    let mut cancel = run.cancel.clone();
+    let gone = tokio::select! {
+        () = drained => false,
+        () = super::cancelled(&mut cancel) => true,
+    };
+    if gone {
+        // The readers end with the process.
+        let _ = engine.kill(id, "KILL").await;
     }
-    Ok(engine.wait_from(waiting).await?)
+    let code = engine.wait_from(waiting).await?;
+    if gone {
+        return Err(Failure::new(
+            "the build was cancelled: its client went away",
+        ));
+    }
+    Ok(code)
 }
 
 /// COPY and ADD: the sources written into a snapshot of the parent.
@@ -585,8 +631,10 @@ async fn copy_step(
 }
 
 /// Runs `f` on the root of a fresh snapshot of `parent` (and of `src`'s filesystem, read-only,
-/// when given), mounted in a thread's own mount namespace. `f` says whether it changed
-/// anything; the snapshot becomes the layer, or goes when nothing changed.
+/// when given), mounted in the own mount namespace of a thread of its own (never a pooled
+/// one). `f` says whether it changed anything; the snapshot becomes the layer, or goes when
+/// nothing changed. Everything blocking — leases, snapshots, mounts, the diff — happens on that
+/// thread, and the mounts are gone before the diff reads the snapshot.
 async fn write_step(
     b: &Builder,
     run: &Run<'_>,
@@ -595,14 +643,9 @@ async fn write_step(
     f: impl FnOnce(BorrowedFd<'_>, Option<BorrowedFd<'_>>) -> Result<bool, String> + Send + 'static,
 ) -> Result<Option<NewLayer>, String> {
     let images = b.engine.images().clone();
-    let (key, lease) = images.scratch_snapshot_key();
-    let mounts = images
-        .prepare_scratch(&key, parent)
-        .map_err(|e| e.to_string())?;
-    let src_mounts = match src {
-        Some(i) => Some(images.image_mounts(i).map_err(|e| e.to_string())?),
-        None => None,
-    };
+    let hold = run.hold.clone();
+    let parent = parent.cloned();
+    let src = src.cloned();
     let at = run
         .scratch
         .join(format!("mnt-{}", hex::encode(rand::random::<[u8; 6]>())));
@@ -611,50 +654,59 @@ async fn write_step(
     std::thread::Builder::new()
         .name("build-write".into())
         .spawn(move || {
+            let lock = || hold.lock().unwrap_or_else(|p| p.into_inner());
+            let key = images.scratch_snapshot_key(&mut lock());
             let result = (|| {
-                let dest = crate::engine::mounted_privately(&mounts, &at2.join("dest"))
+                let mounts = images
+                    .prepare_scratch(&key, parent.as_ref())
                     .map_err(|e| e.to_string())?;
-                let src_root = match &src_mounts {
-                    Some(m) => Some(
-                        crate::engine::mounted_privately(m, &at2.join("src"))
-                            .map_err(|e| e.to_string())?,
-                    ),
+                let src_mounts = match &src {
+                    Some(i) => Some(images.image_mounts(i).map_err(|e| e.to_string())?),
                     None => None,
                 };
-                f(dest.as_fd(), src_root.as_ref().map(AsFd::as_fd))
+                let (dest_at, src_at) = (at2.join("dest"), at2.join("src"));
+                let changed = (|| {
+                    let dest = crate::engine::mounted_privately(&mounts, &dest_at)
+                        .map_err(|e| e.to_string())?;
+                    let src_root = match &src_mounts {
+                        Some(m) => Some(
+                            crate::engine::mounted_privately(m, &src_at)
+                                .map_err(|e| e.to_string())?,
+                        ),
+                        None => None,
+                    };
+                    f(dest.as_fd(), src_root.as_ref().map(AsFd::as_fd))
+                })();
+                // The roots are closed: the mounts go now, not when the thread's namespace
+                // does.
+                for m in [&src_at, &dest_at] {
+                    let _ = nix::mount::umount2(m.as_path(), nix::mount::MntFlags::MNT_DETACH);
+                }
+                match changed? {
+                    true => images
+                        .layer_from_snapshot(&key, true, &mut lock())
+                        .map(Some)
+                        .map_err(|e| e.to_string()),
+                    false => images
+                        .drop_scratch(&key)
+                        .map(|()| None)
+                        .map_err(|e| e.to_string()),
+                }
             })();
+            if result.is_err() {
+                let _ = images.drop_scratch(&key);
+            }
+            drop(hold);
             let _ = tx.send(result);
         })
         .map_err(|e| format!("start a build thread: {e}"))?;
     let result = rx
         .await
         .unwrap_or_else(|_| Err("the build thread died".into()));
-    // The mounts went with the thread's namespace; the mount points are empty dirs.
     let _ = fs::remove_dir(at.join("dest"));
     let _ = fs::remove_dir(at.join("src"));
     let _ = fs::remove_dir(&at);
-    let images2 = images.clone();
-    let key2 = key.clone();
-    tokio::task::spawn_blocking(move || {
-        let out = match result {
-            Ok(true) => images2
-                .layer_from_snapshot(&key2, true)
-                .map(Some)
-                .map_err(|e| e.to_string()),
-            Ok(false) => images2
-                .drop_scratch(&key2)
-                .map(|()| None)
-                .map_err(|e| e.to_string()),
-            Err(e) => {
-                let _ = images2.drop_scratch(&key2);
-                Err(e)
-            }
-        };
-        drop(lease);
-        out
-    })
-    .await
-    .map_err(|e| format!("diff thread: {e}"))?
+    result
 }
 
 /// Creates `path` (absolute, in the root) and its missing parents, owned by uid:gid, every
@@ -758,7 +810,9 @@ fn owner_of(
 
 /// Whether the file `s` in `root` is a tar archive (plain, gzip or zstd), which ADD unpacks.
 fn is_archive(root: BorrowedFd<'_>, s: &Source) -> bool {
-    let Ok(fd) = crate::inroot::open_in(root, &s.rel, OFlag::O_RDONLY, true) else {
+    // Only a regular file is opened: a FIFO would block, a device node do what opening it
+    // does.
+    let Ok(fd) = open_regular(root, &s.rel) else {
         return false;
     };
     let Ok(mut r) = snapshotter::unpack::decompressed(fs::File::from(fd)) else {
@@ -775,29 +829,172 @@ fn is_archive(root: BorrowedFd<'_>, s: &Source) -> bool {
     got == 512 && &head[257..262] == b"ustar"
 }
 
-/// Streams a tar made by `write` into the directory `dir` of `dest`.
-fn extract_stream(
+/// Opens `rel` in `root` for reading if it is a regular file (never opening anything else).
+fn open_regular(root: BorrowedFd<'_>, rel: &str) -> Result<OwnedFd, String> {
+    let path = crate::inroot::open_in(root, rel, OFlag::O_PATH, true).map_err(|e| e.to_string())?;
+    let st = nix::sys::stat::fstat(&path).map_err(|e| format!("stat {rel}: {e}"))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(format!("{rel} is not a regular file"));
+    }
+    let fd = nix::fcntl::open(
+        format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&path)).as_str(),
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open {rel}: {e}"))?;
+    let again = nix::sys::stat::fstat(&fd).map_err(|e| format!("stat {rel}: {e}"))?;
+    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
+        return Err(format!("{rel} changed while it was opened"));
+    }
+    Ok(fd)
+}
+
+/// Opens the directory `path` (absolute, in the root) with every symlink resolved inside the
+/// root.
+fn open_dir_in(root: BorrowedFd<'_>, path: &str) -> io::Result<OwnedFd> {
+    let rel = path.trim_start_matches('/');
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    Ok(openat2(root, if rel.is_empty() { "." } else { rel }, how)?)
+}
+
+/// Makes room for a new non-directory `name` in `dir`: what is there goes, unless it is a
+/// directory.
+fn clear_slot(dir: BorrowedFd<'_>, name: &str, shown: &str) -> io::Result<()> {
+    match nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => Err(io::Error::other(format!(
+            "cannot overwrite directory {shown} with a non-directory"
+        ))),
+        Ok(_) => Ok(nix::unistd::unlinkat(
+            dir,
+            name,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        )?),
+    }
+}
+
+fn set_times(dir: BorrowedFd<'_>, name: &str, mtime: i64) -> io::Result<()> {
+    let t = nix::sys::time::TimeSpec::new(mtime, 0);
+    nix::sys::stat::utimensat(
+        dir,
+        name,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )?;
+    Ok(())
+}
+
+/// Writes one entry met walking a source at `full` (absolute, in `dest`), its parents made as
+/// needed. Every directory on the way is resolved inside the root, symlinks included (a
+/// merged-`/usr` image's `/bin`), as BuildKit does; the entry itself replaces what was there.
+fn write_entry(
     dest: BorrowedFd<'_>,
+    full: &str,
+    e: &context::Entry<'_>,
+    owner: Owner,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let (uid, gid) = (owner.uid as u32, owner.gid as u32);
+    let ft = e.meta.file_type();
+    let mode = owner.mode.unwrap_or(e.meta.mode() & 0o7777);
+    let mtime = e.meta.mtime();
+    if ft.is_dir() {
+        mkdir_all(dest, full, uid, gid)?;
+        let d = open_dir_in(dest, full)?;
+        nix::unistd::fchown(
+            &d,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )?;
+        nix::sys::stat::fchmod(&d, Mode::from_bits_truncate(mode))?;
+        let t = nix::sys::time::TimeSpec::new(mtime, 0);
+        nix::sys::stat::futimens(&d, &t, &t)?;
+        return Ok(());
+    }
+    let (parent, name) = crate::inroot::split(full.trim_start_matches('/'));
+    let parent = format!("/{}", if parent == "." { "" } else { parent });
+    mkdir_all(dest, &parent, uid, gid)?;
+    let dir = open_dir_in(dest, &parent)?;
+    clear_slot(dir.as_fd(), name, full)?;
+    let ids = (
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    );
+    if ft.is_file() {
+        let out = nix::fcntl::openat(
+            &dir,
+            name,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )?;
+        let mut out = fs::File::from(out);
+        let mut input = fs::File::open(e.path)?;
+        io::copy(&mut (&mut input).take(e.meta.len()), &mut out)?;
+        nix::unistd::fchown(&out, ids.0, ids.1)?;
+        // After the chown, which clears set-id bits.
+        nix::sys::stat::fchmod(&out, Mode::from_bits_truncate(mode))?;
+        let t = nix::sys::time::TimeSpec::new(mtime, 0);
+        nix::sys::stat::futimens(&out, &t, &t)?;
+    } else if ft.is_symlink() {
+        let target = fs::read_link(e.path)?;
+        nix::unistd::symlinkat(target.as_path(), &dir, name)?;
+        nix::unistd::fchownat(
+            &dir,
+            name,
+            ids.0,
+            ids.1,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        set_times(dir.as_fd(), name, mtime)?;
+    } else if ft.is_fifo() {
+        nix::sys::stat::mknodat(
+            &dir,
+            name,
+            nix::sys::stat::SFlag::S_IFIFO,
+            Mode::from_bits_truncate(mode),
+            0,
+        )?;
+        nix::unistd::fchownat(
+            &dir,
+            name,
+            ids.0,
+            ids.1,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        set_times(dir.as_fd(), name, mtime)?;
+    }
+    // Sockets and devices do not travel in a build.
+    Ok(())
+}
+
+/// Copies `src` from `root` into `dest`: a directory's contents into `dir`, a file as
+/// `dir/name`.
+fn copy_source(
+    dest: BorrowedFd<'_>,
+    root: BorrowedFd<'_>,
+    src: &Source,
     dir: &str,
-    write: impl FnOnce(&mut tar::Builder<io::PipeWriter>) -> io::Result<()> + Send,
+    name: &str,
+    owner: Owner,
+    ignore: Option<&DockerIgnore>,
 ) -> Result<(), String> {
-    let (r, w) = io::pipe().map_err(|e| format!("pipe: {e}"))?;
-    std::thread::scope(|s| {
-        let writer = s.spawn(move || {
-            let mut tar = tar::Builder::new(w);
-            write(&mut tar)?;
-            tar.finish()
-        });
-        let extracted = crate::engine::archive::extract_tar(dest, dir, r);
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the tar writer panicked")));
-        match (written, extracted) {
-            (Err(e), _) => Err(format!("read the sources: {e}")),
-            (Ok(()), Err(e)) => Err(e.to_string()),
-            (Ok(()), Ok(())) => Ok(()),
-        }
+    let base = dir.trim_end_matches('/');
+    context::walk(root, src, ignore, &mut |e| {
+        let rel = match (e.sub.is_empty(), src.is_dir) {
+            // The directory itself: its contents go into `dir`, made already.
+            (true, true) => return Ok(()),
+            (true, false) => name.to_owned(),
+            (false, _) => e.sub.to_owned(),
+        };
+        let full = format!("{base}/{rel}");
+        write_entry(dest, &full, &e, owner)
+            .map_err(|err| io::Error::other(format!("{full}: {err}")))
     })
+    .map_err(|e| e.to_string())
 }
 
 fn copy_into(
@@ -839,14 +1036,11 @@ fn copy_into(
         if s.is_dir {
             mkdir_all(dest, &plan.dest, uid, gid)
                 .map_err(|e| format!("mkdir {}: {e}", plan.dest))?;
-            extract_stream(dest, &plan.dest, |tar| {
-                context::append_source(tar, *root, s, "", owner, ignore)
-            })?;
+            copy_source(dest, *root, s, &plan.dest, "", owner, ignore)?;
         } else if *may_unpack && is_archive(*root, s) {
             mkdir_all(dest, &plan.dest, uid, gid)
                 .map_err(|e| format!("mkdir {}: {e}", plan.dest))?;
-            let fd = crate::inroot::open_in(*root, &s.rel, OFlag::O_RDONLY, true)
-                .map_err(|e| e.to_string())?;
+            let fd = open_regular(*root, &s.rel)?;
             crate::engine::archive::extract_tar(dest, &plan.dest, fs::File::from(fd))
                 .map_err(|e| e.to_string())?;
         } else {
@@ -857,9 +1051,7 @@ fn copy_into(
                 (format!("/{d}"), n.to_owned())
             };
             mkdir_all(dest, &dir, uid, gid).map_err(|e| format!("mkdir {dir}: {e}"))?;
-            extract_stream(dest, &dir, |tar| {
-                context::append_source(tar, *root, s, &name, owner, None)
-            })?;
+            copy_source(dest, *root, s, &dir, &name, owner, None)?;
         }
     }
     Ok(())
@@ -882,6 +1074,58 @@ mod tests {
         assert!(t.path().join("x").is_dir());
         std::fs::write(t.path().join("f"), "").expect("file");
         assert!(mkdir_all(root.as_fd(), "/f/g", 0, 0).is_err());
+    }
+
+    #[test]
+    fn a_copied_directory_lands_through_symlinked_parents_with_the_owner_asked_for() {
+        let src = tempfile::tempdir().expect("src");
+        std::fs::create_dir_all(src.path().join("tree/bin")).expect("mkdir");
+        std::fs::write(src.path().join("tree/bin/tool"), "#!/bin/sh\n").expect("write");
+        std::os::unix::fs::symlink("tool", src.path().join("tree/bin/alias")).expect("symlink");
+        let dest = tempfile::tempdir().expect("dest");
+        // A merged-/usr image: /bin is a symlink into /usr.
+        std::fs::create_dir_all(dest.path().join("usr/bin")).expect("mkdir");
+        std::os::unix::fs::symlink("usr/bin", dest.path().join("bin")).expect("symlink");
+        std::fs::write(dest.path().join("usr/bin/alias"), "old").expect("write");
+        let src_root = crate::inroot::open_root(src.path()).expect("root");
+        let dest_root = crate::inroot::open_root(dest.path()).expect("root");
+        let s = &context::resolve(src_root.as_fd(), "tree", None).expect("resolve")[0];
+        let owner = Owner {
+            uid: 1000,
+            gid: 1001,
+            mode: None,
+        };
+        copy_source(dest_root.as_fd(), src_root.as_fd(), s, "/", "", owner, None).expect("copy");
+        let tool = dest.path().join("usr/bin/tool");
+        assert_eq!(std::fs::read_to_string(&tool).expect("read"), "#!/bin/sh\n");
+        let meta = std::fs::metadata(&tool).expect("stat");
+        assert_eq!((meta.uid(), meta.gid()), (1000, 1001));
+        assert_eq!(
+            std::fs::read_link(dest.path().join("usr/bin/alias")).expect("link"),
+            Path::new("tool")
+        );
+        assert!(
+            std::fs::symlink_metadata(dest.path().join("bin"))
+                .expect("stat")
+                .file_type()
+                .is_symlink(),
+            "/bin stays a symlink"
+        );
+        // A directory in the way of a file is an error, not a silent replacement.
+        std::fs::create_dir_all(dest.path().join("d/x")).expect("mkdir");
+        std::fs::write(src.path().join("x"), "file").expect("write");
+        let f = &context::resolve(src_root.as_fd(), "x", None).expect("resolve")[0];
+        let err = copy_source(
+            dest_root.as_fd(),
+            src_root.as_fd(),
+            f,
+            "/d",
+            "x",
+            owner,
+            None,
+        )
+        .expect_err("dir in the way");
+        assert!(err.contains("cannot overwrite directory"), "{err}");
     }
 
     #[test]

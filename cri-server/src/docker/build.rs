@@ -89,9 +89,16 @@ pub(super) async fn build(api: &Arc<Api>, req: Req) -> ApiResult {
     })?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let line = |v: Value| Ok(Bytes::from(format!("{v}\n")));
+    let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
+    let body_tx = tx.clone();
+    // A client that goes away cancels its build (docker's does too).
+    let watcher = tokio::spawn(async move {
+        body_tx.closed().await;
+        let _ = cancel_tx.send(true);
+    });
     tokio::spawn(async move {
         let (ptx, mut prx) = mpsc::channel(64);
-        let build = builder.build(context.clone(), opts, ptx);
+        let build = builder.build(context.clone(), opts, ptx, cancel_rx);
         tokio::pin!(build);
         let send = |p: Progress| {
             let tx = tx.clone();
@@ -128,6 +135,7 @@ pub(super) async fn build(api: &Arc<Api>, req: Req) -> ApiResult {
             let _ = tx.send(line(last)).await;
         }
         let _ = tokio::fs::remove_dir_all(&context).await;
+        watcher.abort();
     });
     Ok(http::Response::builder()
         .status(StatusCode::OK)

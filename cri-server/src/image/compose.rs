@@ -32,17 +32,32 @@ pub struct NewLayer {
 }
 
 impl ImageManager {
-    /// A fresh key for an active snapshot a builder writes into: named like a pull's extract
-    /// snapshots, so the collector removes it if a crash leaves it behind. Leased to the caller
-    /// until the returned guard drops.
-    pub fn scratch_snapshot_key(&self) -> (String, ScratchLease) {
+    /// An empty hold, for a build or commit to put the names it relies on in.
+    pub fn new_hold(&self) -> Hold {
+        Hold(self.lease())
+    }
+
+    /// Keeps `image`'s blobs and layer snapshots from the collector while `hold` lives, even if
+    /// its record goes (a prune, a cache entry replaced). Blocking (the lease lock).
+    pub fn hold_image(&self, hold: &mut Hold, image: &ImageRecord) {
+        let names = image
+            .blobs()
+            .map(ToString::to_string)
+            .chain(image.chain_ids.iter().map(ToString::to_string))
+            .collect();
+        self.lease_now(&mut hold.0, names);
+    }
+
+    /// A fresh key for an active snapshot a builder writes into, held by `hold`: named like a
+    /// pull's extract snapshots, so the collector removes it if a crash leaves it behind.
+    /// Blocking (the lease lock).
+    pub fn scratch_snapshot_key(&self, hold: &mut Hold) -> String {
         let key = format!(
             "{EXTRACT_PREFIX}build-{}",
             hex::encode(rand::random::<[u8; 8]>())
         );
-        let mut lease = self.lease();
-        self.lease_now(&mut lease, vec![key.clone()]);
-        (key, ScratchLease { _lease: lease })
+        self.lease_now(&mut hold.0, vec![key.clone()]);
+        key
     }
 
     /// Prepares the active snapshot `key` (from [`scratch_snapshot_key`]) on `parent`'s top
@@ -74,16 +89,29 @@ impl ImageManager {
         Ok(self.snapshots.mounts(&top)?)
     }
 
-    /// The changes of the active snapshot `key` as a new gzip layer in the content store.
-    /// `consume`: the snapshot is the builder's own and becomes the layer's snapshot in
-    /// [`compose`](Self::compose); otherwise (a container's) it is left alone. Blocking.
-    pub fn layer_from_snapshot(&self, key: &str, consume: bool) -> Result<NewLayer> {
+    /// The changes of the active snapshot `key` as a new gzip layer in the content store, held
+    /// by `hold`. `consume`: the snapshot is the builder's own and becomes the layer's snapshot
+    /// in [`compose`](Self::compose); otherwise (a container's) it is left alone. Blocking.
+    pub fn layer_from_snapshot(
+        &self,
+        key: &str,
+        consume: bool,
+        hold: &mut Hold,
+    ) -> Result<NewLayer> {
         let blob = snapshotter::diff::layer_blob(
             &*self.snapshots,
             key,
             &self.content,
             snapshotter::diff::Compression::Gzip,
         )?;
+        // Held from here to the record; a collector that ran in the instant before the lease
+        // took the blob: say so rather than store an image without it.
+        self.lease_now(&mut hold.0, vec![blob.digest.to_string()]);
+        if !self.content.exists(&blob.digest) {
+            return Err(Error::Internal(
+                "the new layer's blob was collected before it was held; build again".into(),
+            ));
+        }
         Ok(NewLayer {
             digest: blob.digest,
             size: blob.size,
@@ -276,8 +304,6 @@ impl ImageManager {
     }
 }
 
-/// Holds a builder's scratch snapshot key against the collector.
-/// Drop it on a blocking thread: the lease lock may be held by a collector's sweep.
-pub struct ScratchLease {
-    _lease: Lease,
-}
+/// Names (blobs, snapshots) a build or commit relies on, kept from the collector until it is
+/// dropped. Drop it on a blocking thread: the lease lock may be held by a collector's sweep.
+pub struct Hold(Lease);
