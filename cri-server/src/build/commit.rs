@@ -279,14 +279,13 @@ pub async fn commit(engine: &Engine, name_or_id: &str, opts: CommitOptions) -> R
     // The hold keeps the new blob (and the parent's content) until the record names them; it
     // goes on the blocking thread.
     let made = tokio::task::spawn_blocking(move || {
-        let made = layer.and_then(|layer| {
+        layer.and_then(|layer| {
             let mut hold = hold;
             images.hold_image(&mut hold, &record);
             let made = images.compose(Some(&record), Some(layer), config, &refs);
             drop(hold);
             made
-        });
-        made
+        })
     })
     .await
     .map_err(|e| Error::Internal(format!("commit thread: {e}")))??;
