@@ -52,6 +52,41 @@ fn tar_of(entries: &[(&str, &str)]) -> Vec<u8> {
     b.into_inner().expect("tar")
 }
 
+/// Waits (30 s at most) until a build's RUN container runs.
+async fn wait_for_a_run_step(env: &DockerEnv) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while env
+        .ok(&["ps", "-q", "--filter", "label=io.berth.build=true"])
+        .await
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the RUN step never started:\n{}",
+            tail(&env.d.log(), 30)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (20 s at most) until no container is left.
+async fn wait_for_no_container(env: &DockerEnv, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = env.ok(&["ps", "-aq"]).await;
+        if left.trim().is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} is still there: {left}\n{}",
+            tail(&env.d.log(), 30)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 const MULTI_STAGE: &str = r#"# syntax=docker/dockerfile:1
 # A build that compiles nothing: it copies between stages.
 ARG BASE=busybox
@@ -68,6 +103,7 @@ RUN echo "$GREETING from ${MODE:-none} ${UNSET:-dflt}" > made.txt && cat greet.t
 RUN <<EOF
 echo heredoc-run > /app/heredoc.txt
 EOF
+RUN ["/bin/sh", "-c", "echo exec-form > /app/exec.txt"]
 COPY <<EOF /app/inline.txt
 inline ${MODE}
 EOF
@@ -78,6 +114,7 @@ FROM busybox AS final
 LABEL org.example.name="final app" version=1.0
 MAINTAINER someone@example.com
 ENV MODE=prod
+ENV LEGACY legacy form value
 COPY --from=first /app /app
 COPY --from=first --chown=app:app /opt /opt
 COPY --from=0 /all /all
@@ -91,7 +128,7 @@ HEALTHCHECK --interval=30s --timeout=5s CMD ["true"]
 SHELL ["/bin/sh", "-c"]
 ONBUILD RUN echo triggered
 ENTRYPOINT ["/bin/sh", "-c"]
-CMD ["cat /app/made.txt /app/heredoc.txt /app/inline.txt /opt/inner/f.txt /opt/gz/z.txt /app/greet.txt && id -u && pwd && echo $MODE && ls /all"]
+CMD ["cat /app/made.txt /app/heredoc.txt /app/exec.txt /app/inline.txt /opt/inner/f.txt /opt/gz/z.txt /app/greet.txt && id -u && pwd && echo $MODE $LEGACY && ls /all"]
 "#;
 
 fn multi_stage_context(dir: &Path) {
@@ -129,7 +166,7 @@ async fn a_multi_stage_build_with_every_instruction_runs_as_written_and_caches()
     let out = env.ok(&["run", "--rm", "app:1.0"]).await;
     assert_eq!(
         out,
-        "hello from test dflt\nheredoc-run\ninline test\nfrom tar\nfrom tar.gz\ngreetings\n1000\n/app/work\nprod\nDockerfile\na.conf\nb.conf\nfiles.tar\nfiles.tar.gz\ngreet.txt\nsrc\n",
+        "hello from test dflt\nheredoc-run\nexec-form\ninline test\nfrom tar\nfrom tar.gz\ngreetings\n1000\n/app/work\nprod legacy form value\nDockerfile\na.conf\nb.conf\nfiles.tar\nfiles.tar.gz\ngreet.txt\nsrc\n",
         "the image's CMD/ENTRYPOINT/ENV/WORKDIR/USER, and what .dockerignore left out"
     );
     let inspect = env
@@ -551,37 +588,11 @@ async fn a_build_cut_short_by_a_berthd_crash_leaves_no_container_behind() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut child = build.spawn().expect("berth build");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let running = env
-            .ok(&["ps", "-q", "--filter", "label=io.berth.build=true"])
-            .await;
-        if !running.trim().is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the RUN step never started:\n{}",
-            tail(&env.d.log(), 30)
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_for_a_run_step(&env).await;
     env.d.kill9().await.expect("kill berthd");
     let _ = child.kill().await;
     env.d.restart().await.expect("restart berthd");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let left = env.ok(&["ps", "-aq"]).await;
-        if left.trim().is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the build's container is still there: {left}\n{}",
-            tail(&env.d.log(), 30)
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    wait_for_no_container(&env, "the build's container").await;
     let missing = env.docker(&["image", "inspect", "cut:1"]).await;
     assert!(!missing.status.success(), "no image is tagged");
     let builds = env.d.root().join("builds");
@@ -606,34 +617,10 @@ async fn a_client_that_goes_away_cancels_its_build() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut child = build.spawn().expect("berth build");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while env
-        .ok(&["ps", "-q", "--filter", "label=io.berth.build=true"])
-        .await
-        .trim()
-        .is_empty()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the RUN step never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_for_a_run_step(&env).await;
     child.kill().await.expect("kill the client");
     // The RUN is killed and its container removed, well before its 120 s.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let left = env.ok(&["ps", "-aq"]).await;
-        if left.trim().is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cancelled build's container is still there: {left}\n{}",
-            tail(&env.d.log(), 30)
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    wait_for_no_container(&env, "the cancelled build's container").await;
     let missing = env.docker(&["image", "inspect", "gone:1"]).await;
     assert!(!missing.status.success(), "no image is tagged");
 }

@@ -22,8 +22,8 @@ use snapshotter::DiffMode;
 use super::reference::Reference;
 use super::{
     DOCKER_CONFIG, EXTRACT_PREFIX, ImageManager, ImageRecord, LAYER_TYPES, LayerRecord, Lease,
-    MAX_LAYERS, NamedImage, OCI_CONFIG, chain_ids, is_index, keep_first, registry, resolve_in,
-    sha256, syncfs, total_size, unpack,
+    MAX_LAYERS, NamedImage, OCI_CONFIG, chain_ids, is_index, registry, resolve_in, sha256, syncfs,
+    total_size, unpack,
 };
 use crate::error::{Error, Result};
 
@@ -944,14 +944,7 @@ impl ImageManager {
                 }
                 w.commit()?;
                 syncfs(&self.snapshots_dir)?;
-                let committed = match mode {
-                    DiffMode::Overlay => {
-                        self.snapshots
-                            .commit_with_parent(&name, &key, parent.as_deref())
-                    }
-                    DiffMode::Apply => self.snapshots.commit(&name, &key),
-                };
-                keep_first(&*self.snapshots, committed, &key)?;
+                self.commit_unpacked(mode, &name, &key, parent.as_deref())?;
             }
             layers.push(LayerRecord {
                 digest,

@@ -288,14 +288,7 @@ impl ImageManager {
                 )));
             }
             syncfs(&self.snapshots_dir)?;
-            let committed = match mode {
-                DiffMode::Overlay => {
-                    self.snapshots
-                        .commit_with_parent(&name, &key, parent.as_deref())
-                }
-                DiffMode::Apply => self.snapshots.commit(&name, &key),
-            };
-            keep_first(&*self.snapshots, committed, &key)
+            self.commit_unpacked(mode, &name, &key, parent.as_deref())
         })();
         if done.is_err() {
             let _ = self.snapshots.remove(&key);

@@ -1084,6 +1084,24 @@ fn unpack<R: Read>(
     }
 }
 
+impl ImageManager {
+    /// Commits the extract snapshot `key`, unpacked the way `mode` takes diffs, as the layer
+    /// snapshot `name` on `parent`. Another importer's commit of the same layer first wins.
+    fn commit_unpacked(
+        &self,
+        mode: DiffMode,
+        name: &str,
+        key: &str,
+        parent: Option<&str>,
+    ) -> Result<()> {
+        let committed = match mode {
+            DiffMode::Overlay => self.snapshots.commit_with_parent(name, key, parent),
+            DiffMode::Apply => self.snapshots.commit(name, key),
+        };
+        keep_first(&*self.snapshots, committed, key)
+    }
+}
+
 fn syncfs(dir: &std::path::Path) -> Result<()> {
     let f = std::fs::File::open(dir).map_err(|e| Error::internal("open snapshots dir", e))?;
     nix::unistd::syncfs(&f).map_err(|e| Error::internal("syncfs", std::io::Error::from(e)))
