@@ -482,6 +482,8 @@ async fn the_berth_cli_builds_and_commits() {
             "WHO=berth",
             "--target",
             "second",
+            "--label",
+            "team=build",
             "-t",
             "dev:1",
             "-t",
@@ -497,6 +499,19 @@ async fn the_berth_cli_builds_and_commits() {
     assert_eq!(
         env.berth_ok(&["run", "--rm", "dev:latest"]).await,
         "built for berth\n"
+    );
+    assert_eq!(
+        env.berth_ok(&[
+            "inspect",
+            "--type",
+            "image",
+            "-f",
+            "{{index .Config.Labels \"team\"}}",
+            "dev:1"
+        ])
+        .await,
+        "build\n",
+        "--label reaches the image"
     );
 
     // The failing last stage is built when it is the target: exit code 9.
