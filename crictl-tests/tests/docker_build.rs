@@ -639,3 +639,44 @@ async fn a_client_that_goes_away_cancels_its_build() {
     let missing = env.docker(&["image", "inspect", "gone:1"]).await;
     assert!(!missing.status.success(), "no image is tagged");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_image_behind_basic_auth_is_pulled_with_the_clients_credentials() {
+    use base64::Engine as _;
+    let env = DockerEnv::start("").await;
+    let reg = crictl_tests::registry::Registry::start_with_basic_auth("builder", "pa55")
+        .await
+        .expect("auth registry");
+    env.ok(&["pull", "busybox"]).await;
+    let base = reg.image_ref("private/base", "1");
+    env.ok(&["tag", "busybox", &base]).await;
+    let config = env.config_dir.path().join("config.json");
+    let auth = base64::engine::general_purpose::STANDARD.encode("builder:pa55");
+    std::fs::write(
+        &config,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.addr()),
+    )
+    .expect("write docker config");
+    env.ok(&["push", &base]).await;
+    env.ok(&["rmi", &base]).await;
+    let ctx = tempfile::tempdir().expect("context");
+    write(
+        ctx.path(),
+        "Dockerfile",
+        &format!("FROM {base}\nRUN echo from-the-private-base\n"),
+    );
+    let dir = ctx.path().to_str().expect("utf-8");
+    // The client sends its credentials (X-Registry-Config); berthd pulls the base with them.
+    let out = docker_build(&env, &["-t", "priv:1", dir]).await;
+    assert!(out.contains("from-the-private-base"), "{out}");
+    // Without them the registry says no, and the build says so.
+    env.ok(&["rmi", "priv:1", &base]).await;
+    std::fs::remove_file(&config).expect("remove docker config");
+    let out = env.docker_full(&["build", dir], LEGACY, None).await;
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("401") || stderr.to_lowercase().contains("unauthorized"),
+        "{stderr}"
+    );
+}

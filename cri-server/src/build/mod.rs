@@ -51,6 +51,8 @@ pub struct Options {
     pub network_mode: String,
     /// `--pull`: pull base images even when present.
     pub pull: bool,
+    /// Credentials for base images, by registry host (docker's `X-Registry-Config`).
+    pub auths: BTreeMap<String, api::cri::AuthConfig>,
 }
 
 /// What a build tells its client as it goes.
@@ -590,7 +592,10 @@ impl Builder {
             return Ok(i);
         }
         run.say(format!("Pulling {name}\n")).await;
-        let id = images.pull(name, None).await.map_err(|e| {
+        let auth = crate::image::reference::Reference::parse(name)
+            .ok()
+            .and_then(|r| run.opts.auths.get(&r.registry));
+        let id = images.pull(name, auth).await.map_err(|e| {
             Failure::new(format!(
                 "pull access denied or image not found for {name}: {e}"
             ))

@@ -61,6 +61,7 @@ pub(super) async fn build(api: &Arc<Api>, req: Req) -> ApiResult {
         labels: string_map(&req, "labels")?,
         network_mode,
         pull: req.flag("pull")?,
+        auths: super::images::registry_config(&req)?,
     };
     let quiet = req.flag("q")?;
     let upload = body_to_file(api, req).await?;

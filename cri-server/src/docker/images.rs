@@ -230,7 +230,15 @@ async fn prune(api: &Arc<Api>, req: Req) -> ApiResult {
 
 /// The credentials of `X-Registry-Auth` (base64url JSON), as CRI's auth config.
 fn registry_auth(req: &Req) -> Result<Option<api::cri::AuthConfig>, ApiError> {
-    let Some(h) = req.inner.headers().get("X-Registry-Auth") else {
+    let Some(v) = base64_json_header(req, "X-Registry-Auth")? else {
+        return Ok(None);
+    };
+    Ok(auth_of(&v))
+}
+
+/// A header holding base64 JSON, as docker's client sends credentials.
+fn base64_json_header(req: &Req, name: &str) -> Result<Option<Value>, ApiError> {
+    let Some(h) = req.inner.headers().get(name) else {
         return Ok(None);
     };
     let raw = h.as_bytes();
@@ -241,10 +249,17 @@ fn registry_auth(req: &Req) -> Result<Option<api::cri::AuthConfig>, ApiError> {
         .decode(raw)
         .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(raw))
         .or_else(|_| base64::engine::general_purpose::STANDARD.decode(raw))
-        .map_err(|_| ApiError::bad("invalid X-Registry-Auth header"))?;
-    let v: Value = serde_json::from_slice(&decoded).unwrap_or(Value::Null);
+        .map_err(|_| ApiError::bad(format!("invalid {name} header")))?;
+    Ok(Some(
+        serde_json::from_slice(&decoded).unwrap_or(Value::Null),
+    ))
+}
+
+/// One of docker's AuthConfig objects, if it holds credentials (`auth` is base64
+/// `user:password`, as the config file keeps it).
+fn auth_of(v: &Value) -> Option<api::cri::AuthConfig> {
     let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
-    let auth = api::cri::AuthConfig {
+    let mut auth = api::cri::AuthConfig {
         username: s("username"),
         password: s("password"),
         server_address: s("serveraddress"),
@@ -252,10 +267,42 @@ fn registry_auth(req: &Req) -> Result<Option<api::cri::AuthConfig>, ApiError> {
         registry_token: s("registrytoken"),
         ..Default::default()
     };
-    Ok((!auth.username.is_empty()
+    if auth.username.is_empty()
+        && let Ok(pair) = base64::engine::general_purpose::STANDARD.decode(s("auth"))
+        && let Some((u, p)) = String::from_utf8_lossy(&pair).split_once(':')
+    {
+        auth.username = u.to_owned();
+        auth.password = p.to_owned();
+    }
+    (!auth.username.is_empty()
         || !auth.identity_token.is_empty()
         || !auth.registry_token.is_empty())
-    .then_some(auth))
+    .then_some(auth)
+}
+
+/// `X-Registry-Config` (a build's credentials for its base images): registry host → auth.
+pub(super) fn registry_config(
+    req: &Req,
+) -> Result<std::collections::BTreeMap<String, api::cri::AuthConfig>, ApiError> {
+    let Some(Value::Object(m)) = base64_json_header(req, "X-Registry-Config")? else {
+        return Ok(Default::default());
+    };
+    Ok(m.iter()
+        .filter_map(|(server, v)| {
+            let host = server
+                .trim_start_matches("https://")
+                .trim_start_matches("http://")
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            // docker's config names docker.io by its old index URL.
+            let host = match host {
+                "index.docker.io" | "registry-1.docker.io" => "docker.io",
+                h => h,
+            };
+            Some((host.to_owned(), auth_of(v)?))
+        })
+        .collect())
 }
 
 async fn create(api: &Arc<Api>, req: Req) -> ApiResult {
