@@ -327,8 +327,18 @@ impl Builder {
         } else {
             opts.dockerfile.clone()
         };
-        let (text, ignore) = read_inputs(&context, &file_name)?;
-        let file = dockerfile::parse(&file_name, &text).map_err(|e| Failure::new(e.to_string()))?;
+        // Reading (up to 4 MiB) and parsing are blocking work: off the async workers.
+        let (file, ignore) = {
+            let (context, file_name) = (context.clone(), file_name.clone());
+            tokio::task::spawn_blocking(move || {
+                let (text, ignore) = read_inputs(&context, &file_name)?;
+                let file = dockerfile::parse(&file_name, &text)
+                    .map_err(|e| Failure::new(e.to_string()))?;
+                Ok::<_, Failure>((file, ignore))
+            })
+            .await
+            .map_err(|e| Failure::new(format!("parse thread: {e}")))??
+        };
         let target = match &opts.target {
             None => file.stages.len() - 1,
             Some(t) => file
