@@ -25,24 +25,105 @@ pub struct ContentStore {
     root: PathBuf,
 }
 
+/// A temp file in the ingest dir being written and hashed. Dropped unpublished, it removes
+/// itself.
+struct TempBlob {
+    /// `None` once published (or failed to be): nothing left to clean up.
+    file: Option<BufWriter<File>>,
+    temp: PathBuf,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl TempBlob {
+    fn new(file: File, temp: PathBuf) -> TempBlob {
+        TempBlob {
+            file: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
+            temp,
+            hasher: Sha256::new(),
+            written: 0,
+        }
+    }
+
+    /// The digest of what was written so far.
+    fn digest(&self) -> Digest {
+        Digest::from_sha256_bytes(&self.hasher.clone().finalize().into())
+    }
+
+    /// fsyncs and renames the file to `target`, then fsyncs `target`'s directory. With
+    /// `keep_existing`, a `target` already there stays and the temp file goes.
+    fn publish(mut self, target: &Path, keep_existing: bool) -> Result<u64> {
+        let Some(buffered) = self.file.take() else {
+            return Err(Error::InvalidState {
+                key: self.temp.display().to_string(),
+                reason: "blob writer already failed".into(),
+            });
+        };
+        let synced = buffered
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all());
+        if let Err(e) = synced {
+            remove_temp(&self.temp);
+            return Err(Error::io("fsync ingest file", &self.temp, e));
+        }
+        if keep_existing && target.is_file() {
+            remove_temp(&self.temp);
+            return Ok(self.written);
+        }
+        if let Err(e) = fs::rename(&self.temp, target) {
+            remove_temp(&self.temp);
+            return Err(Error::io("rename blob into place", target, e));
+        }
+        if let Some(dir) = target.parent() {
+            fsync_dir(dir)?;
+        }
+        Ok(self.written)
+    }
+}
+
+impl Write for TempBlob {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob writer already committed"))?;
+        let n = file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TempBlob {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            remove_temp(&self.temp);
+        }
+    }
+}
+
 /// A blob being written. Hashes what is written; [`BlobWriter::commit`] verifies and publishes.
 /// Dropped without commit, it removes its temp file.
 pub struct BlobWriter {
-    /// `None` once committed (or failed to commit): nothing left to clean up.
-    file: Option<BufWriter<File>>,
-    temp: PathBuf,
+    blob: TempBlob,
     target: PathBuf,
     expected: Digest,
-    hasher: Sha256,
-    written: u64,
 }
 
 impl std::fmt::Debug for BlobWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlobWriter")
-            .field("temp", &self.temp)
+            .field("temp", &self.blob.temp)
             .field("expected", &self.expected)
-            .field("written", &self.written)
+            .field("written", &self.blob.written)
             .finish_non_exhaustive()
     }
 }
@@ -51,20 +132,16 @@ impl std::fmt::Debug for BlobWriter {
 /// compressed): hashes what is written; [`Ingest::commit`] publishes it under that hash.
 /// Dropped without commit, it removes its temp file.
 pub struct Ingest {
-    /// `None` once committed (or failed to commit): nothing left to clean up.
-    file: Option<BufWriter<File>>,
-    temp: PathBuf,
+    blob: TempBlob,
     /// `content/sha256`, where the blob goes.
     blobs: PathBuf,
-    hasher: Sha256,
-    written: u64,
 }
 
 impl std::fmt::Debug for Ingest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ingest")
-            .field("temp", &self.temp)
-            .field("written", &self.written)
+            .field("temp", &self.blob.temp)
+            .field("written", &self.blob.written)
             .finish_non_exhaustive()
     }
 }
@@ -150,12 +227,9 @@ impl ContentStore {
     pub fn writer(&self, expected: &Digest) -> Result<BlobWriter> {
         let (file, temp) = self.create_temp(&format!("{}-", &expected.hex()[..12]))?;
         Ok(BlobWriter {
-            file: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
-            temp,
+            blob: TempBlob::new(file, temp),
             target: self.path(expected),
             expected: expected.clone(),
-            hasher: Sha256::new(),
-            written: 0,
         })
     }
 
@@ -164,11 +238,8 @@ impl ContentStore {
     pub fn ingest(&self) -> Result<Ingest> {
         let (file, temp) = self.create_temp("unknown-")?;
         Ok(Ingest {
-            file: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
-            temp,
+            blob: TempBlob::new(file, temp),
             blobs: self.root.join("sha256"),
-            hasher: Sha256::new(),
-            written: 0,
         })
     }
 
@@ -176,7 +247,7 @@ impl ContentStore {
     pub fn put(&self, expected: &Digest, data: &[u8]) -> Result<()> {
         let mut w = self.writer(expected)?;
         w.write_all(data)
-            .map_err(|e| Error::io("write ingest file", &w.temp, e))?;
+            .map_err(|e| Error::io("write ingest file", &w.blob.temp, e))?;
         w.commit().map(drop)
     }
 
@@ -264,142 +335,59 @@ impl ContentStore {
 impl BlobWriter {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.written
+        self.blob.written
     }
 
     /// Verifies the digest, fsyncs, and renames into place (fsyncing the directory).
     /// [`crate::Error::DigestMismatch`] (and the temp file removed) if the content does not
     /// hash to the expected digest. Committing a blob that already exists succeeds.
-    pub fn commit(mut self) -> Result<u64> {
-        let actual = Digest::from_sha256_bytes(&self.hasher.clone().finalize().into());
+    pub fn commit(self) -> Result<u64> {
+        let actual = self.blob.digest();
         if actual != self.expected {
-            // Drop removes the temp file.
+            // Dropping the temp blob removes its file.
             return Err(Error::DigestMismatch {
                 expected: self.expected.to_string(),
                 actual: actual.to_string(),
             });
         }
-        let Some(buffered) = self.file.take() else {
-            return Err(Error::InvalidState {
-                key: self.expected.to_string(),
-                reason: "blob writer already failed".into(),
-            });
-        };
-        let synced = buffered
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|file| file.sync_all());
-        if let Err(e) = synced {
-            self.remove_temp();
-            return Err(Error::io("fsync ingest file", &self.temp, e));
-        }
-        if let Err(e) = fs::rename(&self.temp, &self.target) {
-            self.remove_temp();
-            return Err(Error::io("rename blob into place", &self.target, e));
-        }
-        if let Some(dir) = self.target.parent() {
-            fsync_dir(dir)?;
-        }
-        Ok(self.written)
-    }
-
-    fn remove_temp(&self) {
-        remove_temp(&self.temp);
+        self.blob.publish(&self.target, false)
     }
 }
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("blob writer already committed"))?;
-        let n = file.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
+        self.blob.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self.file.as_mut() {
-            Some(f) => f.flush(),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            self.remove_temp();
-        }
+        self.blob.flush()
     }
 }
 
 impl Ingest {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.written
+        self.blob.written
     }
 
     /// fsyncs, and renames into place under the digest of what was written (fsyncing the
     /// directory); returns that digest and the size. If a blob with that digest already exists
     /// it is kept and the temp file removed: committing the same content twice succeeds.
-    pub fn commit(mut self) -> Result<(Digest, u64)> {
-        let digest = Digest::from_sha256_bytes(&self.hasher.clone().finalize().into());
-        let Some(buffered) = self.file.take() else {
-            return Err(Error::InvalidState {
-                key: self.temp.display().to_string(),
-                reason: "ingest already failed".into(),
-            });
-        };
-        let synced = buffered
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|file| file.sync_all());
-        if let Err(e) = synced {
-            remove_temp(&self.temp);
-            return Err(Error::io("fsync ingest file", &self.temp, e));
-        }
+    pub fn commit(self) -> Result<(Digest, u64)> {
+        let digest = self.blob.digest();
         let target = self.blobs.join(digest.hex());
-        if target.is_file() {
-            remove_temp(&self.temp);
-            return Ok((digest, self.written));
-        }
-        if let Err(e) = fs::rename(&self.temp, &target) {
-            remove_temp(&self.temp);
-            return Err(Error::io("rename blob into place", &target, e));
-        }
-        fsync_dir(&self.blobs)?;
-        Ok((digest, self.written))
+        let written = self.blob.publish(&target, true)?;
+        Ok((digest, written))
     }
 }
 
 impl Write for Ingest {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("ingest already committed"))?;
-        let n = file.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
+        self.blob.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self.file.as_mut() {
-            Some(f) => f.flush(),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Ingest {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            remove_temp(&self.temp);
-        }
+        self.blob.flush()
     }
 }
 
