@@ -296,6 +296,40 @@ pub async fn commit(engine: &Engine, name_or_id: &str, opts: CommitOptions) -> R
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_committed_process_is_frozen_and_thawed_again() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test moves a process into a freezer cgroup: run it as root"
+        );
+        let v1 = Path::new("/sys/fs/cgroup/freezer");
+        assert!(v1.is_dir(), "this host has no v1 freezer hierarchy");
+        let dir = v1.join(format!("berth-test-freeze-{}", std::process::id()));
+        std::fs::create_dir(&dir).expect("create a freezer cgroup");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        // No panic before the clean-up: errors come out as values.
+        let result = async {
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+                .map_err(|e| format!("move the child: {e}"))?;
+            let frozen = Frozen::freeze(pid).await.ok_or("not frozen")?;
+            let state = std::fs::read_to_string(dir.join("freezer.state"));
+            drop(frozen);
+            let after = std::fs::read_to_string(dir.join("freezer.state"));
+            Ok::<_, String>((state, after))
+        }
+        .await;
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir(&dir);
+        let (state, after) = result.expect("freeze");
+        assert_eq!(state.expect("state").trim(), "FROZEN");
+        assert_eq!(after.expect("state").trim(), "THAWED");
+    }
+
     #[test]
     fn the_container_config_overlays_the_image_and_changes_apply_last() {
         let image = json!({"Env": ["PATH=/bin", "A=1"], "Cmd": ["sh"], "Labels": {"x": "1"}});

@@ -125,7 +125,7 @@ fn exposed(word: &str) -> Result<Vec<String>, String> {
     Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
 }
 
-fn healthcheck(h: &Healthcheck, shell: &[String]) -> Value {
+fn healthcheck(h: &Healthcheck) -> Value {
     let test = match &h.test {
         None => json!(["NONE"]),
         Some(Command::Shell(s)) => json!(["CMD-SHELL", s]),
@@ -135,7 +135,6 @@ fn healthcheck(h: &Healthcheck, shell: &[String]) -> Value {
             json!(t)
         }
     };
-    let _ = shell;
     let mut m = Map::new();
     m.insert("Test".into(), test);
     for (k, v) in [
@@ -288,7 +287,7 @@ pub fn apply(
             cfg.insert("StopSignal".into(), json!(s));
         }
         Kind::Healthcheck(h) => {
-            cfg.insert("Healthcheck".into(), healthcheck(h, &shell));
+            cfg.insert("Healthcheck".into(), healthcheck(h));
         }
         Kind::Shell(s) => {
             if s.is_empty() {
@@ -395,10 +394,10 @@ mod tests {
             retries: 3,
         };
         assert_eq!(
-            healthcheck(&h, &[]),
+            healthcheck(&h),
             json!({"Test": ["CMD-SHELL", "curl -f x"], "Interval": 5_000_000_000i64, "Retries": 3})
         );
         let none = Healthcheck { test: None, ..h };
-        assert_eq!(healthcheck(&none, &[])["Test"], json!(["NONE"]));
+        assert_eq!(healthcheck(&none)["Test"], json!(["NONE"]));
     }
 }
